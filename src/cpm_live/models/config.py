@@ -1,0 +1,132 @@
+"""CPM-Bee model configuration.
+
+Field names and defaults are the original CPM-Bee ones, so the released JSON configs load
+unchanged. The ``int4_*`` fields are this project's additions; they are read once, by the linear
+factory (:func:`cpm_live.layers.linear_factory`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_QUANT_TYPES = ("nf4", "fp4")
+
+
+class ConfigError(ValueError):
+    """A configuration value (or file) is wrong; the message says which and how to fix it."""
+
+
+@dataclass
+class CPMBeeConfig:
+    vocab_size: int = 30720
+    dim_model: int = 4096
+    num_heads: int = 64
+    dim_head: int = 64
+    dim_ff: int = 10240
+    num_layers: int = 32
+    dropout_p: float = 0.0
+    position_bias_num_buckets: int = 256
+    position_bias_num_segment_buckets: int = 256
+    position_bias_max_distance: int = 2048
+    eps: float = 1e-6
+    half: bool = True  # True: fp16 weights and activations; False: fp32
+    # One (mask_att, mask_ffn) pair per layer; a masked sub-block is not built (compressed models).
+    mask_modules: list[list[bool]] | None = None
+    int4: bool = False  # base projections become frozen 4-bit Linear4bit layers
+    int4_quant_type: str = "nf4"
+    int4_double_quant: bool = True
+    int4_blocksize: int = 64
+    int4_compute_dtype: str = "float32"
+    # Where this config came from, for error messages; not serialised.
+    source: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        where = f" in {self.source}" if self.source else ""
+        if self.dim_model % 2:
+            raise ConfigError(f"dim_model must be even for the rotary embedding, got {self.dim_model}{where}")
+        if self.mask_modules is not None:
+            if len(self.mask_modules) != self.num_layers:
+                raise ConfigError(
+                    f"mask_modules has {len(self.mask_modules)} entries but num_layers is "
+                    f"{self.num_layers}{where}: give one [mask_att, mask_ffn] pair per layer"
+                )
+            self.mask_modules = [[bool(a), bool(f)] for a, f in self.mask_modules]
+        self.int4 = bool(self.int4)
+        if self.int4_quant_type not in _QUANT_TYPES:
+            raise ConfigError(
+                f"int4_quant_type must be one of {_QUANT_TYPES}, got {self.int4_quant_type!r}{where}"
+            )
+        if self.int4_compute_dtype.removeprefix("torch.") not in _COMPUTE_DTYPES:
+            raise ConfigError(
+                f"int4_compute_dtype must be one of {sorted(_COMPUTE_DTYPES)}, "
+                f"got {self.int4_compute_dtype!r}{where}"
+            )
+        self.int4_compute_dtype = self.int4_compute_dtype.removeprefix("torch.")
+        if self.int4_blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ConfigError(f"int4_blocksize must be a power of two in 32..4096, got {self.int4_blocksize}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of weights and activations (the original derives it from ``half``)."""
+        return torch.half if self.half else torch.float
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Dtype the 4-bit matmul runs in."""
+        return _COMPUTE_DTYPES[self.int4_compute_dtype]
+
+    @property
+    def quant_settings(self) -> dict[str, Any]:
+        """The int4 settings that a compressed checkpoint must agree with."""
+        return {
+            "quant_type": self.int4_quant_type,
+            "double_quant": self.int4_double_quant,
+            "blocksize": self.int4_blocksize,
+        }
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> CPMBeeConfig:
+        """Read a CPM-Bee JSON config; keyword arguments override its values."""
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"model config not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"model config {path} is not valid JSON: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"model config {path} must hold a JSON object, got {type(values).__name__}")
+        values.update(overrides)
+        return cls.from_dict(values, source=path)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str | None = None) -> CPMBeeConfig:
+        known = {f.name for f in dataclasses.fields(cls)} - {"source"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {unknown} in {source or 'config'}; known keys: {sorted(known)}"
+            )
+        return cls(**values, source=source)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values.pop("source")
+        return values
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        """Write the config as JSON (atomically: temp file, then rename)."""
+        from cpm_live.utils import atomic_write_text
+
+        atomic_write_text(path, self.to_json_string())
