@@ -1,0 +1,131 @@
+"""CPM-Bee: embedding with subscript rotary, bucketed position bias, pre-norm encoder, tied logits.
+
+Parameter names and math follow the original checkpoints exactly (see docs/architecture.md), so an
+original state dict loads with ``strict=True``. The int4 switch is read once, by ``make_linear``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cpm_live.layers.embedding import EmbeddingExt
+from cpm_live.layers.linear_factory import make_linear
+from cpm_live.layers.position_embedding import BucketPositionBias
+from cpm_live.layers.transformer import Encoder
+from cpm_live.models.config import CPMBeeConfig
+
+PastKeyValues = dict[str, Any]
+
+
+def segment_buckets(segment_rel: torch.Tensor, index: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Gather segment-relation buckets ``(B, Lq, Lk)``; pairs outside one sample/span get bucket 1.
+
+    ``index`` is ``segment[q] * num_segments[q] + segment[k] + segment_rel_offset[q]`` into the
+    flattened per-row ``segment_rel``; it is zeroed where ``!same`` only to keep the gather in range.
+    """
+    batch, len_q, len_k = index.shape
+    index = index.masked_fill(~same, 0).view(batch, len_q * len_k).long()
+    bucket = torch.gather(segment_rel, dim=1, index=index).view(batch, len_q, len_k)
+    return bucket.masked_fill(~same, 1)
+
+
+class CPMBee(nn.Module):
+    def __init__(self, config: CPMBeeConfig):
+        super().__init__()
+        self.config = config
+        linear = make_linear(config)
+        self.encoder = Encoder(config, linear)
+        self.input_embedding = EmbeddingExt(config.vocab_size, config.dim_model, config.dtype)
+        self.position_bias = BucketPositionBias(
+            config.num_heads,
+            config.position_bias_num_buckets,
+            config.position_bias_num_segment_buckets,
+            config.position_bias_max_distance,
+            config.dtype,
+        )
+
+    def forward(self, input: torch.Tensor, input_sub: torch.Tensor, length: torch.Tensor,
+                context: torch.Tensor, sample_ids: torch.Tensor, num_segments: torch.Tensor,
+                segment: torch.Tensor, segment_rel_offset: torch.Tensor, segment_rel: torch.Tensor,
+                span: torch.Tensor, ext_table_ids: torch.Tensor, ext_table_sub: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training forward over packed rows; all inputs ``(B, L)`` int except ``length (B,)``,
+        ``segment_rel (B, R)`` and the ext table ``(X,)``. Returns logits ``(B, L, V + X)`` and the
+        final hidden states ``(B, L, d)``."""
+        batch, seqlen = input.shape
+        with torch.no_grad():
+            device = input.device
+            context = context.bool()
+            same = (sample_ids[:, :, None] == sample_ids[:, None, :]) & (span[:, :, None] == span[:, None, :])
+            index = segment[:, :, None] * num_segments[:, :, None] + segment[:, None, :] \
+                + segment_rel_offset[:, :, None]
+            bucket = segment_buckets(segment_rel, index, same)
+
+            arange = torch.arange(seqlen, device=device)
+            directional = arange[None, :] <= arange[:, None]  # (Lq, Lk): k <= q
+            # Context tokens see all context tokens; predicted tokens also see earlier predicted ones.
+            mask = context[:, None, :] | (~context[:, :, None] & directional)
+            # The main sample (id 0) sees its in-context examples; an example sees only itself.
+            in_sample = (sample_ids[:, :, None] == 0) | (sample_ids[:, :, None] == sample_ids[:, None, :])
+            same_span = span[:, :, None] == span[:, None, :]
+            valid = arange[None, :] < length[:, None]  # (B, L)
+            mask = mask & in_sample & same_span & valid[:, :, None] & valid[:, None, :]
+            position = arange.expand(batch, seqlen)
+
+        h = self.input_embedding(input, input_sub)
+        position_bias = self.position_bias(position, position, bucket)
+        h, _ = self.encoder(h, mask, position_bias)
+        ext_table = self.input_embedding(ext_table_ids, ext_table_sub)
+        return self.input_embedding.projection(h, ext_table), h
+
+    @torch.no_grad()
+    def inference(self, input: torch.Tensor, input_sub: torch.Tensor, position: torch.Tensor,
+                  context: torch.Tensor, sample_ids: torch.Tensor, num_segments: torch.Tensor,
+                  segment: torch.Tensor, segment_rel_offset: torch.Tensor, segment_rel: torch.Tensor,
+                  ext_table_ids: torch.Tensor, ext_table_sub: torch.Tensor,
+                  past_key_values: PastKeyValues | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, PastKeyValues]:
+        """Incremental forward for generation.
+
+        ``position (B, Lq)`` is explicit; ``past_key_values`` holds the concatenated past inputs
+        (``buffer_position``, ``buffer_context``, ``buffer_sample_ids``, ``buffer_num_segments``,
+        ``buffer_segments``, each ``(B, Lbuf)``) and per-layer ``buffer`` of ``(k, v)``. Unlike
+        ``forward``, spans are ignored, direction uses positions and padding is the keys with
+        ``num_segments == 0``. Returns logits, hidden states and the new state.
+        """
+        context = context.bool()
+        if past_key_values is None:
+            present = {"buffer_position": position, "buffer_context": context, "buffer_sample_ids": sample_ids,
+                       "buffer_num_segments": num_segments, "buffer_segments": segment}
+            past_buffer = None
+        else:
+            present = {
+                "buffer_position": torch.cat([past_key_values["buffer_position"], position], dim=-1),
+                "buffer_context": torch.cat([past_key_values["buffer_context"], context], dim=-1),
+                "buffer_sample_ids": torch.cat([past_key_values["buffer_sample_ids"], sample_ids], dim=-1),
+                "buffer_num_segments": torch.cat([past_key_values["buffer_num_segments"], num_segments],
+                                                 dim=-1),
+                "buffer_segments": torch.cat([past_key_values["buffer_segments"], segment], dim=-1),
+            }
+            past_buffer = past_key_values["buffer"]
+        key_position = present["buffer_position"]
+        key_sample_ids = present["buffer_sample_ids"]
+
+        same = sample_ids[:, :, None] == key_sample_ids[:, None, :]
+        index = segment[:, :, None] * num_segments[:, :, None] + present["buffer_segments"][:, None, :] \
+            + segment_rel_offset[:, :, None]
+        bucket = segment_buckets(segment_rel, index, same)
+
+        directional = key_position[:, None, :] <= position[:, :, None]
+        mask = present["buffer_context"][:, None, :] | (~context[:, :, None] & directional)
+        mask = mask & ((sample_ids[:, :, None] == 0) | same)
+        mask = mask & (present["buffer_num_segments"] != 0)[:, None, :]
+
+        h = self.input_embedding(input, input_sub)
+        position_bias = self.position_bias(position, key_position, bucket)
+        h, present["buffer"] = self.encoder(h, mask, position_bias, past_buffer, use_cache=True)
+        ext_table = self.input_embedding(ext_table_ids, ext_table_sub)
+        return self.input_embedding.projection(h, ext_table), h, present
