@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -9,7 +11,9 @@ from cpm_live.layers.attention import Attention, KVCache
 from cpm_live.layers.feedforward import FeedForward
 from cpm_live.layers.layernorm import LayerNorm
 from cpm_live.layers.linear_factory import LinearFactory
-from cpm_live.models.config import CPMBeeConfig
+
+if TYPE_CHECKING:  # config is only a type here; importing it would be circular
+    from cpm_live.models.config import CPMBeeConfig
 
 RESIDUAL_DAMPING = 1.05
 
@@ -29,7 +33,8 @@ class SelfAttentionBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor, position_bias: torch.Tensor,
                 past_kv: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        x, kv = self.self_attention(self.layernorm_before_attention(h), attention_mask, position_bias, past_kv)
+        x = self.layernorm_before_attention(h)
+        x, kv = self.self_attention(x, attention_mask, position_bias, past_kv)
         if self.dropout is not None:
             x = self.dropout(x)
         return (h + x) / RESIDUAL_DAMPING, kv

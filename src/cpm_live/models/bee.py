@@ -97,19 +97,12 @@ class CPMBee(nn.Module):
         ``num_segments == 0``. Returns logits, hidden states and the new state.
         """
         context = context.bool()
+        current = {"buffer_position": position, "buffer_context": context, "buffer_sample_ids": sample_ids,
+                   "buffer_num_segments": num_segments, "buffer_segments": segment}
         if past_key_values is None:
-            present = {"buffer_position": position, "buffer_context": context, "buffer_sample_ids": sample_ids,
-                       "buffer_num_segments": num_segments, "buffer_segments": segment}
-            past_buffer = None
+            present, past_buffer = current, None
         else:
-            present = {
-                "buffer_position": torch.cat([past_key_values["buffer_position"], position], dim=-1),
-                "buffer_context": torch.cat([past_key_values["buffer_context"], context], dim=-1),
-                "buffer_sample_ids": torch.cat([past_key_values["buffer_sample_ids"], sample_ids], dim=-1),
-                "buffer_num_segments": torch.cat([past_key_values["buffer_num_segments"], num_segments],
-                                                 dim=-1),
-                "buffer_segments": torch.cat([past_key_values["buffer_segments"], segment], dim=-1),
-            }
+            present = {k: torch.cat([past_key_values[k], v], dim=-1) for k, v in current.items()}
             past_buffer = past_key_values["buffer"]
         key_position = present["buffer_position"]
         key_sample_ids = present["buffer_sample_ids"]
