@@ -15,6 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     package_dir={"": "src"},
     packages=find_packages("src"),
+    package_data={"cpm_live": ["demo_data/*.jsonl"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6,<2.15",

@@ -1,0 +1,13 @@
+# Sourced by demo.sh and test.sh: create (once) and activate .venv with cpm_live installed.
+# torch is pinned to the CPU build first so that pip does not pull a multi-GB CUDA build.
+set -e
+cd "$(dirname "${BASH_SOURCE[0]}")"
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+. .venv/bin/activate
+if ! python -c "import cpm_live, torch, bitsandbytes, peft, pytest" >/dev/null 2>&1; then
+    python -m pip install -q --upgrade pip
+    python -m pip install -q "torch==2.13.0"
+    python -m pip install -q -e ".[test]"
+fi

@@ -1,0 +1,292 @@
+"""The one training loop: full fine-tuning, LoRA and QLoRA differ only by options.
+
+Order of setup (each step needs the previous one): engine (process group, device) -> config,
+checked identical on every rank -> tokenizer -> model built and its weights loaded (an int4 config
+loads a compressed checkpoint or quantizes an fp one) -> LoRA injected, base frozen -> engine.wrap
+(shards) -> optimizer over trainable parameters -> data -> resume state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from cpm_live.checkpoint import load_model_weights
+from cpm_live.delta import LoraSettings, add_lora, save_adapter, trainable_parameter_report
+from cpm_live.engine import get_engine, inspect_model
+from cpm_live.engine.inspect import format_summary
+from cpm_live.models import CPMBee, CPMBeeConfig
+from cpm_live.tokenizers import CPMBeeTokenizer, find_vocab
+from cpm_live.training import state as ckpt
+from cpm_live.training.metrics import MetricsLogger
+from cpm_live.training.schedulers import LRSchedule
+from cpm_live.training_tasks.bee import FinetuneDataset
+
+MODEL_KEYS = ("inputs", "inputs_sub", "length", "context", "sample_ids", "num_segments", "segment_ids",
+              "segment_rel_offset", "segment_rel", "spans", "ext_ids", "ext_sub")
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.engine = get_engine(args.engine, seed=args.seed, device=args.device, loss_scale=args.loss_scale,
+                                 loss_scale_factor=args.loss_scale_factor,
+                                 loss_scale_steps=args.loss_scale_steps)
+        overrides = {"int4": True} if args.int4 else {}
+        self.config = CPMBeeConfig.from_json_file(args.model_config, **overrides)
+        self.engine.check_consistent(self.config.to_dict(), "model config")
+        self.use_lora = bool(args.use_delta)
+        if self.config.int4 and not self.use_lora:
+            raise SystemExit(
+                f"error: {args.model_config} sets int4 but LoRA is off: the 4-bit base is frozen, so "
+                "nothing would train. Add --use-delta (QLoRA) or set \"int4\": false (full fine-tuning)."
+            )
+        self.tokenizer = CPMBeeTokenizer(find_vocab(args.vocab, args.load))
+        if self.tokenizer.vocab_size != self.config.vocab_size:
+            self.engine.print_rank0(
+                f"warning: vocab has {self.tokenizer.vocab_size} tokens but {args.model_config} says "
+                f"vocab_size={self.config.vocab_size}; ext-token labels start at the vocab size"
+            )
+        self.model = self._build_model()
+        self.optimizer = self.engine.optimizer([p for p in self.model.parameters() if p.requires_grad],
+                                               lr=args.lr, weight_decay=args.weight_decay)
+        self.schedule = LRSchedule(self.optimizer, args.lr_decay_style, args.lr, args.warmup_iters,
+                                   args.lr_decay_iters or args.train_iters)
+        self.train_data = self._dataset(args.dataset, args.batch_size, args.drop_last)
+        self.step, self.epoch, self.best_eval, self.patience = 0, 0, math.inf, 0
+        self._resume()
+        tb_dir = args.tensorboard or (os.path.join(args.save, "tensorboard") if args.save else None)
+        self.metrics = MetricsLogger(args.save, tb_dir, self.engine.is_main, resume_step=self.step)
+        self._stop_requested = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    # ---------------------------------------------------------------- setup
+    def _build_model(self) -> torch.nn.Module:
+        args, engine = self.args, self.engine
+        model = CPMBee(self.config)
+        if args.load:
+            load_model_weights(model, self.config, args.load)
+        elif engine.is_main:
+            print("warning: no --load given; training from random initialisation")
+        if self.use_lora:
+            targets = tuple(t for t in args.lora_targets.split(",") if t)
+            self.lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                                     targets=targets)
+            add_lora(model, self.lora)
+        model.encoder.activation_checkpointing = args.activation_checkpointing
+        engine.print_rank0(trainable_parameter_report(model))
+        return engine.wrap(model)
+
+    def _dataset(self, path: str, batch_size: int, drop_last: bool) -> FinetuneDataset:
+        return FinetuneDataset(path, batch_size, self.args.max_length, self.tokenizer, max_depth=8,
+                               task_name=self.args.task_name, drop_last=drop_last,
+                               rank=self.engine.rank, world_size=self.engine.world_size,
+                               seed=self.args.seed)
+
+    def _resume(self) -> None:
+        args = self.args
+        path = ckpt.find_checkpoint(args.resume, args.save) if args.resume else None
+        if path is None:
+            self.step = args.start_step
+            if args.resume == "auto":
+                self.engine.print_rank0(f"no checkpoint under {args.save}; starting from step {self.step}")
+            return
+        saved = ckpt.load_checkpoint(path, self.engine.rank)
+        self.engine.load_state_dict(self.model, saved["trainable"], strict=False)
+        self.engine.load_training_state(self.optimizer, saved["optimizer"])
+        trainer = saved["trainer"]
+        self.step, self.epoch = trainer["step"], trainer["epoch"]
+        self.best_eval, self.patience = trainer["best_eval"], trainer["patience"]
+        self.train_data.load_state_dict(trainer["data"])
+        ckpt.set_rng_state(saved["rng"])
+        self.engine.print_rank0(f"resumed from {path} at step {self.step}, epoch {self.epoch}")
+
+    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self._stop_requested = True
+
+    # ---------------------------------------------------------------- steps
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        dev = self.engine.device
+        out = {k: torch.as_tensor(batch[k]).to(dev) for k in MODEL_KEYS + ("target",)}
+        out["context"] = out["context"].bool()
+        return out
+
+    def _token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Sum of per-token cross entropy over labelled tokens, and their count."""
+        logits, _ = self.model(*(batch[k] for k in MODEL_KEYS))
+        target = batch["target"].long()
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
+                                                 ignore_index=-100, reduction="sum")
+        return loss, int((target != -100).sum())
+
+    def _next_microbatches(self, it) -> list[dict[str, Any] | None]:
+        """Up to ``accumulation`` micro-batches; an empty list at the end of the epoch."""
+        out = []
+        for _ in range(self.args.gradient_accumulation_steps):
+            batch = next(it, StopIteration)
+            if batch is StopIteration:
+                break
+            out.append(batch)
+        return out
+
+    def train_step(self, micro: list[dict[str, Any] | None]) -> dict[str, float]:
+        """One optimizer step over ``micro`` batches.
+
+        The loss is the mean over every labelled token of the global step (all micro-batches, all
+        ranks): each micro-batch's *sum* is divided by the global token count, and multiplied by the
+        world size because the engine averages gradients across ranks. A rank without rows (None)
+        re-runs its previous batch with weight 0 so the collectives still line up.
+        """
+        engine = self.engine
+        batches = []
+        for b in micro:
+            if b is not None:
+                self._last_batch = b
+            batches.append((self._to_device(self._last_batch), b is not None))
+        local_tokens = sum(int((b["target"] != -100).sum()) for b, real in batches if real)
+        global_tokens = engine.all_reduce_sum(float(local_tokens))
+        lr = self.schedule.apply(self.step)
+        start = time.perf_counter()
+        loss_sum = 0.0
+        for batch, real in batches:
+            loss, _ = self._token_losses(batch)
+            weight = engine.world_size / max(global_tokens, 1.0) if real else 0.0
+            engine.backward(loss * weight)
+            loss_sum += float(loss.detach()) if real else 0.0
+        grad_norm = engine.clip_grad_norm(self.args.clip_grad) if self.args.clip_grad > 0 \
+            else engine.clip_grad_norm(math.inf)
+        stepped = engine.step(self.optimizer)
+        engine.zero_grad(self.optimizer)
+        elapsed = time.perf_counter() - start
+        rows_tokens = sum(int(b["length"].sum()) for b, real in batches if real)
+        return {
+            "loss": engine.all_reduce_sum(loss_sum) / max(global_tokens, 1.0),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "loss_scale": engine.loss_scale,
+            "skipped": not stepped,
+            "tokens_per_s": engine.all_reduce_sum(float(rows_tokens)) / max(elapsed, 1e-9),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted mean eval loss over the whole eval set, across ranks."""
+        self.model.eval()
+        data = self._dataset(self.args.eval_dataset, 1, drop_last=False)
+        loss_sum, tokens = 0.0, 0
+        for batch in data.epoch():
+            if batch is None:
+                continue
+            loss, n = self._token_losses(self._to_device(batch))
+            loss_sum, tokens = loss_sum + float(loss), tokens + n
+        self.model.train()
+        total_tokens = self.engine.all_reduce_sum(float(tokens))
+        return self.engine.all_reduce_sum(loss_sum) / max(total_tokens, 1.0)
+
+    # ---------------------------------------------------------------- saving
+    def save_weights(self, tag: str) -> None:
+        """Best/last weights: a peft adapter dir for LoRA, a CPM-Bee-layout .pt for full fine-tuning."""
+        args = self.args
+        if not args.save:
+            return
+        state = self.engine.state_dict(self.model, trainable_only=self.use_lora)
+        if not self.engine.is_main:
+            return
+        if self.use_lora:
+            save_adapter(state, self.lora, os.path.join(args.save, f"{args.save_name}-delta-{tag}"),
+                         base_config=self.config)
+        else:
+            ckpt.save_weights_pt(state, os.path.join(args.save, f"{args.save_name}-{tag}.pt"))
+
+    def save_checkpoint(self) -> None:
+        trainable = self.engine.state_dict(self.model, trainable_only=True)
+        optimizer = self.engine.training_state(self.optimizer)
+        trainer = {"step": self.step, "epoch": self.epoch, "best_eval": self.best_eval,
+                   "patience": self.patience, "data": self.train_data.state_dict()}
+        path = ckpt.save_checkpoint(self.engine, self.args.save, self.step, trainable, optimizer, trainer,
+                                    keep=self.args.keep_checkpoints)
+        self.engine.print_rank0(f"saved checkpoint {path}")
+
+    # ---------------------------------------------------------------- loop
+    def train(self) -> dict[str, Any]:
+        args, engine = self.args, self.engine
+        if args.save and engine.is_main:
+            os.makedirs(args.save, exist_ok=True)
+            self.config.to_json_file(os.path.join(args.save, "model_config.json"))
+        self.model.train()
+        self._last_batch = None
+        self._bar = tqdm(total=args.train_iters, initial=self.step, disable=not engine.is_main, desc="train",
+                         dynamic_ncols=True)
+        stop_reason = None
+        while stop_reason is None:
+            if self.epoch >= args.epoch:
+                stop_reason = "epochs done"
+                break
+            batches = self.train_data.epoch()
+            while stop_reason is None and (micro := self._next_microbatches(batches)):
+                stop_reason = self._step_and_bookkeeping(micro)
+            if stop_reason is None:  # the epoch's data ran out
+                self.epoch += 1
+                self.train_data.start_next_epoch()
+        self._bar.close()
+        if stop_reason != "SIGTERM":
+            self.save_weights("last")
+            if args.save_iters:
+                self.save_checkpoint()
+        self.metrics.close()
+        engine.print_rank0(f"training stopped at step {self.step} ({stop_reason})")
+        return {"step": self.step, "stop_reason": stop_reason, "best_eval": self.best_eval}
+
+    def _step_and_bookkeeping(self, micro: list[dict[str, Any] | None]) -> str | None:
+        """Train one step, then log / evaluate / checkpoint; returns why to stop, or None."""
+        args, engine = self.args, self.engine
+        if self.step >= args.train_iters:
+            return "train-iters reached"
+        record = self.train_step(micro)
+        self.step += 1
+        record.update(step=self.step, epoch=self.epoch, peak_memory_mb=engine.peak_memory_mb())
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                              tok_s=f"{record['tokens_per_s']:.0f}")
+        if self.step % args.log_interval == 0:
+            self.metrics.log(record)
+        if args.inspect_iters and self.step % args.inspect_iters == 0:
+            engine.print_rank0(format_summary(inspect_model(self.model)))
+        if args.eval_dataset and self.step % args.eval_interval == 0 and self._evaluate_and_stop():
+            return "early stopping"
+        if args.save_iters and self.step % args.save_iters == 0:
+            self.save_checkpoint()
+        # Every rank must agree to stop, or the others would wait in the next collective.
+        if engine.all_reduce_sum(float(self._stop_requested)) > 0:
+            if args.save:
+                self.save_checkpoint()
+            return "SIGTERM"
+        if self.step >= args.train_iters:
+            return "train-iters reached"
+        return None
+
+    def _evaluate_and_stop(self) -> bool:
+        eval_loss = self.evaluate()
+        record: dict[str, Any] = {"step": self.step, "eval_loss": eval_loss}
+        if self.args.eval_metrics:
+            from cpm_live.training.eval_metrics import generation_metrics
+
+            record.update(generation_metrics(self, self.args.eval_metrics.split(",")))
+        improved = eval_loss < self.best_eval
+        if improved:
+            self.best_eval, self.patience = eval_loss, 0
+            self.save_weights("best")
+        else:
+            self.patience += 1
+        record["best_eval_loss"] = self.best_eval
+        self.metrics.log(record, tb_prefix="eval")
+        self.engine.print_rank0(f"| step {self.step} | eval loss {eval_loss:.4f} | best {self.best_eval:.4f} |"
+                                f" patience {self.patience}/{self.args.early_stop_patience} |")
+        return self.patience >= self.args.early_stop_patience
