@@ -1,0 +1,1 @@
+"""Training tasks: how raw samples become model batches (CPM-Bee in `bee`)."""

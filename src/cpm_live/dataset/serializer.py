@@ -1,0 +1,112 @@
+"""Record payload serializers of the binary dataset.
+
+New datasets store UTF-8 JSON. Original CPM-Bee datasets store pickles; those are read with a
+restricted unpickler that builds plain data only, because `pickle.loads` on a downloaded dataset
+would run whatever code the file names. `AutoSerializer` (the reading default) tells the two apart.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from typing import Any
+
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+
+class Serializer:
+    """Turns one record into bytes and back."""
+
+    def serialize(self, obj: Any) -> bytes:
+        raise NotImplementedError
+
+    def deserialize(self, data: bytes) -> Any:
+        raise NotImplementedError
+
+
+class JsonSerializer(Serializer):
+    def serialize(self, obj: Any) -> bytes:
+        return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
+    def deserialize(self, data: bytes) -> Any:
+        return json.loads(data.decode("utf-8"))
+
+
+class RawSerializer(Serializer):
+    """Bytes in, bytes out: used to move records without decoding them (shuffling)."""
+
+    def serialize(self, obj: bytes) -> bytes:
+        return obj
+
+    def deserialize(self, data: bytes) -> bytes:
+        return data
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    # Every way a pickle can reach a callable (GLOBAL, STACK_GLOBAL, INST, OBJ, REDUCE on a
+    # looked-up class) goes through find_class, so refusing it here leaves only the opcodes that
+    # build containers and scalars.
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(
+            f"refusing to unpickle {module}.{name}: dataset records may only hold plain data "
+            "(dict, list, tuple, str, int, float, bool, None)"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refusing a pickle with persistent ids: records must be plain data")
+
+
+def _check_plain(obj: Any) -> None:
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif not isinstance(x, _PLAIN_SCALARS):
+            raise pickle.UnpicklingError(
+                f"refusing pickled {type(x).__name__}: dataset records may only hold plain data "
+                "(dict, list, tuple, str, int, float, bool, None)"
+            )
+
+
+def safe_pickle_loads(data: bytes) -> Any:
+    """Unpickle plain data only; anything that would import or call code raises UnpicklingError."""
+    obj = _PlainDataUnpickler(io.BytesIO(data)).load()
+    _check_plain(obj)
+    return obj
+
+
+class PickleSerializer(Serializer):
+    """Legacy CPM-Bee payloads. Writing uses `pickle.dumps`; reading is restricted to plain data."""
+
+    def serialize(self, obj: Any) -> bytes:
+        _check_plain(obj)
+        return pickle.dumps(obj)
+
+    def deserialize(self, data: bytes) -> Any:
+        return safe_pickle_loads(data)
+
+
+class AutoSerializer(Serializer):
+    """Reads JSON or legacy pickle payloads (pickle protocol >= 2 starts with 0x80, JSON never does);
+    writes JSON."""
+
+    def serialize(self, obj: Any) -> bytes:
+        return JsonSerializer().serialize(obj)
+
+    def deserialize(self, data: bytes) -> Any:
+        if data[:1] == b"\x80":
+            return safe_pickle_loads(data)
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as json_error:
+            try:
+                return safe_pickle_loads(data)  # protocol 0/1 pickles start with an ASCII opcode
+            except pickle.UnpicklingError:
+                raise
+            except Exception:
+                raise ValueError(f"record is neither JSON nor a pickle ({json_error})") from json_error

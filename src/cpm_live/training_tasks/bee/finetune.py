@@ -1,0 +1,428 @@
+"""Packing converted samples into fixed-length rows, and the resumable fine-tuning dataset.
+
+`BatchPacker` is the original `_MixedDatasetBatchPacker` without transforms: instances are packed
+best-fit into rows of `max_length` tokens and a batch is emitted once there are more than
+`batch_size` rows. `FinetuneDataset` runs one packer over the whole data on every rank (so all ranks
+agree on the global batch) and hands rank r its rows. Its RNG, read position and unfinished rows
+form its state, so a resumed run yields exactly the batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Protocol, TypedDict
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ...dataset import DataFormatError, JsonlDataset, SimpleDataset
+from ...tokenizers import CPMBeeTokenizer
+from .pretrain import ExtTableStates, convert_data_to_id
+
+_STATE_VERSION = 1
+
+
+class CPMBeeBatch(TypedDict):
+    inputs: NDArray[np.int32]  # (b, L) base token ids
+    inputs_sub: NDArray[np.int32]  # (b, L) subscripts, 0 = ordinary token
+    length: NDArray[np.int32]  # (b,) filled length of each row
+    context: NDArray[np.bool_]  # (b, L) True = given, False = to predict
+    sample_ids: NDArray[np.int32]  # (b, L) 0 main sample, i+1 in-context example i
+    num_segments: NDArray[np.int32]  # (b, L) segment count of the token's sample
+    segment_ids: NDArray[np.int32]  # (b, L)
+    segment_rel_offset: NDArray[np.int32]  # (b, L) offset of the sample's n*n block in segment_rel
+    segment_rel: NDArray[np.int32]  # (b, max_rel)
+    spans: NDArray[np.int32]  # (b, L) index of the packed instance
+    target: NDArray[np.int32]  # (b, L) next-token label, -100 = no loss
+    ext_ids: NDArray[np.int32]  # (X,) base id of each batch ext token
+    ext_sub: NDArray[np.int32]  # (X,) its subscript
+    task_ids: NDArray[np.int32]  # (b, L) index into task_names
+    task_names: list[str]
+    raw_data: list[Any]
+
+
+class RecordSource(Protocol):
+    """What the packer reads from: `JsonlDataset` or `SimpleDataset`."""
+
+    location: str
+
+    def read(self) -> Any: ...
+
+
+@dataclass
+class _Row:
+    """One packed row (or, before packing, one instance); arrays are (len,) except segment_rel."""
+
+    inputs: NDArray[np.int32]
+    inputs_sub: NDArray[np.int32]
+    context: NDArray[np.int8]
+    sample_ids: NDArray[np.int32]
+    segments: NDArray[np.int32]
+    num_segments: NDArray[np.int32]
+    segment_rel_offset: NDArray[np.int32]
+    segment_rel: NDArray[np.int32]
+    spans: list[int]
+    task_ids: list[str]
+    raw_data: list[Any]
+
+    _DTYPES = {"context": np.int8}
+
+    def append(self, inst: _Row) -> None:
+        """Pack `inst` after this row's tokens; its rel offsets move past this row's rel blocks."""
+        inst_rel_offset = inst.segment_rel_offset + self.segment_rel.shape[0]
+        for name in ("inputs", "inputs_sub", "context", "sample_ids", "segments", "num_segments"):
+            setattr(self, name, np.concatenate([getattr(self, name), getattr(inst, name)], axis=0))
+        self.segment_rel_offset = np.concatenate([self.segment_rel_offset, inst_rel_offset], axis=0)
+        self.segment_rel = np.concatenate([self.segment_rel, inst.segment_rel], axis=0)
+        self.spans.append(self.inputs.shape[0])
+        self.task_ids.extend(inst.task_ids)
+        self.raw_data.extend(inst.raw_data)
+
+    def to_state(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _Row:
+        values = {}
+        for f in fields(cls):
+            v = state[f.name]
+            is_array = f.name not in ("spans", "task_ids", "raw_data")
+            values[f.name] = np.array(v, dtype=cls._DTYPES.get(f.name, np.int32)) if is_array else list(v)
+        return cls(**values)
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else list(value)
+
+
+class BatchPacker:
+    """Best-fit packing of converted samples into `batch_size` rows of at most `max_length` tokens."""
+
+    def __init__(
+        self, batch_size: int, max_length: int, tokenizer: CPMBeeTokenizer, max_depth: int = 16
+    ) -> None:
+        self._batch_size = batch_size
+        self._max_length = max_length
+        self._max_depth = max_depth
+        self.tokenizer = tokenizer
+        self._rows: list[_Row] = []
+        self.num_skipped = 0  # samples longer than max_length, dropped as in the original
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _convert(
+        self, source: RecordSource, data: Any, states: ExtTableStates | None, rng: np.random.RandomState
+    ) -> tuple:
+        if not isinstance(data, dict):
+            raise DataFormatError(
+                f"{source.location}: a sample must be a JSON object, got {type(data).__name__}"
+            )
+        try:
+            return convert_data_to_id(self.tokenizer, data, states, True, self._max_depth, rng=rng)
+        except DataFormatError:
+            raise
+        except ValueError as e:
+            raise DataFormatError(f"{source.location}: {e}") from e
+
+    def build_instance(
+        self, source: RecordSource, rng: np.random.RandomState, incontext_weight: Sequence[float] = (1.0,)
+    ) -> _Row:
+        """Read samples until one fits `max_length`, then append up to k in-context samples (context only)."""
+        weight = np.array(incontext_weight, dtype=np.float32)
+        num_incontext = rng.choice(weight.shape[0], p=weight / weight.sum())
+        while True:
+            data = source.read()
+            ids, subs, context, segments, rel, n_segments, table_states = self._convert(
+                source, data, None, rng
+            )
+            if ids.shape[0] <= self._max_length:
+                break
+            self.num_skipped += 1
+        inst = _Row(
+            ids,
+            subs,
+            context,
+            np.zeros(ids.shape, dtype=np.int32),
+            segments,
+            np.full(ids.shape, n_segments, dtype=np.int32),
+            np.zeros(ids.shape, dtype=np.int32),
+            rel,
+            [],
+            [],
+            [{"input": data, "samples": []}],
+        )
+        for i in range(num_incontext):
+            if inst.inputs.shape[0] >= self._max_length:
+                break
+            sample = source.read()
+            s_ids, s_subs, _, s_segments, s_rel, n_segments, table_states = self._convert(
+                source, sample, table_states, rng
+            )
+            if inst.inputs.shape[0] + s_ids.shape[0] > self._max_length:
+                break
+            inst.raw_data[0]["samples"].append(sample)
+            extra = {
+                "inputs": s_ids,
+                "inputs_sub": s_subs,
+                "context": np.ones(s_ids.shape, dtype=np.int8),
+                "sample_ids": np.full(s_ids.shape, i + 1, dtype=np.int32),
+                "segments": s_segments,
+                "num_segments": np.full(s_ids.shape, n_segments, dtype=np.int32),
+                "segment_rel_offset": np.full(s_ids.shape, inst.segment_rel.shape[0], dtype=np.int32),
+                "segment_rel": s_rel,
+            }
+            for name, arr in extra.items():
+                setattr(inst, name, np.concatenate([getattr(inst, name), arr], axis=0))
+        return inst
+
+    def add_data(
+        self,
+        source: RecordSource,
+        task_name: str,
+        rng: np.random.RandomState,
+        incontext_weight: Sequence[float] = (1.0,),
+    ) -> CPMBeeBatch | None:
+        """Add one instance to the fullest row it fits in (or a new row); returns a batch when ready."""
+        inst = self.build_instance(source, rng, incontext_weight)
+        inst.task_ids = [task_name]
+        length = inst.inputs.shape[0]
+        best_fit, best_space = None, None
+        for i, row in enumerate(self._rows):
+            space = self._max_length - row.inputs.shape[0]
+            if length <= space and (best_space is None or space < best_space):
+                best_fit, best_space = i, space
+        if best_fit is None:
+            inst.spans = [length]
+            self._rows.append(inst)
+        else:
+            self._rows[best_fit].append(inst)
+        # Emitting only above batch_size (not at it) is the original's rule; it keeps one open row.
+        return self.pack_batch() if len(self._rows) > self._batch_size else None
+
+    def pack_batch(self, force: bool = False) -> CPMBeeBatch:
+        """Pad the first `batch_size` rows into arrays and compute targets; `force` allows fewer rows."""
+        if len(self._rows) < self._batch_size and not force:
+            raise RuntimeError("Batch insufficient")
+        rows, self._rows = self._rows[: self._batch_size], self._rows[self._batch_size :]
+        b, L = len(rows), self._max_length
+        batch = {
+            k: np.zeros((b, L), dtype=np.int32)
+            for k in (
+                "inputs",
+                "inputs_sub",
+                "sample_ids",
+                "num_segments",
+                "segment_ids",
+                "segment_rel_offset",
+                "spans",
+                "task_ids",
+            )
+        }
+        context = np.zeros((b, L), dtype=np.int8)
+        target = np.full((b, L), -100, dtype=np.int32)
+        length = np.zeros((b,), dtype=np.int32)
+        segment_rel = np.zeros((b, max(row.segment_rel.shape[0] for row in rows)), dtype=np.int32)
+        # The original used set order (not reproducible across processes); first-seen order is stable.
+        task_names = list(dict.fromkeys(name for row in rows for name in row.task_ids))
+        task_index = {name: i for i, name in enumerate(task_names)}
+        ext_map: dict[tuple[int, int], int] = {}
+        raw_data: list[Any] = []
+        vocab_size, bos_id, eos_id = self.tokenizer.vocab_size, self.tokenizer.bos_id, self.tokenizer.eos_id
+        for i, row in enumerate(rows):
+            n = row.inputs.shape[0]
+            for key, arr in (
+                ("inputs", row.inputs),
+                ("inputs_sub", row.inputs_sub),
+                ("sample_ids", row.sample_ids),
+                ("num_segments", row.num_segments),
+                ("segment_ids", row.segments),
+                ("segment_rel_offset", row.segment_rel_offset),
+            ):
+                batch[key][i, :n] = arr
+            context[i, :n] = row.context
+            segment_rel[i, : row.segment_rel.shape[0]] = row.segment_rel
+            begin = 0
+            for span_id, (end, name) in enumerate(zip(row.spans, row.task_ids)):
+                batch["spans"][i, begin:end] = span_id
+                batch["task_ids"][i, begin:end] = task_index[name]
+                begin = end
+            length[i] = n
+            raw_data.extend(row.raw_data)
+            for j in range(n):
+                idx, sub = int(row.inputs[j]), int(row.inputs_sub[j])
+                label = idx
+                if sub > 0:
+                    # Subscripted tokens get batch ext ids: their logits come from the ext table.
+                    label = vocab_size + ext_map.setdefault((idx, sub), len(ext_map))
+                if j > 1 and context[i, j - 1] == 0:
+                    target[i, j - 1] = label if idx != bos_id else eos_id
+            if context[i, n - 1] == 0:
+                target[i, n - 1] = eos_id
+        ext_ids = [k[0] for k in ext_map] or [0]  # placeholder entry when the batch has no ext token
+        ext_sub = [k[1] for k in ext_map] or [1]
+        return {
+            "inputs": batch["inputs"],
+            "inputs_sub": batch["inputs_sub"],
+            "length": length,
+            "context": context > 0,
+            "sample_ids": batch["sample_ids"],
+            "num_segments": batch["num_segments"],
+            "segment_ids": batch["segment_ids"],
+            "segment_rel_offset": batch["segment_rel_offset"],
+            "segment_rel": segment_rel,
+            "spans": batch["spans"],
+            "target": target,
+            "ext_ids": np.array(ext_ids, dtype=np.int32),
+            "ext_sub": np.array(ext_sub, dtype=np.int32),
+            "task_ids": batch["task_ids"],
+            "task_names": task_names,
+            "raw_data": raw_data,
+        }
+
+    def clear(self) -> None:
+        self._rows = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "max_length": self._max_length,
+            "rows": [row.to_state() for row in self._rows],
+            "num_skipped": self.num_skipped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["max_length"] != self._max_length:
+            raise ValueError(
+                f"data state was saved with max_length {state['max_length']}; this run has {self._max_length}"
+            )
+        self._rows = [_Row.from_state(row) for row in state["rows"]]
+        self.num_skipped = int(state["num_skipped"])
+
+
+def open_record_source(path: str) -> JsonlDataset | SimpleDataset:
+    """A binary dataset directory (with meta.bin) read in original order, or a .jsonl file."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "meta.bin")):
+            raise FileNotFoundError(
+                f"{path} is a directory without meta.bin; expected a CPM-Bee binary dataset"
+            )
+        return SimpleDataset(path, shuffle=False)
+    if os.path.isfile(path):
+        return JsonlDataset(path)
+    raise FileNotFoundError(f"dataset {path} does not exist (expected a .jsonl file or a binary dataset dir)")
+
+
+class FinetuneDataset:
+    """Fine-tuning batches: global batch `batch_size * world_size`, rank r gets rows [r*bs, (r+1)*bs).
+
+    `epoch()` yields this rank's batches until the data runs out (the leftover rows are packed into a
+    last, smaller batch unless `drop_last`); a rank without rows in a batch gets None.
+    `start_next_epoch()` rewinds. Iterating the object runs one epoch and rewinds, like the original.
+    `seed` drives answer shuffling, so batches depend only on the data, the settings and the seed.
+    """
+
+    def __init__(
+        self,
+        dataset_path: str,
+        batch_size: int,
+        max_length: int,
+        tokenizer: CPMBeeTokenizer,
+        max_depth: int = 16,
+        task_name: str = "task",
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"batch_size ({batch_size}) and max_length ({max_length}) must be positive")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.dataset_path = dataset_path
+        self._batch_size = batch_size
+        self._rank = rank
+        self._task_name = task_name
+        self._drop_last = drop_last
+        self._source = open_record_source(dataset_path)
+        self._packer = BatchPacker(batch_size * world_size, max_length, tokenizer, max_depth)
+        self._rng = np.random.RandomState(seed)
+        self._epoch_done = False
+
+    def _global_batches(self) -> Iterator[CPMBeeBatch]:
+        if self._epoch_done:
+            return
+        while True:
+            try:
+                batch = self._packer.add_data(self._source, self._task_name, self._rng)
+            except EOFError:
+                break
+            if batch is not None:
+                yield batch
+        # Marked done before the last yield, so a state saved after it resumes into an empty epoch.
+        self._epoch_done = True
+        while len(self._packer) > 0:
+            batch = self._packer.pack_batch(force=True)
+            if not self._drop_last:
+                yield batch
+
+    def epoch(self) -> Iterator[CPMBeeBatch | None]:
+        """This rank's batches from the current position to the end of the epoch."""
+        begin, end = self._batch_size * self._rank, self._batch_size * (self._rank + 1)
+        for batch in self._global_batches():
+            if batch["inputs"].shape[0] <= begin:
+                yield None
+                continue
+            shared = ("task_names", "raw_data", "ext_ids", "ext_sub")
+            ret = {k: v[begin:end] for k, v in batch.items() if k not in shared}
+            ret.update({k: batch[k] for k in shared})
+            yield ret
+
+    def start_next_epoch(self) -> None:
+        """Rewind to the first record (dropping unfinished rows) for the next epoch."""
+        self._source.restart()
+        self._packer.clear()
+        self._epoch_done = False
+
+    def __iter__(self) -> Iterator[CPMBeeBatch | None]:
+        yield from self.epoch()
+        self.start_next_epoch()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python (JSON- and `torch.load(weights_only=True)`-safe); identical on every rank."""
+        if isinstance(self._source, SimpleDataset):
+            local = self._source.local_state_dict()
+            source = {"kind": "binary", "states": local["states"].tolist(), "block": local["block"].tolist()}
+        else:
+            source = {"kind": "jsonl", **self._source.state_dict()}
+        name, key, pos, has_gauss, gauss = self._rng.get_state()
+        return {
+            "version": _STATE_VERSION,
+            "source": source,
+            "rng": {
+                "name": name,
+                "key": key.tolist(),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "gauss": float(gauss),
+            },
+            "epoch_done": self._epoch_done,
+            "packer": self._packer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported FinetuneDataset state version {state.get('version')!r}")
+        source = dict(state["source"])
+        kind = source.pop("kind")
+        expected = "binary" if isinstance(self._source, SimpleDataset) else "jsonl"
+        if kind != expected:
+            raise ValueError(f"data state is for a {kind} dataset but {self.dataset_path} is {expected}")
+        self._source.load_state_dict(source)
+        r = state["rng"]
+        self._rng.set_state(
+            (r["name"], np.array(r["key"], dtype=np.uint32), r["pos"], r["has_gauss"], r["gauss"])
+        )
+        self._epoch_done = bool(state["epoch_done"])
+        self._packer.load_state_dict(state["packer"])
