@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import bitsandbytes.functional as bnbF
@@ -223,3 +223,64 @@ def dequantize(key: str, entries: Mapping[str, torch.Tensor], dtype: torch.dtype
     if dtype is not None:
         state.dtype = dtype
     return bnbF.dequantize_4bit(entries[key], state)
+
+
+FORMAT_NAME = "cpm_live.int4"
+FORMAT_VERSION = 1
+
+
+def checkpoint_metadata(settings: QuantSettings, compute_dtype: str, source: str,
+                        weights: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, str]:
+    """The ``__metadata__`` of a compressed checkpoint: settings plus each weight's original dtype/shape."""
+    originals = {key: {"dtype": str(dtype).removeprefix("torch."), "shape": list(shape)}
+                 for key, (shape, dtype) in weights.items()}
+    return {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "quant_type": settings.quant_type,
+        "blocksize": str(settings.blocksize),
+        "double_quant": "true" if settings.double_quant else "false",
+        "compute_dtype": compute_dtype,
+        "source": source,
+        "weights": json.dumps(originals, separators=(",", ":")),
+    }
+
+
+def settings_from_metadata(metadata: Mapping[str, str], path: str) -> QuantSettings | None:
+    """The settings a compressed checkpoint records, or None if ``metadata`` is not ours."""
+    if metadata.get("format") != FORMAT_NAME:
+        return None
+    version = metadata.get("format_version", "")
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise QuantFormatError(f"{path} has compressed-format version {version!r}; this cpm_live reads up to "
+                               f"{FORMAT_VERSION}: upgrade cpm_live")
+    try:
+        return QuantSettings(metadata["quant_type"], metadata["double_quant"] == "true",
+                             int(metadata["blocksize"]))
+    except (KeyError, ValueError) as e:
+        raise QuantFormatError(f"{path} has invalid int4 metadata ({e}); re-create it with cpm-bee-quantize"
+                               ) from None
+
+
+_SUBENTRIES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
+
+
+def logical_shapes(shapes: Mapping[str, tuple[int, ...]], read: Callable[[str], torch.Tensor]
+                   ) -> dict[str, tuple[int, ...]]:
+    """Collapse each quantized weight's entries into its key with the dense shape it stands for.
+
+    ``shapes`` maps every stored key to its stored shape; ``read(key)`` returns a stored tensor (only
+    the small quant-state blobs are read). The result is in CPM-Bee's original key layout, so a
+    compressed and a dense checkpoint (or model) compare key for key.
+    """
+    marker = "." + BLOB_PREFIX
+    blobs = {k[:k.index(marker)]: k for k in shapes if marker in k}
+    out = {}
+    for key, shape in shapes.items():
+        if key in blobs:
+            out[key] = tuple(read_blob(blobs[key], read(blobs[key]))["shape"])
+        elif marker in key or any(key.endswith(s) and key[:-len(s)] in blobs for s in _SUBENTRIES):
+            continue
+        else:
+            out[key] = tuple(shape)
+    return out

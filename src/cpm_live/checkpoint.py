@@ -1,0 +1,302 @@
+"""Read CPM-Bee checkpoints safely and load them into a model.
+
+Formats: ``.pt`` (a ``torch.save``d dict of tensors, read with ``weights_only=True``, memory-mapped)
+and ``.safetensors`` (dense, or int4-compressed by :mod:`cpm_live.quant`). Nothing is unpickled
+beyond tensors. :class:`CheckpointReader` reads one tensor at a time, so tools that stream (the
+quantizer, export) hold one tensor, not the model.
+
+Loading pairs model and checkpoint as follows (``load_model_weights``):
+
+    model   checkpoint   action
+    fp      fp           strict load
+    int4    int4         check quant settings against the config, strict load
+    int4    fp           quantize each projection on the fly (bit-identical to cpm-bee-quantize), load
+    fp      int4         error: set "int4": true in the config, or export the checkpoint to fp16
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import pickle
+import struct
+import sys
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from cpm_live.layers.linear4bit import Linear4bit
+from cpm_live.models.config import CPMBeeConfig
+from cpm_live.quant import format as qformat
+from cpm_live.quant.stream import DTYPE_NAMES, SafetensorsWriter, nbytes
+from cpm_live.utils import atomic_path
+
+_MAX_HEADER = 100_000_000  # safetensors' own limit
+_MADV_DONTNEED = 4
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the model; the message names the file and the fix."""
+
+
+class CheckpointReader:
+    """Lazy view of a checkpoint: keys, shapes and dtypes up front; tensors read one at a time.
+
+    ``.safetensors`` tensors are read with plain file reads into fresh memory. ``.pt`` files are
+    memory-mapped; after a tensor has been consumed through ``iter_tensors`` its pages are handed
+    back to the kernel (they are re-read from the file if touched again), so a pass over a large
+    checkpoint does not pile the whole file up in resident memory.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise CheckpointError(f"checkpoint not found: {self.path}")
+        self.metadata: dict[str, str] = {}
+        self._file = None
+        self._mapped = False
+        if self.path.endswith(".safetensors"):
+            self._open_safetensors()
+        else:
+            self._open_pt()
+
+    def _open_safetensors(self) -> None:
+        size = os.path.getsize(self.path)
+        self._file = open(self.path, "rb")
+        try:
+            head = self._file.read(8)
+            if len(head) < 8:
+                raise ValueError(f"file has {size} bytes, fewer than the 8-byte header length")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise ValueError(f"header length {header_len} does not fit in a {size}-byte file")
+            header = json.loads(self._file.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            self.metadata = header.pop("__metadata__", None) or {}
+            self._start = 8 + header_len
+            self._infos: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+            self._offsets: dict[str, tuple[int, int]] = {}
+            end = 0
+            for key, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                dtype, shape = DTYPE_NAMES[entry["dtype"]], tuple(entry["shape"])
+                begin, stop = entry["data_offsets"]
+                if begin != end or stop - begin != nbytes(shape, dtype):
+                    raise ValueError(f"tensor {key} has inconsistent data_offsets {[begin, stop]}")
+                self._infos[key], self._offsets[key], end = (shape, dtype), (begin, stop), stop
+            if self._start + end != size:
+                raise ValueError(f"tensors need {self._start + end} bytes but the file has {size}")
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+            self._file.close()
+            raise CheckpointError(
+                f"cannot read {self.path}: {e}; the file is truncated or not safetensors: re-download or "
+                f"re-create it"
+            ) from None
+
+    def _open_pt(self) -> None:
+        try:
+            try:
+                state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+                self._mapped = True
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy non-zip file
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"{self.path} holds objects other than tensors, which are not loaded (weights_only): {e}. "
+                f"Only plain state dicts are supported; for the pickled int4 .pt of CPM-Bee a51dd68, "
+                f"re-quantize the fp16 checkpoint with cpm-bee-quantize"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as e:
+            raise CheckpointError(
+                f"cannot read {self.path}: {e}; the file is truncated or corrupt: re-download or re-create it"
+            ) from None
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"{self.path} holds a {type(state).__name__}, not a state dict of tensors")
+        bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            hint = " (a training checkpoint? pass its model state dict)" if "state_dict" in state else ""
+            raise CheckpointError(f"{self.path} is not a flat dict of tensors{hint}: entries {bad[:5]}")
+        self._tensors = dict(state)
+        self._infos = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._tensors = {}
+
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """``(shape, dtype)`` of ``key`` without reading its data."""
+        return self._infos[key]
+
+    def nbytes(self, key: str) -> int:
+        return nbytes(*self._infos[key])
+
+    def read(self, key: str) -> torch.Tensor:
+        if self._file is None:
+            return self._tensors[key]
+        shape, dtype = self._infos[key]
+        tensor = torch.empty(shape, dtype=dtype)
+        if tensor.numel():
+            self._file.seek(self._start + self._offsets[key][0])
+            if self._file.readinto(tensor_view(tensor)) != self.nbytes(key):
+                raise CheckpointError(f"{self.path} ended while reading {key}: the file is truncated")
+        return tensor
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(key, tensor)`` in file order; a tensor's mapped pages are released once consumed."""
+        for key in self._infos:
+            tensor = self.read(key)
+            yield key, tensor
+            if self._mapped:
+                _release_pages(tensor)
+
+    @property
+    def quant_settings(self) -> qformat.QuantSettings | None:
+        """The settings of an int4-compressed checkpoint (from its metadata), else None."""
+        return qformat.settings_from_metadata(self.metadata, self.path)
+
+    def is_compressed(self) -> bool:
+        return self.quant_settings is not None or any("." + qformat.BLOB_PREFIX in k for k in self._infos)
+
+    def logical_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Key -> dense shape in CPM-Bee's layout (a quantized weight counts as one key)."""
+        return qformat.logical_shapes({k: s for k, (s, _) in self._infos.items()}, self.read)
+
+
+def tensor_view(tensor: torch.Tensor) -> memoryview:
+    """Writable byte view of a contiguous CPU tensor (for ``readinto``)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def _release_pages(tensor: torch.Tensor) -> None:
+    """Drop the whole pages under a memory-mapped tensor from our resident set (Linux).
+
+    Only called on tensors backed by a private read-only file mapping (``torch.load(mmap=True)``),
+    for which MADV_DONTNEED just forgets the pages: touching them again re-reads the file.
+    """
+    if sys.platform != "linux" or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``.pt`` or ``.safetensors`` checkpoint (``.pt`` stays memory-mapped)."""
+    with CheckpointReader(path) as reader:
+        return {key: reader.read(key) for key in reader.keys()}
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors checkpoint (empty for ``.pt``)."""
+    with CheckpointReader(path) as reader:
+        return dict(reader.metadata)
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                    metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``state_dict`` as safetensors, atomically (temp file, then rename), one tensor at a time.
+
+    Sharded (DTensor) values must be gathered first (``.full_tensor()``).
+    """
+    dtensors = [k for k, v in state_dict.items() if hasattr(v, "full_tensor")]
+    if dtensors:
+        raise CheckpointError(f"{dtensors[:3]} are sharded DTensors: gather them with .full_tensor() first")
+    with atomic_path(path) as tmp:
+        writer = SafetensorsWriter(tmp, {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()},
+                                   metadata=metadata)
+        try:
+            for key, value in state_dict.items():
+                writer.write(key, value)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+
+
+def _model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    state = model.state_dict(keep_vars=True)
+    return qformat.logical_shapes({k: tuple(v.shape) for k, v in state.items()}, state.__getitem__)
+
+
+def check_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], path: str,
+               where: str) -> None:
+    """Raise :class:`CheckpointError` listing missing, unexpected and mis-shaped keys (dense shapes)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mismatched = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"{path} does not match the model built from {where}:"]
+    for title, keys, show in (
+        ("missing from the checkpoint", missing, lambda k: f"{k} (model: {list(expected[k])})"),
+        ("not in the model", unexpected, lambda k: f"{k} (checkpoint: {list(found[k])})"),
+        ("shape mismatch", mismatched, lambda k: f"{k}: checkpoint {list(found[k])} vs {list(expected[k])}"),
+    ):
+        if keys:
+            more = f" ... and {len(keys) - 5} more" if len(keys) > 5 else ""
+            lines.append(f"  {title} ({len(keys)}): " + "; ".join(show(k) for k in keys[:5]) + more)
+    lines.append(f"Fix: use the model config this checkpoint was made with (vocab_size, dim_model, "
+                 f"num_heads, dim_head, dim_ff, num_layers, mask_modules in {where}), "
+                 f"or a checkpoint that fits it.")
+    raise CheckpointError("\n".join(lines))
+
+
+def load_model_weights(model: nn.Module, config: CPMBeeConfig, path: str | os.PathLike) -> None:
+    """Load a checkpoint into ``model`` (built from ``config``), strictly; see the module docstring.
+
+    Call before wrapping the model in an engine: parameters must still be plain tensors.
+    """
+    path = os.fspath(path)
+    where = config.source or "the model config"
+    with CheckpointReader(path) as reader:
+        compressed = reader.is_compressed()
+        if compressed and not config.int4:
+            raise CheckpointError(
+                f'this checkpoint is int4-compressed: set "int4": true in {where} to train on it, or export '
+                f"it first: cpm-bee-export --model-config {where} --load {path} --output model.pt "
+                f"--dtype fp16"
+            )
+        settings = reader.quant_settings
+        wanted = qformat.QuantSettings(**config.quant_settings)
+        if settings is not None and settings != wanted:
+            raise CheckpointError(
+                f"{path} was quantized with {settings.describe()} but {where} asks for {wanted.describe()}: "
+                f'set "int4_quant_type": "{settings.quant_type}", "int4_blocksize": {settings.blocksize}, '
+                f'"int4_double_quant": {str(settings.double_quant).lower()} in {where}, or re-quantize the '
+                f"fp16 checkpoint with those settings"
+            )
+        check_keys(reader.logical_shapes(), _model_shapes(model), path, where)
+        layers = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
+        quantize_now = {} if compressed else layers
+        state_dict = {}
+        for key, tensor in reader.iter_tensors():
+            layer = quantize_now.get(key)
+            if layer is None:
+                state_dict[key] = tensor
+                continue
+            device = layer.weight.device if layer.weight.device.type != "meta" else torch.device("cpu")
+            dense = tensor.to(device=device, dtype=config.dtype)
+            state_dict.update(qformat.quantize_entries(key, dense, layer.settings))
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except qformat.QuantFormatError as e:
+            raise CheckpointError(f"{path}: {e} (model config: {where})") from None

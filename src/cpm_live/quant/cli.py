@@ -1,0 +1,46 @@
+"""``cpm-bee-quantize``: compress a CPM-Bee checkpoint's projections to 4-bit safetensors.
+
+    cpm-bee-quantize --input-path cpm-bee-10b.pt --output-path cpm-bee-10b-nf4.safetensors
+    cpm-bee-quantize --input-path model.safetensors --output-path model-fp4.safetensors --quant-type fp4
+
+Then set ``"int4": true`` (and matching ``int4_*`` settings) in the model config and pass the
+compressed file to ``--load``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cpm_live.checkpoint import CheckpointError
+from cpm_live.quant.compress import quantize_state_dict
+from cpm_live.quant.format import BLOCKSIZES, QUANT_TYPES, QuantFormatError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpm-bee-quantize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input-path", required=True, help="dense checkpoint (.pt or .safetensors)")
+    parser.add_argument("--output-path", required=True, help="compressed checkpoint to write (.safetensors)")
+    parser.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4", help="4-bit type (default nf4)")
+    parser.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                        help="keep per-block absmax in fp32 instead of quantizing it to 8 bits")
+    parser.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=64,
+                        help="values per absmax block (default 64)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where to quantize (default: cuda when available, else cpu)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = quantize_state_dict(args.input_path, args.output_path, quant_type=args.quant_type,
+                                      double_quant=args.double_quant, blocksize=args.blocksize,
+                                      device=args.device, force=args.force)
+    except (CheckpointError, QuantFormatError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
