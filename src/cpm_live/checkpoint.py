@@ -156,13 +156,17 @@ class CheckpointReader:
                 raise CheckpointError(f"{self.path} ended while reading {key}: the file is truncated")
         return tensor
 
+    def release(self, tensor: torch.Tensor) -> None:
+        """Say ``tensor`` (from ``read``) is consumed: its memory-mapped pages may leave RAM (.pt only)."""
+        if self._mapped:
+            _release_pages(tensor)
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(key, tensor)`` in file order; a tensor's mapped pages are released once consumed."""
+        """Yield ``(key, tensor)`` in file order, releasing each tensor once the consumer moves on."""
         for key in self._infos:
             tensor = self.read(key)
             yield key, tensor
-            if self._mapped:
-                _release_pages(tensor)
+            self.release(tensor)
 
     @property
     def quant_settings(self) -> qformat.QuantSettings | None:

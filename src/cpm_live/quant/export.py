@@ -1,0 +1,162 @@
+"""``cpm-bee-export``: write a checkpoint in CPM-Bee's original dense key layout, or compress one.
+
+    cpm-bee-export --model-config config/cpm-bee-10b.json --load model-nf4.safetensors --output model.pt
+    cpm-bee-export --model-config config/cpm-bee-10b.json --load cpm-bee-10b.pt --output model.safetensors \\
+        --dtype int4
+
+fp16/fp32 output dequantizes every 4-bit weight (exactly: level x absmax in fp32, cast once) and
+casts the other tensors; ``.pt`` output is a ``torch.save``d plain ``OrderedDict`` of tensors (built
+in memory: peak = the exported model), ``.safetensors`` output is streamed one tensor at a time.
+int4 output runs :func:`cpm_live.quant.compress.quantize_state_dict` with the config's settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from cpm_live.checkpoint import CheckpointError, CheckpointReader, check_keys
+from cpm_live.models import CPMBee, CPMBeeConfig
+from cpm_live.models.config import ConfigError
+from cpm_live.quant import format as qformat
+from cpm_live.quant.compress import check_output_path, quantize_state_dict
+from cpm_live.quant.stream import SafetensorsWriter
+from cpm_live.utils import atomic_path
+
+DENSE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+# Weight-space delta for a key (same shape as the dense weight), or None. A LoRA merge returns
+# ``sqrt(dim_in) * alpha / r * B @ A`` for its targets: CPM-Bee's Linear divides by sqrt(dim_in).
+DeltaFn = Callable[[str], torch.Tensor | None]
+
+
+@dataclass
+class ExportSummary:
+    output_path: str
+    dtype: str
+    keys: int
+    merged: list[str]  # keys that received a delta; a merge caller checks it covers its adapter
+
+
+def expected_shapes(config: CPMBeeConfig) -> dict[str, tuple[int, ...]]:
+    """Key -> dense shape of the model ``config`` describes, in the model's order (no memory used)."""
+    with torch.device("meta"):
+        model = CPMBee(dataclasses.replace(config, int4=False))
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def read_dense(reader: CheckpointReader, key: str) -> torch.Tensor:
+    """Tensor ``key`` as stored, or dequantized to fp32 when it is a 4-bit weight."""
+    blob = qformat.blob_key(key, reader.keys())
+    if blob is None:
+        return reader.read(key)
+    entries = {k: reader.read(k) for k in reader.keys() if k == key or k.startswith(key + ".")}
+    dense = qformat.dequantize(key, entries, dtype=torch.float32)
+    for tensor in entries.values():
+        reader.release(tensor)
+    return dense
+
+
+def merge(key: str, tensor: torch.Tensor, delta_fn: DeltaFn | None) -> tuple[torch.Tensor, bool]:
+    """Add ``delta_fn(key)`` in fp32; refuse a delta of the wrong shape or with non-finite values."""
+    delta = delta_fn(key) if delta_fn is not None else None
+    if delta is None:
+        return tensor, False
+    if tuple(delta.shape) != tuple(tensor.shape):
+        raise CheckpointError(f"delta for {key} has shape {list(delta.shape)}, weight {list(tensor.shape)}")
+    merged = tensor.float() + delta.to(device=tensor.device, dtype=torch.float32)
+    if not torch.isfinite(merged).all():
+        raise CheckpointError(f"merging the delta into {key} gives non-finite values; the adapter is broken")
+    return merged, True
+
+
+def export_checkpoint(config: CPMBeeConfig, load_path: str | os.PathLike, output_path: str | os.PathLike,
+                      dtype: str = "fp16", delta_fn: DeltaFn | None = None, force: bool = False,
+                      progress: bool = True) -> ExportSummary:
+    """Export ``load_path`` (dense or int4, checked against ``config``) to ``output_path`` in ``dtype``.
+
+    ``delta_fn`` (fp16/fp32 only) is asked for every key and its delta added to the dense weight in
+    fp32 before the cast. It is refused for int4 output: that would silently re-quantize the merged
+    weights; export fp16, then run cpm-bee-quantize explicitly.
+    """
+    load_path, output_path = os.fspath(load_path), os.fspath(output_path)
+    if dtype not in (*DENSE_DTYPES, "int4"):
+        raise ValueError(f"dtype must be fp16, fp32 or int4, got {dtype!r}")
+    suffixes = (".safetensors",) if dtype == "int4" else (".pt", ".safetensors")
+    check_output_path(load_path, output_path, force, suffixes)
+    where = config.source or "the model config"
+    expected = expected_shapes(config)
+    with CheckpointReader(load_path) as reader:
+        check_keys(reader.logical_shapes(), expected, load_path, where)
+        if dtype == "int4":
+            if delta_fn is not None:
+                raise CheckpointError("merging a delta into an int4 export would re-quantize the merged "
+                                      "weights: export fp16 with the delta, then run cpm-bee-quantize on it")
+            if reader.is_compressed():
+                raise CheckpointError(f"{load_path} is already int4; export it to fp16 to re-quantize it")
+        else:
+            return _export_dense(reader, expected, output_path, DENSE_DTYPES[dtype], delta_fn, progress)
+    quantize_state_dict(load_path, output_path, **config.quant_settings, force=force,
+                        compute_dtype=config.int4_compute_dtype, progress=progress)
+    return ExportSummary(output_path, dtype, len(expected), [])
+
+
+def _export_dense(reader: CheckpointReader, expected: dict[str, tuple[int, ...]], output_path: str,
+                  dtype: torch.dtype, delta_fn: DeltaFn | None, progress: bool) -> ExportSummary:
+    merged: list[str] = []
+    with atomic_path(output_path) as tmp:
+        as_pt = output_path.endswith(".pt")
+        state: OrderedDict[str, torch.Tensor] = OrderedDict()
+        name = str(dtype).removeprefix("torch.")
+        metadata = {"format": "cpm_live.dense", "source": reader.path, "dtype": name}
+        layout = {k: (shape, dtype) for k, shape in expected.items()}
+        writer = None if as_pt else SafetensorsWriter(tmp, layout, metadata=metadata)
+        try:
+            for key in tqdm(expected, desc="export", unit="tensor", disable=not progress):
+                stored = read_dense(reader, key)
+                tensor, changed = merge(key, stored, delta_fn)
+                merged += [key] if changed else []
+                tensor = tensor.to(dtype).contiguous()
+                if as_pt:
+                    # A view into the memory-mapped input would make torch.save write its whole storage.
+                    view = tensor.untyped_storage().nbytes() > tensor.nbytes
+                    state[key] = tensor.clone() if view else tensor
+                else:
+                    writer.write(key, tensor)
+                reader.release(stored)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        if as_pt:
+            torch.save(state, tmp)
+        else:
+            writer.close()
+    return ExportSummary(output_path, name, len(expected), merged)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cpm-bee-export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-config", required=True, help="CPM-Bee JSON config the checkpoint belongs to")
+    parser.add_argument("--load", required=True, help="checkpoint (.pt/.safetensors, dense or int4)")
+    parser.add_argument("--output", required=True, help="file to write; .pt or .safetensors picks the format")
+    parser.add_argument("--dtype", choices=(*DENSE_DTYPES, "int4"), default="fp16", help="default fp16")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    args = parser.parse_args(argv)
+    try:
+        config = CPMBeeConfig.from_json_file(args.model_config)
+        summary = export_checkpoint(config, args.load, args.output, args.dtype, force=args.force)
+    except (ConfigError, CheckpointError, qformat.QuantFormatError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {summary.output_path} ({summary.dtype}, {summary.keys} tensors)")
+
+
+if __name__ == "__main__":
+    main()
