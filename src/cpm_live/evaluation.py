@@ -1,0 +1,182 @@
+"""Scores of generated ``"<ans>"`` values against references: accuracy, ROUGE-1/2/L and BLEU-4.
+
+    python src/evaluate.py --pred out.jsonl --ref eval.jsonl --metrics accuracy,rouge,bleu \\
+        --output scores.json
+
+The metrics come from maintained libraries: ROUGE from ``rouge-score`` (F-measure, averaged over
+answers) with a Chinese-aware tokenizer (one token per CJK character, lower-cased words for other
+scripts, punctuation dropped; rouge-score's own tokenizer would drop every Chinese character), and
+corpus BLEU-4 from ``sacrebleu`` with its ``zh`` tokenizer. Every score is in [0, 1] (BLEU is
+sacrebleu's value / 100).
+
+Accuracy compares whole answers (option tasks like CCPM: ``"<option_3>"``; a dict answer must match
+in every leaf), ignoring surrounding whitespace. ROUGE and BLEU compare text: a dict answer
+contributes one pair per reference leaf (matched by key path), an unanswered (None) leaf counts as
+empty text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import sacrebleu
+from rouge_score import rouge_scorer
+
+from cpm_live.dataset.errors import DataFormatError
+from cpm_live.dataset.jsonl import JsonlDataset
+from cpm_live.utils import atomic_write_text
+
+METRICS = ("accuracy", "rouge", "bleu")
+ANSWER_KEY = "<ans>"
+
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TOKEN = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
+
+
+class ChineseAwareTokenizer:
+    """Tokenizer for ``rouge_scorer.RougeScorer``: CJK characters one by one, other words whole."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _TOKEN.findall(text.lower())
+
+
+def _check_lengths(preds: Sequence[Any], refs: Sequence[Any]) -> None:
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
+    if not refs:
+        raise ValueError("no answers to score")
+
+
+def _normalize(answer: Any) -> Any:
+    if isinstance(answer, str):
+        return answer.strip()
+    if isinstance(answer, dict):
+        return {key: _normalize(value) for key, value in answer.items()}
+    return answer
+
+
+def accuracy(preds: Sequence[Any], refs: Sequence[Any]) -> float:
+    """Fraction of answers equal to their reference (strings stripped; dicts leaf by leaf)."""
+    _check_lengths(preds, refs)
+    return sum(_normalize(p) == _normalize(r) for p, r in zip(preds, refs)) / len(refs)
+
+
+def _leaves(answer: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    if isinstance(answer, dict):
+        for key, value in answer.items():
+            yield from _leaves(value, path + (key,))
+    else:
+        yield path, answer
+
+
+def _lookup(answer: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(answer, dict) or key not in answer:
+            return None
+        answer = answer[key]
+    return answer
+
+
+def text_pairs(preds: Sequence[Any], refs: Sequence[Any]) -> tuple[list[str], list[str]]:
+    """Flatten answers to aligned (prediction, reference) texts: one pair per reference leaf."""
+    _check_lengths(preds, refs)
+    pred_texts, ref_texts = [], []
+    for pred, ref in zip(preds, refs):
+        for path, ref_leaf in _leaves(ref):
+            pred_leaf = _lookup(pred, path)
+            pred_texts.append(pred_leaf if isinstance(pred_leaf, str) else "")
+            ref_texts.append(ref_leaf if isinstance(ref_leaf, str) else "")
+    return pred_texts, ref_texts
+
+
+def rouge(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure over text pairs (rouge-score, Chinese-aware tokenizer)."""
+    _check_lengths(preds, refs)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=ChineseAwareTokenizer())
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for pred, ref in zip(preds, refs):
+        scores = scorer.score(ref, pred)  # (target, prediction)
+        for name in totals:
+            totals[name] += scores[name].fmeasure
+    n = len(refs)
+    return {"rouge-1": totals["rouge1"] / n, "rouge-2": totals["rouge2"] / n, "rouge-l": totals["rougeL"] / n}
+
+
+def bleu(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """Corpus BLEU-4 (sacrebleu, ``zh`` tokenizer, default exp smoothing), scaled to [0, 1]."""
+    _check_lengths(preds, refs)
+    return sacrebleu.corpus_bleu(list(preds), [list(refs)], tokenize="zh").score / 100.0
+
+
+def compute_metrics(names: Sequence[str], preds: Sequence[Any], refs: Sequence[Any]) -> dict[str, float]:
+    """Scores of ``<ans>`` values ``preds`` against ``refs`` for each metric in ``names``
+    (``accuracy`` -> "accuracy", ``rouge`` -> "rouge-1", "rouge-2", "rouge-l", ``bleu`` -> "bleu-4")."""
+    unknown = [name for name in names if name not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metric(s) {unknown or list(names)}; choose from {', '.join(METRICS)}")
+    scores: dict[str, float] = {}
+    if "accuracy" in names:
+        scores["accuracy"] = accuracy(preds, refs)
+    if "rouge" in names or "bleu" in names:
+        pred_texts, ref_texts = text_pairs(preds, refs)
+        if "rouge" in names:
+            scores.update(rouge(pred_texts, ref_texts))
+        if "bleu" in names:
+            scores["bleu-4"] = bleu(pred_texts, ref_texts)
+    return scores
+
+
+def read_answers(path: str) -> list[Any]:
+    """The ``"<ans>"`` value of every record of a jsonl file (error names the file and line)."""
+    dataset = JsonlDataset(path)
+    answers = []
+    try:
+        while True:
+            try:
+                record = dataset.read()
+            except EOFError:
+                break
+            if ANSWER_KEY not in record:
+                raise DataFormatError(f'{dataset.location}: the record has no "{ANSWER_KEY}" key')
+            answers.append(record[ANSWER_KEY])
+    finally:
+        dataset.close()
+    return answers
+
+
+def evaluate_files(pred_jsonl: str, ref_jsonl: str, metrics: Sequence[str] = METRICS) -> dict[str, float]:
+    """Score the ``"<ans>"`` of each line of ``pred_jsonl`` against the same line of ``ref_jsonl``."""
+    preds, refs = read_answers(pred_jsonl), read_answers(ref_jsonl)
+    if len(preds) != len(refs):
+        raise DataFormatError(
+            f"{pred_jsonl} has {len(preds)} records but {ref_jsonl} has {len(refs)}; "
+            "predictions must be line-aligned with the references"
+        )
+    return compute_metrics(metrics, preds, refs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Score generated <ans> values against references.")
+    p.add_argument("--pred", required=True, help="jsonl with generated <ans> (text_generation.py output)")
+    p.add_argument("--ref", required=True, help="jsonl with reference <ans>, line-aligned with --pred")
+    p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated, from {','.join(METRICS)}")
+    p.add_argument("--output", default=None, help="also write the scores to this JSON file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    names = [name.strip() for name in args.metrics.split(",") if name.strip()]
+    try:
+        scores = evaluate_files(args.pred, args.ref, names)
+    except (FileNotFoundError, ValueError) as e:  # DataFormatError is a ValueError
+        raise SystemExit(f"error: {e}") from None
+    text = json.dumps(scores, indent=2) + "\n"
+    print(text, end="")
+    if args.output is not None:
+        atomic_write_text(args.output, text)
+    return 0

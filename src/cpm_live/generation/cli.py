@@ -1,0 +1,182 @@
+"""``src/text_generation.py``: fill in the ``"<ans>"`` of every record of a jsonl file with CPM-Bee.
+
+    python src/text_generation.py --model-config src/config/cpm-bee-10b.json --load cpm-bee-10b.pt \\
+        --input in.jsonl --output out.jsonl --beam-size 3 --max-length 100 --repetition-penalty 1.1
+    # LoRA adapter (peft directory or CPM-Bee *-delta-best.pt), 4-bit base from an int4 config:
+    python src/text_generation.py --model-config cpm-bee-10b-int4.json --load model-int4.safetensors \\
+        --delta results/adapter --input in.jsonl --output out.jsonl
+    # sampling instead of beam search (or --greedy):
+    ... --sampling --top-k 0 --top-p 0.9 --temperature 0.9 --seed 1234
+
+The vocab is ``--vocab`` or ``vocab.txt`` beside the checkpoint. Every input line must be a JSON
+object with an ``"<ans>"`` key; all lines are checked (and tokenized) before the model is loaded, and
+a bad one stops the run with its file and line number.
+
+Output is streamed: one line per input record, in input order, written and flushed as soon as its
+batch is done, so a crash loses at most the batch in progress (the file then holds the first
+records; a rerun rewrites it from the start). ``--device cpu`` runs a ``"half": true`` config in fp32
+as the original did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from cpm_live.checkpoint import CheckpointError, load_model_weights
+from cpm_live.dataset.errors import DataFormatError
+from cpm_live.dataset.jsonl import JsonlDataset
+from cpm_live.delta import AdapterError, load_adapter
+from cpm_live.generation.bee import CPMBeeBeamSearch, CPMBeeGeneration, CPMBeeGreedy, CPMBeeSampling
+from cpm_live.generation.prompt import build_prompt
+from cpm_live.models import ConfigError, CPMBee, CPMBeeConfig
+from cpm_live.tokenizers import CPMBeeTokenizer, find_vocab
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _float_in(low: float, high: float, low_open: bool = False):
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (low < value if low_open else low <= value) or value > high:
+            raise argparse.ArgumentTypeError(
+                f"must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate the <ans> of CPM-Bee jsonl records.")
+    p.add_argument("--model-config", required=True, help="model config JSON")
+    p.add_argument("--load", required=True, help="checkpoint (.pt / .safetensors, dense or int4)")
+    p.add_argument("--delta", default=None, help="LoRA adapter: peft directory or CPM-Bee *-delta-best.pt")
+    p.add_argument("--vocab", default=None, help="vocab file (default: vocab.txt beside --load)")
+    p.add_argument("--input", required=True, help="jsonl, one CPM-Bee sample with an <ans> key per line")
+    p.add_argument("--output", required=True, help="jsonl to write, the input records with <ans> filled in")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="records decoded together")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--max-length", type=_int_at_least(0), default=100, help="tokens per answer (plus eos)")
+    p.add_argument("--repetition-penalty", type=_float_in(1.0, float("inf")), default=1.1,
+                   help="divide (multiply) positive (negative) logits of generated tokens; 1 = off")
+    p.add_argument("--repetition-window", type=_int_at_least(1), default=None,
+                   help="penalize only the last N generated tokens (default: all)")
+    strategy = p.add_mutually_exclusive_group()
+    strategy.add_argument("--sampling", action="store_true", help="top-k/top-p sampling, not beam search")
+    strategy.add_argument("--greedy", action="store_true", help="argmax decoding instead of beam search")
+    p.add_argument("--beam-size", type=_int_at_least(1), default=3, help="beam search width")
+    p.add_argument("--top-k", type=_int_at_least(0), default=0, help="sampling: keep k best tokens (0: all)")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0), default=0.9, help="sampling: nucleus mass (0: off)")
+    p.add_argument("--temperature", type=_float_in(0.0, float("inf"), low_open=True), default=0.9,
+                   help="sampling: logits are divided by it")
+    p.add_argument("--seed", type=int, default=1234, help="sampling: seed of the random stream")
+    return p
+
+
+def read_records(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(file:line, record)`` for every non-blank line; each must be an object with ``"<ans>"``."""
+    dataset = JsonlDataset(path)
+    records = []
+    try:
+        while True:
+            try:
+                record = dataset.read()
+            except EOFError:
+                break
+            if "<ans>" not in record:
+                raise DataFormatError(f'{dataset.location}: the record has no "<ans>" key to fill in')
+            records.append((dataset.location, record))
+    finally:
+        dataset.close()
+    return records
+
+
+def _check_prompts(tokenizer: CPMBeeTokenizer, records: list[tuple[str, dict[str, Any]]]) -> None:
+    """Tokenize every record now, so a bad one fails before the (slow) model load."""
+    for location, record in records:
+        try:
+            build_prompt(tokenizer, record)
+        except ValueError as e:
+            raise DataFormatError(f"{location}: {e}") from None
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> CPMBee:
+    """Build the model on ``device`` from the config, load the checkpoint, then the adapter."""
+    config = CPMBeeConfig.from_json_file(args.model_config)
+    if device.type == "cpu" and config.half:
+        print("--device cpu: running the fp16 config in fp32", file=sys.stderr)
+        config = CPMBeeConfig.from_json_file(args.model_config, half=False)
+    with device:
+        model = CPMBee(config)
+    load_model_weights(model, config, args.load)
+    if args.delta is not None:
+        load_adapter(model, args.delta)
+    return model
+
+
+def _generate_fn(args: argparse.Namespace, model: CPMBee, tokenizer: CPMBeeTokenizer):
+    common = {"max_length": args.max_length, "repetition_penalty": args.repetition_penalty,
+              "repetition_window": args.repetition_window}
+    generator: CPMBeeGeneration
+    if args.sampling:
+        generator = CPMBeeSampling(model, tokenizer, seed=args.seed)
+        return lambda batch: generator.generate(batch, top_k=args.top_k, top_p=args.top_p,
+                                                temperature=args.temperature, **common)
+    if args.greedy:
+        generator = CPMBeeGreedy(model, tokenizer)
+        return lambda batch: generator.generate(batch, **common)
+    generator = CPMBeeBeamSearch(model, tokenizer)
+    return lambda batch: generator.generate(batch, beam_size=args.beam_size, **common)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate for every record of ``args.input`` into ``args.output``; returns the record count."""
+    for flag, path in (("--model-config", args.model_config), ("--load", args.load), ("--delta", args.delta)):
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    records = read_records(args.input)
+    tokenizer = CPMBeeTokenizer(find_vocab(args.vocab, args.load))
+    _check_prompts(tokenizer, records)
+    model = load_model(args, device)
+    generate = _generate_fn(args, model, tokenizer)
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as out, tqdm(total=len(records), desc="generate",
+                                                                unit="record") as bar:
+        for start in range(0, len(records), args.batch_size):
+            batch = [record for _, record in records[start:start + args.batch_size]]
+            for record in generate(batch):
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+            bar.update(len(batch))
+    return len(records)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if os.path.exists(args.output) and os.path.exists(args.input) \
+            and os.path.samefile(args.input, args.output):
+        parser.error(f"--output {args.output} is the input file; write the answers to another file")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available; use --device cpu")
+    try:
+        count = run(args)
+    except (FileNotFoundError, DataFormatError, ConfigError, CheckpointError, AdapterError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {count} records to {args.output}", file=sys.stderr)
+    return 0
