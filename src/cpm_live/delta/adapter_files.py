@@ -59,8 +59,8 @@ def _module_of(key: str, source: str) -> str:
     )
 
 
-def _check_pairs(state: Mapping[str, torch.Tensor], source: str, r: int | None = None) -> int:
-    """Check every module has a 2-D A ``[r, in]`` and B ``[out, r]`` with one shared r; return r."""
+def _check_pairs(state: Mapping[str, torch.Tensor], source: str, r: int) -> None:
+    """Check every module has a 2-D A ``[r, in]`` and B ``[out, r]`` (used where no model says more)."""
     modules = sorted({_module_of(key, source) for key in state})
     if not modules:
         raise AdapterError(f"{source} holds no LoRA weights")
@@ -72,14 +72,11 @@ def _check_pairs(state: Mapping[str, torch.Tensor], source: str, r: int | None =
         if a.dim() != 2 or b.dim() != 2:
             raise AdapterError(f"{module}: lora_A/lora_B in {source} must be 2-D, got {list(a.shape)} and "
                                f"{list(b.shape)}")
-        expected_r = a.shape[0] if r is None else r
-        if a.shape[0] != expected_r or b.shape[1] != expected_r:
+        if a.shape[0] != r or b.shape[1] != r:
             raise AdapterError(
                 f"{module + _A!r} in {source} has shape {list(a.shape)} and {module + _B!r} {list(b.shape)}; "
-                f"expected rank r={expected_r}: A [{expected_r}, dim_in], B [dim_out, {expected_r}]"
+                f"expected rank r={r}: A [{r}, dim_in], B [dim_out, {r}]"
             )
-        r = expected_r
-    return r
 
 
 def _without_adapter_name(key: str) -> str:
@@ -182,7 +179,8 @@ def _read_peft_dir(directory: str) -> tuple[LoraSettings, dict[str, torch.Tensor
     else:
         raise AdapterError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     state = {key.removeprefix(PEFT_PREFIX): value.float() for key, value in state.items()}
-    _check_pairs(state, weights_path, r=settings.r)
+    for key in state:
+        _module_of(key, weights_path)
     return settings, state, shape
 
 
@@ -202,7 +200,11 @@ def _read_cpm_bee_delta(path: str) -> tuple[LoraSettings, dict[str, torch.Tensor
                 "'<module>.lora.lora_B'"
             )
         state[key[: -len(suffix)] + _DELTA_SUFFIXES[suffix]] = value.float()
-    r = _check_pairs(state, path)
+    ranks = [v.shape[0] for k, v in state.items() if k.endswith(_A) and v.dim() == 2]
+    ranks += [v.shape[1] for k, v in state.items() if k.endswith(_B) and v.dim() == 2]
+    if not ranks:
+        raise AdapterError(f"CPM-Bee delta file {path} holds no 2-D LoRA weights")
+    r = ranks[0]
     targets = tuple(sorted({key[: -len(_A)].rsplit(".", 1)[-1] for key in state if key.endswith(_A)}))
     return LoraSettings(r=r, alpha=CPM_BEE_DELTA_ALPHA, targets=targets), state
 
@@ -228,6 +230,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraSettings, dict[str, torch
     as CPM-Bee's 16, since the file does not record it).
     """
     settings, state, _, _ = _read(path)
+    _check_pairs(state, os.fspath(path), r=settings.r)
     return settings, state
 
 
