@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from cpm_live.delta import (
     AdapterError,
+    LoraDelta,
     LoraLinear,
     LoraLinear4bit,
     LoraSettings,
@@ -250,6 +251,34 @@ def test_merged_state_dict_reproduces_lora_logits(variant, tol):
     for layer in lora_layers(model).values():
         layer.enable_adapters(False)
     assert close(logits(model, batch), expected) > 0.1  # the adapter changes the logits a lot
+
+
+def test_qlora_adapter_exports_through_cpm_bee_export(tmp_path):
+    """dense .pt -> cpm-bee-quantize -> int4 model + LoRA -> adapter dir -> fp32 export with LoraDelta."""
+    from cpm_live.checkpoint import load_model_weights
+    from cpm_live.quant.compress import quantize_state_dict
+    from cpm_live.quant.export import export_checkpoint
+
+    torch.save(make_model("fp32").state_dict(), tmp_path / "base.pt")
+    quantize_state_dict(tmp_path / "base.pt", tmp_path / "base-nf4.safetensors", progress=False)
+    qlora = make_model("int4", seed=1)
+    load_model_weights(qlora, qlora.config, tmp_path / "base-nf4.safetensors")
+    settings = LoraSettings(r=4, alpha=8, targets=PROJECTIONS)
+    add_lora(qlora, settings)
+    with torch.no_grad():
+        for p in lora_state_dict(qlora).values():
+            p.normal_(0.0, 0.05)
+    save_adapter(qlora, settings, tmp_path / "adapter")
+
+    read_settings, adapter = read_adapter(tmp_path / "adapter")
+    delta = LoraDelta(adapter, read_settings)
+    summary = export_checkpoint(qlora.config, tmp_path / "base-nf4.safetensors", tmp_path / "merged.pt",
+                                dtype="fp32", delta_fn=delta, progress=False)
+    assert sorted(summary.merged) == delta.weight_keys and len(delta.weight_keys) == 7 * 2
+    dense = make_model("fp32", seed=2)
+    dense.load_state_dict(torch.load(tmp_path / "merged.pt", weights_only=True), strict=True)
+    batch = tiny_batch(1024)
+    assert close(logits(dense, batch), logits(qlora, batch)) < 1e-5
 
 
 def test_merge_into_state_dict_refuses_packed_4bit_weights():

@@ -6,6 +6,7 @@ else; adapters are saved in peft's format and original CPM-Bee ``*-delta-best.pt
 
 from cpm_live.delta.adapter_files import (
     AdapterError,
+    LoraDelta,
     load_adapter,
     merge_lora_into_state_dict,
     read_adapter,
@@ -24,7 +25,7 @@ from cpm_live.delta.lora import (
 )
 
 __all__ = [
-    "AdapterError", "LoraLinear", "LoraLinear4bit", "LoraSettings", "add_lora", "add_lora_args",
+    "AdapterError", "LoraDelta", "LoraLinear", "LoraLinear4bit", "LoraSettings", "add_lora", "add_lora_args",
     "freeze_all_but_lora", "load_adapter", "lora_layers", "lora_settings_from_args", "lora_state_dict",
     "merge_lora_into_state_dict", "merged_dense_weight", "read_adapter", "save_adapter",
     "trainable_parameter_report",

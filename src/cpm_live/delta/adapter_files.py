@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -282,36 +282,51 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+class LoraDelta:
+    """Weight-space delta of an adapter, per dense base key: the ``delta_fn`` of a streamed export.
+
+    ``delta(key)`` is ``(alpha/r) * sqrt(dim_in) * B @ A`` (fp32 ``[dim_out, dim_in]``) for
+    ``key = "<module>.weight"`` of an adapted module, else ``None``. ``dim_in`` is A's second
+    dimension, which is the base Linear's ``dim_in`` whose ``1/sqrt(dim_in)`` output scaling the
+    factor undoes. ``weight_keys`` lists every key that must receive a delta, so a caller can check
+    that the whole adapter was merged.
+    """
+
+    def __init__(self, adapter_state_dict: Mapping[str, torch.Tensor], settings: LoraSettings,
+                 source: str = "the adapter state dict"):
+        _check_pairs(adapter_state_dict, source, r=settings.r)
+        self.settings = settings
+        self._state = dict(adapter_state_dict)
+        self.weight_keys = sorted(key[: -len(_A)] + ".weight" for key in self._state if key.endswith(_A))
+
+    def __call__(self, key: str) -> torch.Tensor | None:
+        module = key.removesuffix(".weight")
+        if module == key or module + _A not in self._state:
+            return None
+        a = self._state[module + _A].float()  # (r, dim_in)
+        b = self._state[module + _B].float()  # (dim_out, r)
+        return (b @ a) * (self.settings.scaling * math.sqrt(a.shape[1]))
+
+
 def merge_lora_into_state_dict(base_state_dict: Mapping[str, torch.Tensor],
-                               adapter_state_dict: Mapping[str, torch.Tensor], settings: LoraSettings,
-                               dim_in_of: Callable[[str], int] | None = None) -> dict[str, torch.Tensor]:
+                               adapter_state_dict: Mapping[str, torch.Tensor],
+                               settings: LoraSettings) -> dict[str, torch.Tensor]:
     """Return a copy of a dense base state dict with the adapter folded in (for export).
 
-    For each adapted module ``m``: ``m.weight' = W + (alpha/r) * sqrt(dim_in) * B @ A``, computed in
-    fp32 and stored in W's dtype (the ``sqrt(dim_in)`` undoes the base Linear's output division).
-    ``dim_in_of(base_key)`` gives the divisor's ``dim_in``; by default the weight's last dimension.
+    ``W' = W + (alpha/r) * sqrt(dim_in) * B @ A`` per adapted module (:class:`LoraDelta`), summed in
+    fp32 and stored in W's dtype. Every adapted module needs a dense ``<module>.weight`` of shape
+    ``[dim_out, dim_in]``; a packed 4-bit weight is refused (dequantize first).
     """
-    source = "the adapter state dict"
-    _check_pairs(adapter_state_dict, source, r=settings.r)
+    delta = LoraDelta(adapter_state_dict, settings)
     merged = dict(base_state_dict)
-    for key in sorted(adapter_state_dict):
-        if not key.endswith(_A):
-            continue
-        module = key[: -len(_A)]
-        base_key = module + ".weight"
-        a, b = adapter_state_dict[key], adapter_state_dict[module + _B]
-        if base_key not in base_state_dict:
+    for key in delta.weight_keys:
+        if key not in base_state_dict:
+            raise AdapterError(f"the adapter has no dense base weight {key!r} to merge into")
+        weight, update = base_state_dict[key], delta(key)
+        if weight.dtype == torch.uint8 or weight.shape != update.shape:
             raise AdapterError(
-                f"adapter module {module!r} has no dense base weight {base_key!r} to merge into"
+                f"base weight {key!r} has shape {list(weight.shape)} ({weight.dtype}); the adapter needs a "
+                f"dense {list(update.shape)} weight (dequantize a 4-bit checkpoint first)"
             )
-        weight = base_state_dict[base_key]
-        if weight.dtype == torch.uint8 or tuple(weight.shape) != (b.shape[0], a.shape[1]):
-            raise AdapterError(
-                f"base weight {base_key!r} has shape {list(weight.shape)} ({weight.dtype}); the adapter "
-                f"needs a dense [{b.shape[0]}, {a.shape[1]}] weight (dequantize a 4-bit checkpoint first)"
-            )
-        dim_in = dim_in_of(base_key) if dim_in_of is not None else weight.shape[-1]
-        delta = (b.float() @ a.float()) * (settings.scaling * math.sqrt(dim_in))
-        merged[base_key] = (weight.float() + delta).to(weight.dtype)
+        merged[key] = (weight.float() + update).to(weight.dtype)
     return merged
-
