@@ -9,6 +9,7 @@ from .serializer import (
     PickleSerializer,
     RawSerializer,
     Serializer,
+    UnsafePickleError,
     safe_pickle_loads,
 )
 from .utils import shuffle_dataset
@@ -24,6 +25,7 @@ __all__ = [
     "RawSerializer",
     "Serializer",
     "SimpleDataset",
+    "UnsafePickleError",
     "build_dataset",
     "safe_pickle_loads",
     "shuffle_dataset",

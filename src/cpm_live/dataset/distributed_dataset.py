@@ -352,11 +352,17 @@ class DistributedDataset:
         return list(self._unused_block), block + [len(self._unused_block), self._repeat_times]
 
     def local_state_dict(self) -> dict[str, torch.Tensor]:
-        """This rank's row of `state_dict()`; combine rows with `DistributedDataset.merge_state_dicts`."""
+        """This rank's row of `state_dict()`; combine rows with `DistributedDataset.merge_state_dicts`.
+
+        Besides the original `states` and `block`, `rng` (the shuffle RNG, [1, 625]) makes the block
+        order of later epochs identical after a resume.
+        """
         unused, block = self._local_state()
+        version, internal, _ = self._rng.getstate()
         return {
             "states": torch.tensor([unused], dtype=torch.long).reshape(1, len(unused)),
             "block": torch.tensor([block], dtype=torch.long),
+            "rng": torch.tensor([internal], dtype=torch.long),
         }
 
     @staticmethod
@@ -366,7 +372,10 @@ class DistributedDataset:
         rows = torch.full((len(states), width), -1, dtype=torch.long)
         for i, s in enumerate(states):
             rows[i, : s["states"].size(1)] = s["states"][0]
-        return {"states": rows, "block": torch.cat([s["block"] for s in states], dim=0)}
+        merged = {"states": rows, "block": torch.cat([s["block"] for s in states], dim=0)}
+        if all("rng" in s for s in states):
+            merged["rng"] = torch.cat([s["rng"] for s in states], dim=0)
+        return merged
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Read position of every rank (gathered with torch.distributed when world_size > 1)."""
@@ -410,6 +419,8 @@ class DistributedDataset:
         else:
             curr_block, offset, num_unused, self._repeat_times = block_info[self._rank].tolist()
             self._unused_block = block_states[self._rank, :num_unused].tolist()
+            if "rng" in state:
+                self._rng.setstate((3, tuple(torch.as_tensor(state["rng"])[self._rank].tolist()), None))
             if curr_block != -1:
                 f_info = self._get_block_file(curr_block)
                 self._open_file(

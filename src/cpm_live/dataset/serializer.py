@@ -15,6 +15,10 @@ from typing import Any
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
 
 
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickled record asks for more than plain data (code, classes, sets, bytes)."""
+
+
 class Serializer:
     """Turns one record into bytes and back."""
 
@@ -48,13 +52,13 @@ class _PlainDataUnpickler(pickle.Unpickler):
     # looked-up class) goes through find_class, so refusing it here leaves only the opcodes that
     # build containers and scalars.
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(
+        raise UnsafePickleError(
             f"refusing to unpickle {module}.{name}: dataset records may only hold plain data "
             "(dict, list, tuple, str, int, float, bool, None)"
         )
 
     def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("refusing a pickle with persistent ids: records must be plain data")
+        raise UnsafePickleError("refusing a pickle with persistent ids: records must be plain data")
 
 
 def _check_plain(obj: Any) -> None:
@@ -67,15 +71,20 @@ def _check_plain(obj: Any) -> None:
         elif isinstance(x, (list, tuple)):
             stack.extend(x)
         elif not isinstance(x, _PLAIN_SCALARS):
-            raise pickle.UnpicklingError(
+            raise UnsafePickleError(
                 f"refusing pickled {type(x).__name__}: dataset records may only hold plain data "
                 "(dict, list, tuple, str, int, float, bool, None)"
             )
 
 
 def safe_pickle_loads(data: bytes) -> Any:
-    """Unpickle plain data only; anything that would import or call code raises UnpicklingError."""
-    obj = _PlainDataUnpickler(io.BytesIO(data)).load()
+    """Unpickle plain data only; anything that would import or call code raises UnsafePickleError."""
+    try:
+        obj = _PlainDataUnpickler(io.BytesIO(data)).load()
+    except UnsafePickleError:
+        raise
+    except Exception as e:  # a truncated pickle raises EOFError, which must not look like end of data
+        raise pickle.UnpicklingError(f"corrupt pickle record ({type(e).__name__}: {e})") from e
     _check_plain(obj)
     return obj
 
@@ -106,7 +115,7 @@ class AutoSerializer(Serializer):
         except (UnicodeDecodeError, json.JSONDecodeError) as json_error:
             try:
                 return safe_pickle_loads(data)  # protocol 0/1 pickles start with an ASCII opcode
-            except pickle.UnpicklingError:
+            except UnsafePickleError:
                 raise
-            except Exception:
+            except pickle.UnpicklingError:
                 raise ValueError(f"record is neither JSON nor a pickle ({json_error})") from json_error
