@@ -399,6 +399,9 @@ def test_bad_adapter_inputs_name_the_problem(tmp_path):
     with pytest.raises(AdapterError, match=r"project_q\.lora_A\.weight' is missing in .*unpaired\.pt"):
         read_adapter(tmp_path / "unpaired.pt")
 
+    with pytest.raises(AdapterError, match="project_v.lora_A.weight' .* belongs to no LoRA target of"):
+        save_adapter(lora_state_dict(model), LoraSettings(targets=("project_q",)), tmp_path / "wrong")
+
     torch.save({"not": "tensors"}, tmp_path / "pickle.pt")
     with pytest.raises(AdapterError, match="pickle.pt"):
         read_adapter(tmp_path / "pickle.pt")

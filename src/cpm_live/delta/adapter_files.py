@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from cpm_live.delta.lora import (
     ADAPTER_NAME,
@@ -32,6 +33,7 @@ from cpm_live.delta.lora import (
     lora_layers,
     lora_parameters,
     lora_state_dict,
+    matches_target,
 )
 from cpm_live.models.config import CPMBeeConfig
 from cpm_live.utils import atomic_path, atomic_write_text
@@ -85,7 +87,7 @@ def _without_adapter_name(key: str) -> str:
     return key
 
 
-def base_model_shape(config: CPMBeeConfig) -> dict[str, int]:
+def _base_model_shape(config: CPMBeeConfig) -> dict[str, int]:
     return {name: getattr(config, name) for name in SHAPE_FIELDS}
 
 
@@ -107,12 +109,19 @@ def save_adapter(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], se
     directory = os.fspath(directory)
     source = f"the adapter being saved to {directory}"
     for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or type(value).__name__ == "DTensor":
+        if not isinstance(value, torch.Tensor) or isinstance(value, DTensor):
             raise AdapterError(
                 f"{key!r} in {source} is a {type(value).__name__}, not a full tensor; gather sharded "
                 "weights first (DTensor.full_tensor())"
             )
     _check_pairs(state, source, r=settings.r)
+    untargeted = sorted(key for key in state
+                        if not any(matches_target(_module_of(key, source), t) for t in settings.targets))
+    if untargeted:
+        raise AdapterError(
+            f"{untargeted[0]!r} in {source} belongs to no LoRA target of {list(settings.targets)}; pass the "
+            "settings the adapter was trained with"
+        )
     tensors = {PEFT_PREFIX + key: value.detach().to("cpu").contiguous()
                for key, value in sorted(state.items())}
 
@@ -120,7 +129,7 @@ def save_adapter(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], se
     config.update(inference_mode=True, target_modules=sorted(settings.targets))
     config["auto_mapping"] = {"base_model_class": "CPMBee", "parent_library": "cpm_live.models.bee"}
     if base_config is not None:
-        config["auto_mapping"]["base_model_shape"] = base_model_shape(base_config)
+        config["auto_mapping"]["base_model_shape"] = _base_model_shape(base_config)
 
     os.makedirs(directory, exist_ok=True)
     with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:

@@ -72,8 +72,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
-def _matches(module_name: str, target: str) -> bool:
-    # peft's rule for a list of target names: the whole name or its last dotted components.
+def matches_target(module_name: str, target: str) -> bool:
+    """peft's rule for a list of target names: the whole module name or its last dotted components."""
     return module_name == target or module_name.endswith("." + target)
 
 
@@ -81,7 +81,7 @@ def _check_targets(model: nn.Module, targets: Iterable[str]) -> None:
     projections = {name: m for name, m in model.named_modules() if isinstance(m, (Linear, Linear4bit))}
     available = sorted({name.rsplit(".", 1)[-1] for name in projections})
     for target in targets:
-        hits = [name for name, _ in model.named_modules() if name and _matches(name, target)]
+        hits = [name for name, _ in model.named_modules() if name and matches_target(name, target)]
         if not hits:
             raise ValueError(
                 f"LoRA target {target!r} matches no module of {type(model).__name__}; "
