@@ -73,6 +73,7 @@ def write_info_list(meta_path: str, info: list[FileInfo]) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             for v in info:
                 f.write(v.dumps() + "\n")
+        os.chmod(tmp, 0o644)  # the temp file is private (0600); datasets are shared read-only
 
 
 class DatasetWriter:
