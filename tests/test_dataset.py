@@ -172,6 +172,7 @@ def test_state_redistributes_to_another_world_size(tmp_path):
 
 
 def _gather_worker(rank, path, init_file, out_dir):
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     ds = DistributedDataset(path, rank, 2, shuffle=False)
     for _ in range(rank + 1):
