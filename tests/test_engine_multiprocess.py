@@ -1,0 +1,127 @@
+"""The torch (FSDP2) engine on 2 real gloo processes: one torchrun launch runs every 2-rank check
+(tests/dist_scripts/engine_checks.py); the tests below read its results, and the 2 -> 1 resume runs
+here, in this single process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpm_live.engine import get_engine
+from tests.dist_scripts import engine_checks as checks
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(checks.__file__)
+TIMEOUT_S = 300  # a hang (e.g. ranks waiting on different collectives) fails instead of blocking CI
+
+
+def run_torchrun(nproc: int, *args: str, timeout: float = TIMEOUT_S) -> str:
+    """``python -m torch.distributed.run --standalone`` (it picks a free port itself); killed with its
+    workers on timeout. Returns the combined output; fails the test on a non-zero exit."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(SCRIPT), *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout}s (hang?):\n{output[-6000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun exited with {proc.returncode}:\n{output[-6000:]}")
+    return output
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("engine2")
+    source = checks.build_model(seed=1)  # a state dict written by one process, loaded on two
+    with torch.no_grad():
+        logits = checks.logits_of(source, checks.make_batch(seed=1), torch.device("cpu"))
+    torch.save({"state": source.state_dict(), "logits": logits}, out / "one_rank.pt")
+    run_torchrun(2, "--out", str(out))
+    return out, [json.loads((out / f"result-rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_sharded_int4_forward_equals_unsharded(two_ranks):
+    _, results = two_ranks
+    for r in results:
+        assert r["world_size"] == 2
+        assert r["forward_max_diff"] == 0.0
+        assert r["packed_dtype"] == "torch.uint8"
+        assert r["full_packed_dtype"] == "torch.uint8" if r["rank"] == 0 else True
+    # the packed codes themselves are split between the ranks
+    assert sum(r["packed_local_numel"] for r in results) == results[0]["inspect_packed_numel"]
+    assert all(0 < r["packed_local_numel"] < results[0]["inspect_packed_numel"] for r in results)
+
+
+def test_each_rank_holds_half_of_the_parameter_bytes(two_ranks):
+    _, results = two_ranks
+    total = results[0]["total_bytes"]
+    for r in results:
+        share = r["local_bytes"] / total
+        print(f"rank {r['rank']}: {r['local_bytes']} of {total} parameter bytes ({share:.1%})")
+        assert 0.45 < share < 0.55
+    assert abs(sum(r["local_bytes"] for r in results) - total) < 0.01 * total  # padding only
+
+
+def test_two_ranks_with_half_batches_train_like_one_rank_with_the_whole_batch(two_ranks):
+    _, results = two_ranks
+    for r in results:
+        assert r["stepped"] == [True, True, True]
+        assert r["loss_scale"] == 1.0  # fp32 trainable parameters: no loss scaling
+        torch.testing.assert_close(r["losses"], r["ref_losses"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r["norms"], r["ref_norms"], rtol=1e-5, atol=1e-7)
+    main = results[0]
+    assert main["trainable_keys_match"]
+    assert main["weights_moved"] > 1e-2  # the steps changed the weights...
+    assert main["trained_weights_diff"] < 1e-5  # ...identically on 2 ranks and on 1
+
+
+def test_inspection_of_sharded_model_matches_unsharded(two_ranks):
+    _, results = two_ranks
+    for r in results:
+        assert r["inspect_names_equal"]
+        assert r["inspect_std_max_diff"] < 1e-6
+        assert r["inspect_int_rows"] and all(std is None for _, std in r["inspect_int_rows"])
+
+
+def test_state_dict_written_by_one_rank_loads_on_two(two_ranks):
+    _, results = two_ranks
+    for r in results:
+        assert r["loaded_logits_diff"] == 0.0
+        assert r["loaded_matches_file"] == 0.0
+
+
+def test_state_saved_on_two_ranks_resumes_on_one(two_ranks):
+    out, results = two_ranks
+    assert results[0]["full_keys_match"] and results[0]["trainable_equals_full"]
+    engine = get_engine("torch", seed=0, device="cpu")
+    try:
+        resumed = checks.resume_phase(engine, out, half=False)
+    finally:
+        engine.close()
+    assert resumed["world_size"] == 1
+    assert resumed["logits_diff"] < 1e-5
+    assert abs(resumed["loss"] - resumed["saved_loss"]) < 1e-5
+    assert resumed["weights_diff"] < 1e-5
+
+
+def test_ranks_that_disagree_on_the_config_all_get_a_clear_error(two_ranks):
+    _, results = two_ranks
+    for r in results:
+        message = r["inconsistent_error"]
+        assert message is not None
+        assert "model config differs across ranks" in message and "dim_model: 64 vs 65" in message
