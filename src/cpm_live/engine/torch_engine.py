@@ -242,6 +242,12 @@ class TorchEngine(Engine):
         local = {key: shard_like(state_dict[key], value)
                  for key, value in current.items() if key in state_dict}
         model.load_state_dict(local, strict=strict)
+        if self._optimizer is not None:  # fp32 masters of the loaded weights follow them
+            with torch.no_grad():
+                for name, p, master in zip(self._optimizer.names, self._optimizer.model_params,
+                                           self._optimizer.masters):
+                    if master is not p and name in state_dict:
+                        master.copy_(p)
 
     def training_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         if optimizer is not self._optimizer:
