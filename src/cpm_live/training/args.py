@@ -8,6 +8,8 @@ Every flag of the original ``cpm_live/arguments.py`` is kept with its default an
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 
 from cpm_live.training.schedulers import DECAY_STYLES
 
@@ -78,5 +80,18 @@ def validate(args: argparse.Namespace) -> None:
         problems.append("--resume auto needs --save (it looks for the latest checkpoint there)")
     if args.eval_metrics and not args.eval_dataset:
         problems.append("--eval-metrics needs --eval_dataset")
+    if args.save and not problems:
+        problems += _check_writable(args.save)
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+
+
+def _check_writable(directory: str) -> list[str]:
+    """Create ``--save`` now, so an unwritable path fails before hours of training, not at the end."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        return [f"--save {directory} is not a writable directory ({e.strerror}); choose another path"]
+    return []

@@ -19,9 +19,8 @@ import torch
 from tqdm import tqdm
 
 from cpm_live.checkpoint import load_model_weights
-from cpm_live.delta import LoraSettings, add_lora, save_adapter, trainable_parameter_report
-from cpm_live.engine import get_engine, inspect_model
-from cpm_live.engine.inspect import format_summary
+from cpm_live.delta import add_lora, lora_settings_from_args, save_adapter, trainable_parameter_report
+from cpm_live.engine import engine_from_args, format_summary, inspect_model
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.tokenizers import CPMBeeTokenizer, find_vocab
 from cpm_live.training import state as ckpt
@@ -36,13 +35,12 @@ MODEL_KEYS = ("inputs", "inputs_sub", "length", "context", "sample_ids", "num_se
 class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.engine = get_engine(args.engine, seed=args.seed, device=args.device, loss_scale=args.loss_scale,
-                                 loss_scale_factor=args.loss_scale_factor,
-                                 loss_scale_steps=args.loss_scale_steps)
+        self.engine = engine_from_args(args, device=args.device)
         overrides = {"int4": True} if args.int4 else {}
         self.config = CPMBeeConfig.from_json_file(args.model_config, **overrides)
         self.engine.check_consistent(self.config.to_dict(), "model config")
-        self.use_lora = bool(args.use_delta)
+        self.lora = lora_settings_from_args(args)
+        self.use_lora = self.lora is not None
         if self.config.int4 and not self.use_lora:
             raise SystemExit(
                 f"error: {args.model_config} sets int4 but LoRA is off: the 4-bit base is frozen, so "
@@ -65,6 +63,7 @@ class Trainer:
         tb_dir = args.tensorboard or (os.path.join(args.save, "tensorboard") if args.save else None)
         self.metrics = MetricsLogger(args.save, tb_dir, self.engine.is_main, resume_step=self.step)
         self._stop_requested = False
+        self._saved_step = None
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     # ---------------------------------------------------------------- setup
@@ -76,9 +75,6 @@ class Trainer:
         elif engine.is_main:
             print("warning: no --load given; training from random initialisation")
         if self.use_lora:
-            targets = tuple(t for t in args.lora_targets.split(",") if t)
-            self.lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                                     targets=targets)
             add_lora(model, self.lora)
         model.encoder.activation_checkpointing = args.activation_checkpointing
         engine.print_rank0(trainable_parameter_report(model))
@@ -179,7 +175,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Token-weighted mean eval loss over the whole eval set, across ranks."""
         self.model.eval()
-        data = self._dataset(self.args.eval_dataset, 1, drop_last=False)
+        data = self._dataset(self.args.eval_dataset, self.args.batch_size, drop_last=False)
         loss_sum, tokens = 0.0, 0
         for batch in data.epoch():
             if batch is None:
@@ -212,6 +208,7 @@ class Trainer:
                    "patience": self.patience, "data": self.train_data.state_dict()}
         path = ckpt.save_checkpoint(self.engine, self.args.save, self.step, trainable, optimizer, trainer,
                                     keep=self.args.keep_checkpoints)
+        self._saved_step = self.step
         self.engine.print_rank0(f"saved checkpoint {path}")
 
     # ---------------------------------------------------------------- loop
@@ -238,7 +235,7 @@ class Trainer:
         self._bar.close()
         if stop_reason != "SIGTERM":
             self.save_weights("last")
-            if args.save_iters:
+            if args.save_iters and self._saved_step != self.step:
                 self.save_checkpoint()
         self.metrics.close()
         engine.print_rank0(f"training stopped at step {self.step} ({stop_reason})")

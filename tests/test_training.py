@@ -1,0 +1,159 @@
+"""The one training loop on tiny models: learning in each mode, resume, SIGTERM, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpm_live.models import CPMBee, CPMBeeConfig
+from cpm_live.quant.compress import quantize_state_dict
+from cpm_live.tokenizers import CPMBeeTokenizer
+from cpm_live.tokenizers.bee import build_tiny_vocab
+from cpm_live.training.cli import main as finetune
+from cpm_live.training.metrics import read_metrics
+from cpm_live.training.schedulers import LRSchedule
+
+DATA = Path(__file__).parents[1] / "src" / "cpm_live" / "demo_data"
+REPO = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A vocab, fp and int4 configs, and an fp checkpoint with its compressed twin."""
+    root = tmp_path_factory.mktemp("tiny")
+    words = "cat dog horse bird red blue apple bread animal sum What Which Pick".split()
+    vocab = build_tiny_vocab(root / "vocab.txt", words + [" " + w for w in words])
+    config = CPMBeeConfig(vocab_size=CPMBeeTokenizer(vocab).vocab_size, dim_model=64, num_heads=2, dim_head=32,
+                          dim_ff=128, num_layers=2, half=False)
+    config.to_json_file(root / "config.json")
+    CPMBeeConfig.from_dict({**config.to_dict(), "int4": True}).to_json_file(root / "config-int4.json")
+    torch.manual_seed(0)
+    torch.save(dict(CPMBee(config).state_dict()), root / "base.pt")
+    quantize_state_dict(root / "base.pt", root / "base-int4.safetensors")
+    return root
+
+
+def base_args(tiny: Path, save: Path, steps: int, *extra: str) -> list[str]:
+    return ["--vocab", str(tiny / "vocab.txt"), "--dataset", str(DATA / "train.jsonl"), "--save", str(save),
+            "--train-iters", str(steps), "--epoch", "50", "--max-length", "48", "--batch-size", "8",
+            "--engine", "torch", "--device", "cpu", "--lr-decay-style", "constant", "--warmup-iters", "2",
+            "--weight-decay", "0", "--inspect-iters", "0", "--no-activation-checkpointing", *extra]
+
+
+def losses(save: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(str(save / "metrics.jsonl")) if "loss" in r]
+
+
+MODES = {
+    "full": ["--model-config", "config.json", "--load", "base.pt", "--lr", "3e-3"],
+    "lora": ["--model-config", "config.json", "--load", "base.pt", "--use-delta", "--lora-r", "16",
+             "--lora-targets", "project_q,project_v,w_0,w_1,w_out", "--lr", "1e-2"],
+    "qlora": ["--model-config", "config-int4.json", "--load", "base-int4.safetensors", "--use-delta",
+              "--lora-r", "16", "--lora-targets", "project_q,project_v,w_0,w_1,w_out", "--lr", "1e-2"],
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_tiny_model_learns(tiny, tmp_path, mode):
+    flags = [str(tiny / f) if f.endswith((".json", ".pt", ".safetensors")) else f for f in MODES[mode]]
+    result = finetune(base_args(tiny, tmp_path, 40, "--log-interval", "1", *flags))
+    assert result["step"] == 40
+    curve = losses(tmp_path)
+    start, end = sum(curve[:3]) / 3, sum(curve[-5:]) / 5
+    assert end < 0.75 * start, f"{mode}: loss {start:.3f} -> {end:.3f}"
+    if mode == "full":
+        reloaded = torch.load(tmp_path / "cpm_bee_finetune-last.pt", weights_only=True)
+        assert set(reloaded) == set(torch.load(tiny / "base.pt", weights_only=True))
+    else:
+        adapter = tmp_path / "cpm_bee_finetune-delta-last"
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and config["r"] == 16
+        assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(tiny, tmp_path):
+    flags = ["--model-config", str(tiny / "config-int4.json"), "--load", str(tiny / "base-int4.safetensors"),
+             "--use-delta", "--lr", "5e-3", "--log-interval", "1", "--save-iters", "4"]
+    full = finetune(base_args(tiny, tmp_path / "a", 10, *flags))
+    assert full["step"] == 10
+    finetune(base_args(tiny, tmp_path / "b", 4, *flags))
+    resumed = finetune(base_args(tiny, tmp_path / "b", 10, *flags, "--resume", "auto"))
+    assert resumed["step"] == 10
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(a) == len(b) == 10
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    latest = (tmp_path / "b" / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step-00000010"
+
+
+def test_sigterm_saves_a_checkpoint_then_resumes(tiny, tmp_path):
+    save = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "src" / "finetune_cpm_bee_qlora.py"), "--model-config",
+           str(tiny / "config-int4.json"), "--load", str(tiny / "base-int4.safetensors"),
+           *base_args(tiny, save, 100000, "--log-interval", "1")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    metrics = save / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "(SIGTERM)" in out
+    latest = (save / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(latest.split("-")[1])
+    assert stopped_at >= 3
+    result = finetune(base_args(tiny, save, stopped_at + 2, "--model-config", str(tiny / "config-int4.json"),
+                                "--load", str(tiny / "base-int4.safetensors"), "--use-delta", "--resume", "auto"))
+    assert result["step"] == stopped_at + 2
+
+
+def test_malformed_data_line_fails_naming_file_and_line(tiny, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "<ans>": "b"}\n{"input": "broken\n')
+    args = base_args(tiny, tmp_path / "out", 5, "--model-config", str(tiny / "config.json"))
+    args[args.index("--dataset") + 1] = str(bad)
+    with pytest.raises(Exception, match=r"bad\.jsonl.*line 2"):
+        finetune(args)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_missing_vocab_fails_clearly(tiny, tmp_path):
+    args = base_args(tiny, tmp_path / "out", 5, "--model-config", str(tiny / "config.json"))
+    del args[0:2]  # no --vocab, and no vocab.txt beside a checkpoint
+    with pytest.raises(FileNotFoundError, match="--vocab"):
+        finetune(args)
+
+
+def test_unwritable_save_fails_before_training(tiny, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit, match="not a writable directory"):
+        finetune(base_args(tiny, blocker / "sub", 5, "--model-config", str(tiny / "config.json")))
+
+
+def test_int4_without_lora_is_refused(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="--use-delta"):
+        finetune(base_args(tiny, tmp_path, 5, "--model-config", str(tiny / "config-int4.json")))
+
+
+def test_schedules_follow_bmtrain_formulas():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    noam = LRSchedule(opt, "noam", 1.0, warmup_iter=4, end_iter=100)
+    assert noam.lr_at(0) == 0.0 and noam.lr_at(2) == pytest.approx(2 / 4 ** 1.5)
+    assert noam.lr_at(16) == pytest.approx(1 / 4)
+    linear = LRSchedule(opt, "linear", 1.0, warmup_iter=10, end_iter=110)
+    assert linear.lr_at(5) == 0.5 and linear.lr_at(60) == pytest.approx(0.5) and linear.lr_at(200) == 0.0
+    cosine = LRSchedule(opt, "cosine", 1.0, warmup_iter=0, end_iter=100)
+    assert cosine.lr_at(50) == pytest.approx(0.5)
+    assert LRSchedule(opt, "exponential", 1.0, 0, 10).lr_at(2) == pytest.approx(0.95 ** 2)
+    assert LRSchedule(opt, "constant", 1.0, 0, 10).apply(7) == 1.0 and opt.param_groups[0]["lr"] == 1.0
+    with pytest.raises(ValueError, match="lr-decay-style"):
+        LRSchedule(opt, "step", 1.0, 0, 10)
