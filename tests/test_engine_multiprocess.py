@@ -5,10 +5,6 @@ here, in this single process."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,32 +12,11 @@ import torch
 
 from cpm_live.engine import get_engine
 from tests.dist_scripts import engine_checks as checks
+from tests.dist_scripts.launch import run_torchrun
 
 pytestmark = pytest.mark.slow
 
 SCRIPT = Path(checks.__file__)
-TIMEOUT_S = 300  # a hang (e.g. ranks waiting on different collectives) fails instead of blocking CI
-
-
-def run_torchrun(nproc: int, *args: str, timeout: float = TIMEOUT_S) -> str:
-    """``python -m torch.distributed.run --standalone`` (it picks a free port itself); killed with its
-    workers on timeout. Returns the combined output; fails the test on a non-zero exit."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(SCRIPT), *args]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                           "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout}s (hang?):\n{output[-6000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun exited with {proc.returncode}:\n{output[-6000:]}")
-    return output
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +26,7 @@ def two_ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     with torch.no_grad():
         logits = checks.logits_of(source, checks.make_batch(seed=1), torch.device("cpu"))
     torch.save({"state": source.state_dict(), "logits": logits}, out / "one_rank.pt")
-    run_torchrun(2, "--out", str(out))
+    run_torchrun(SCRIPT, 2, "--out", str(out))
     return out, [json.loads((out / f"result-rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -60,8 +35,9 @@ def test_sharded_int4_forward_equals_unsharded(two_ranks):
     for r in results:
         assert r["world_size"] == 2
         assert r["forward_max_diff"] == 0.0
+        assert r["inference_max_diff"] == 0.0  # generation's incremental forward, gathered like forward
         assert r["packed_dtype"] == "torch.uint8"
-        assert r["full_packed_dtype"] == "torch.uint8" if r["rank"] == 0 else True
+    assert results[0]["full_packed_dtype"] == "torch.uint8"  # and the gathered state dict keeps it
     # the packed codes themselves are split between the ranks
     assert sum(r["packed_local_numel"] for r in results) == results[0]["inspect_packed_numel"]
     assert all(0 < r["packed_local_numel"] < results[0]["inspect_packed_numel"] for r in results)

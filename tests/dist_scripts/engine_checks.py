@@ -81,6 +81,17 @@ def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     return model(*(batch[k].to(device) for k in MODEL_INPUTS))[0]
 
 
+def inference_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Two incremental calls (prompt, then one token), as generation makes them; the second's logits."""
+    b = {k: v.to(device) for k, v in batch.items()}
+    position = torch.arange(LENGTH, device=device).expand(b["input"].shape[0], LENGTH).to(torch.int32)
+    args = [b["input"], b["input_sub"], position, b["context"], b["sample_ids"], b["num_segments"],
+            b["segment"], b["segment_rel_offset"], b["segment_rel"], b["ext_table_ids"], b["ext_table_sub"]]
+    split = [[a[:, :-1] for a in args[:8]] + args[8:], [a[:, -1:] for a in args[:8]] + args[8:]]
+    _, _, past = model.inference(*split[0])
+    return model.inference(*split[1], past_key_values=past)[0]
+
+
 def reference_step(model: CPMBee, optimizer: torch.optim.Optimizer, batch: dict,
                    device: torch.device) -> tuple[float, float]:
     """Plain single-process step on the global batch: loss, pre-clip grad norm."""
@@ -135,6 +146,9 @@ def train_phase(engine: Engine, out: Path, half: bool) -> dict:
     with torch.no_grad():
         diff = logits_of(wrapped, batch, dev) - logits_of(reference, batch, dev)
         result["forward_max_diff"] = float(diff.abs().max())
+        # generation's incremental forward (FSDP2: a registered forward method; bmtrain: use_cache)
+        diff = inference_logits(wrapped, batch, dev) - inference_logits(reference, batch, dev)
+        result["inference_max_diff"] = float(diff.abs().max())
     q = next(m for m in wrapped.modules() if isinstance(m, Linear4bit))
     result["packed_dtype"] = str(q.weight.dtype)
     result["packed_local_numel"] = local_numel(q.weight)
