@@ -21,6 +21,7 @@ import json
 import mmap
 import os
 import pickle
+import re
 import struct
 import sys
 from collections.abc import Iterator, Mapping
@@ -106,14 +107,19 @@ class CheckpointReader:
                     raise
                 state = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy non-zip file
         except pickle.UnpicklingError as e:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            if found is None:
+                raise CheckpointError(f"cannot read {self.path}: it is not a torch.save state dict; the file is "
+                                      f"truncated or corrupt: re-download or re-create it") from None
             raise CheckpointError(
-                f"{self.path} holds objects other than tensors, which are not loaded (weights_only): {e}. "
-                f"Only plain state dicts are supported; for the pickled int4 .pt of CPM-Bee a51dd68, "
+                f"{self.path} holds objects other than tensors ({found.group(1).strip()}), which are not loaded "
+                f"(weights_only). Save a plain dict of tensors; for the pickled int4 .pt of CPM-Bee a51dd68, "
                 f"re-quantize the fp16 checkpoint with cpm-bee-quantize"
             ) from None
-        except (RuntimeError, EOFError, OSError) as e:
+        except Exception as e:  # torch.load reports damage as RuntimeError, EOFError, KeyError, ...
             raise CheckpointError(
-                f"cannot read {self.path}: {e}; the file is truncated or corrupt: re-download or re-create it"
+                f"cannot read {self.path} ({type(e).__name__}: {e}); the file is truncated or corrupt: "
+                f"re-download or re-create it"
             ) from None
         if not isinstance(state, Mapping):
             raise CheckpointError(f"{self.path} holds a {type(state).__name__}, not a state dict of tensors")
