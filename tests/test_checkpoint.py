@@ -171,3 +171,20 @@ def test_missing_unexpected_and_misshaped_keys_are_listed(dense, tmp_path):
     quantize_state_dict(path, compressed, device="cpu", progress=False)
     with pytest.raises(CheckpointError, match=r"(?s)int4.safetensors does not match .*wide.json.*shape mismatch"):
         load_model_weights(CPMBee(wider), wider, compressed)
+
+
+def test_meta_model_gets_the_tensors_assigned(dense, tmp_path):
+    config, state, path = dense
+    config4 = dataclasses.replace(config, int4=True)
+    compressed = tmp_path / "int4.safetensors"
+    quantize_state_dict(path, compressed, device="cpu", progress=False)
+    reference = CPMBee(config4)
+    load_model_weights(reference, config4, compressed)
+    for source in (compressed, path):  # compressed, and quantized on the fly
+        with torch.device("meta"):
+            model = CPMBee(config4)
+        load_model_weights(model, config4, source)
+        loaded = model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in reference.state_dict().items())
+        assert model.input_embedding.weight.dtype == torch.float32 and model.input_embedding.weight.requires_grad
+        assert not model.encoder.layers[0].ffn.ffn.w_out.weight.requires_grad

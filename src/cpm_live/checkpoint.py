@@ -25,6 +25,7 @@ import re
 import struct
 import sys
 from collections.abc import Iterator, Mapping
+from itertools import chain
 
 import torch
 from torch import nn
@@ -242,11 +243,6 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
         writer.close()
 
 
-def _model_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    state = model.state_dict(keep_vars=True)
-    return qformat.logical_shapes({k: tuple(v.shape) for k, v in state.items()}, state.__getitem__)
-
-
 def check_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], path: str,
                where: str) -> None:
     """Raise :class:`CheckpointError` listing missing, unexpected and mis-shaped keys (dense shapes)."""
@@ -270,9 +266,12 @@ def check_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tupl
     raise CheckpointError("\n".join(lines))
 
 
-def load_model_weights(model: nn.Module, config: CPMBeeConfig, path: str | os.PathLike) -> None:
+def load_model_weights(model: nn.Module, config: CPMBeeConfig, path: str | os.PathLike,
+                       device: torch.device | str = "cpu") -> None:
     """Load a checkpoint into ``model`` (built from ``config``), strictly; see the module docstring.
 
+    A model built on the meta device (``with torch.device("meta"): CPMBee(config)``: no memory, and
+    no random weights quantized at construction) gets the loaded tensors assigned on ``device``.
     Call before wrapping the model in an engine: parameters must still be plain tensors.
     """
     path = os.fspath(path)
@@ -294,19 +293,29 @@ def load_model_weights(model: nn.Module, config: CPMBeeConfig, path: str | os.Pa
                 f'"int4_double_quant": {str(settings.double_quant).lower()} in {where}, or re-quantize the '
                 f"fp16 checkpoint with those settings"
             )
-        check_keys(reader.logical_shapes(), _model_shapes(model), path, where)
+        current = model.state_dict(keep_vars=True)
+        check_keys(reader.logical_shapes(), qformat.logical_shapes(
+            {k: tuple(v.shape) for k, v in current.items()}, current.__getitem__), path, where)
+        on_meta = any(t.is_meta for t in current.values())
         layers = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
         quantize_now = {} if compressed else layers
         state_dict = {}
         for key, tensor in reader.iter_tensors():
             layer = quantize_now.get(key)
             if layer is None:
-                state_dict[key] = tensor
-                continue
-            device = layer.weight.device if layer.weight.device.type != "meta" else torch.device("cpu")
-            dense = tensor.to(device=device, dtype=config.dtype)
-            state_dict.update(qformat.quantize_entries(key, dense, layer.settings))
+                entries = {key: tensor}
+            else:
+                quant_device = device if on_meta else layer.weight.device
+                entries = qformat.quantize_entries(key, tensor.to(device=quant_device, dtype=config.dtype),
+                                                   layer.settings)
+            if on_meta:  # assigned, not copied: own the memory, in the model's dtype
+                entries = {k: v.to(device=device, dtype=current[k].dtype, copy=True) for k, v in entries.items()}
+            state_dict.update(entries)
         try:
-            model.load_state_dict(state_dict, strict=True)
+            model.load_state_dict(state_dict, strict=True, assign=on_meta)
         except qformat.QuantFormatError as e:
             raise CheckpointError(f"{path}: {e} (model config: {where})") from None
+    left = [k for k, v in chain(model.named_parameters(), model.named_buffers()) if v.is_meta]
+    if left:
+        raise CheckpointError(f"{left[:5]} are still on the meta device after loading {path}: they are not "
+                              f"in the state dict; build the model on a real device instead")

@@ -19,7 +19,9 @@ parameter (one owner; ``QuantState`` is rebuilt from them on every call and neve
     weight_nested_quant_map buffer     fp32 [256]                        (double quant only)
     weight_nested_offset    buffer     fp32 []                           (double quant only)
 
-Parameters are frozen (``requires_grad=False``); gradients reach the input only. The state dict
+Parameters are frozen (``requires_grad=False``); gradients reach the input only. Move the module
+with ``.to(device)``, never ``.half()`` / ``.to(dtype)``: that would round the fp32 statistics
+(forward still upcasts them, but the lost precision stays). The state dict
 uses bitsandbytes' keys instead (``weight.absmax``, ..., ``weight.quant_state.bitsandbytes__nf4``,
 see :mod:`cpm_live.quant.format`), which is also the compressed checkpoint's layout.
 
