@@ -180,3 +180,17 @@ def test_stream_writer_rejects_what_was_not_planned(tmp_path):
         writer.write("a", torch.zeros(2))
     with pytest.raises(ValueError, match=r"never written.*\['t'\]"):
         writer.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_cuda_quantization_matches_cpu(settings):
+    """cpm-bee-quantize uses CUDA when present; load_model_weights may quantize on CPU: same bytes?"""
+    weight = torch.randn(257, 130, dtype=torch.half)
+    cpu = qformat.quantize_entries("w", weight, settings)
+    cuda = qformat.quantize_entries("w", weight.cuda(), settings)
+    for key in cpu:
+        assert torch.equal(cuda[key].cpu(), cpu[key]), key
+    dense = qformat.dequantize("w", {k: v.cuda() for k, v in cpu.items()}, dtype=torch.float32)
+    torch.testing.assert_close(dense.cpu(), qformat.dequantize("w", cpu, dtype=torch.float32), rtol=0, atol=0)
