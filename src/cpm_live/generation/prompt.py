@@ -163,8 +163,8 @@ def build_batch(tokenizer: CPMBeeTokenizer, prompts: Sequence[Prompt], device: t
         return out
 
     segment_rel = torch.zeros(batch, rel_length, dtype=torch.int32)
-    for b, p in enumerate(prompts):
-        segment_rel[b, : len(p.segment_rel)] = torch.from_numpy(p.segment_rel)
+    for b, prompt in enumerate(prompts):
+        segment_rel[b, : len(prompt.segment_rel)] = torch.from_numpy(prompt.segment_rel)
     ones = [np.ones(len(p.input_ids), dtype=np.int32) for p in prompts]
     inputs = {
         "input": left_pad([p.input_ids for p in prompts]),
@@ -172,7 +172,7 @@ def build_batch(tokenizer: CPMBeeTokenizer, prompts: Sequence[Prompt], device: t
         "position": left_pad([np.arange(len(p.input_ids), dtype=np.int32) for p in prompts]),
         "context": left_pad(ones, torch.bool),
         "sample_ids": left_pad([0 * o for o in ones]),
-        "num_segments": left_pad([p.num_segments * o for o in ones]),
+        "num_segments": left_pad([p.num_segments * o for p, o in zip(prompts, ones)]),
         "segment": left_pad([p.segments for p in prompts]),
         "segment_rel_offset": left_pad([0 * o for o in ones]),
         "segment_rel": segment_rel,
