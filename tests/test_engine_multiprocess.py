@@ -20,14 +20,31 @@ SCRIPT = Path(checks.__file__)
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
+def launch(tmp_path_factory) -> Path:
+    """One torchrun launch: the 2-rank checks for an fp32 and an fp16 model."""
     out = tmp_path_factory.mktemp("engine2")
-    source = checks.build_model(seed=1)  # a state dict written by one process, loaded on two
-    with torch.no_grad():
-        logits = checks.logits_of(source, checks.make_batch(seed=1), torch.device("cpu"))
-    torch.save({"state": source.state_dict(), "logits": logits}, out / "one_rank.pt")
-    run_torchrun(SCRIPT, 2, "--out", str(out))
-    return out, [json.loads((out / f"result-rank{r}.json").read_text()) for r in range(2)]
+    for dtype, half in (("fp32", False), ("fp16", True)):
+        source = checks.build_model(seed=1, half=half)  # a state dict written by one process
+        with torch.no_grad():
+            logits = checks.logits_of(source, checks.make_batch(seed=1), torch.device("cpu"))
+        (out / dtype).mkdir()
+        torch.save({"state": source.state_dict(), "logits": logits}, out / dtype / "one_rank.pt")
+    run_torchrun(SCRIPT, 2, "--out", str(out), "--dtypes", "fp32,fp16")
+    return out
+
+
+def results_of(out: Path) -> list[dict]:
+    return [json.loads((out / f"train-rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(launch) -> tuple[Path, list[dict]]:
+    return launch / "fp32", results_of(launch / "fp32")
+
+
+@pytest.fixture(scope="module")
+def two_ranks_fp16(launch) -> tuple[Path, list[dict]]:
+    return launch / "fp16", results_of(launch / "fp16")
 
 
 def test_sharded_int4_forward_equals_unsharded(two_ranks):
@@ -81,18 +98,33 @@ def test_state_dict_written_by_one_rank_loads_on_two(two_ranks):
         assert r["loaded_matches_file"] == 0.0
 
 
-def test_state_saved_on_two_ranks_resumes_on_one(two_ranks):
-    out, results = two_ranks
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_state_saved_on_two_ranks_resumes_on_one(launch, dtype):
+    results = results_of(launch / dtype)
     assert results[0]["full_keys_match"] and results[0]["trainable_equals_full"]
     engine = get_engine("torch", seed=0, device="cpu")
     try:
-        resumed = checks.resume_phase(engine, out, half=False)
+        resumed = checks.resume_phase(engine, launch / dtype, half=dtype == "fp16")
     finally:
         engine.close()
     assert resumed["world_size"] == 1
     assert resumed["logits_diff"] < 1e-5
-    assert abs(resumed["loss"] - resumed["saved_loss"]) < 1e-5
-    assert resumed["weights_diff"] < 1e-5
+    assert abs(resumed["loss"] - resumed["saved_loss"]) < 1e-5  # same step: Adam moments, fp32 masters,
+    assert resumed["weights_diff"] < 1e-5  # loss scale all restored
+
+
+def test_fp16_overflow_is_skipped_on_every_rank_and_training_continues(two_ranks_fp16):
+    _, results = two_ranks_fp16
+    for r in results:
+        assert r["forward_max_diff"] == 0.0 and r["packed_dtype"] == "torch.uint8"
+        assert r["loss_scale"] == 2.0**20
+        # 2**20 overflows fp16 gradients: every rank skips the first step together, halves the scale,
+        # then steps (Adam run directly on fp16 values, as the reference does, turns NaN instead).
+        assert r["stepped"] == [False, True, True]
+        assert r["final_loss_scale"] == 2.0**19
+        assert all(x == x for x in r["losses"])
+        assert abs(r["losses"][0] - r["ref_losses"][0]) < 1e-3
+    assert results[0]["engine_weights_moved"] > 1e-3
 
 
 def test_ranks_that_disagree_on_the_config_all_get_a_clear_error(two_ranks):

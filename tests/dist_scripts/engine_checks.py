@@ -1,14 +1,14 @@
 """Multi-rank checks of an engine, all in one launch (each torchrun start costs seconds).
 
     torchrun --standalone --nproc_per_node 2 tests/dist_scripts/engine_checks.py --out DIR \
-        [--engine torch|bmtrain] [--device cpu|cuda] [--half] [--phase train|resume]
+        [--engine torch|bmtrain] [--device cpu|cuda] [--dtypes fp32,fp16] [--phase train|resume]
 
-``train`` reads ``DIR/one_rank.pt`` (a full state dict and its logits, written by one process
-beforehand), checks forward parity, sharding, inspection, loading, training parity and the
-inconsistent-config error, and writes ``DIR/result-rank{r}.json`` plus, from rank 0, what was saved
-on these ranks (``sharded_full.safetensors``, ``sharded_train.pt``) and the outcome of one more
-step (``sharded_after.pt``). ``resume`` (run on a different number of ranks) loads those and must
-reproduce that step; it writes ``DIR/resume-rank{r}.json``. Every comparison is against an unwrapped
+For each dtype, in ``DIR/<dtype>``: ``train`` reads ``one_rank.pt`` (a full state dict and its
+logits, written by one process beforehand), checks forward parity, sharding, inspection, loading,
+training parity and the inconsistent-config error, and writes ``train-rank{r}.json`` plus, from
+rank 0, what was saved on these ranks (``sharded_full.safetensors``, ``sharded_train.pt``) and the
+outcome of one more step (``sharded_after.pt``). ``resume`` (run on a different number of ranks)
+loads those and must reproduce that step; it writes ``resume-rank{r}.json``. Every comparison is against an unwrapped
 copy in the same process, trained with plain ``torch.optim.AdamW`` on the *global* batch.
 """
 
@@ -102,7 +102,7 @@ def reference_step(model: CPMBee, optimizer: torch.optim.Optimizer, batch: dict,
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_NORM)
     optimizer.step()
     optimizer.zero_grad()
-    return float(loss), float(norm)
+    return float(loss.detach()), float(norm)
 
 
 def engine_step(engine: Engine, model, optimizer, batch: dict) -> tuple[float, float, bool]:
@@ -202,6 +202,8 @@ def train_phase(engine: Engine, out: Path, half: bool) -> dict:
         result["trainable_keys_match"] = sorted(trainable) == sorted(ref_trainable)
         result["trained_weights_diff"] = max_diff(trainable, ref_trainable)
         result["weights_moved"] = float((ref_trainable["encoder.output_layernorm.weight"].float() - 1).abs().max())
+        result["engine_weights_moved"] = float((trainable["encoder.output_layernorm.weight"].float() - 1).abs().max())
+    result["final_loss_scale"] = engine.loss_scale
 
     # (d, N -> 1) save here; one more step shows what a resumed run must reproduce.
     full = engine.state_dict(wrapped)
@@ -255,16 +257,18 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--engine", default="torch", choices=("torch", "bmtrain"))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--half", action="store_true", help="fp16 model (loss scaling, fp32 masters)")
+    parser.add_argument("--dtypes", default="fp32",
+                        help="comma-separated model dtypes, each run in DIR/<dtype> (fp16: loss scaling and "
+                             "fp32 masters); bmtrain wraps one model per process, so one dtype")
     parser.add_argument("--phase", default="train", choices=("train", "resume"))
     args = parser.parse_args()
-    out = Path(args.out)
     engine = get_engine(args.engine, seed=0, device=args.device)
     phase = train_phase if args.phase == "train" else resume_phase
-    result = phase(engine, out, args.half)
-    engine.barrier()
-    name = "result" if args.phase == "train" else "resume"
-    (out / f"{name}-rank{engine.rank}.json").write_text(json.dumps(result, indent=1))
+    for dtype in args.dtypes.split(","):
+        out = Path(args.out) / dtype
+        result = phase(engine, out, half={"fp32": False, "fp16": True}[dtype])
+        engine.barrier()
+        (out / f"{args.phase}-rank{engine.rank}.json").write_text(json.dumps(result, indent=1))
     engine.close()
 
 

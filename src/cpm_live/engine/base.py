@@ -259,9 +259,6 @@ class Engine(abc.ABC):
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
-    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        return [p for p in model.parameters() if p.requires_grad]
-
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(rank={self.rank}, world_size={self.world_size}, "
                 f"device={self.device})")

@@ -143,7 +143,7 @@ class TorchEngine(Engine):
             fully_shard(model, mesh=self._mesh, reshard_after_forward=True)
             if callable(getattr(model, "inference", None)):
                 register_fsdp_forward_method(model, "inference")  # generation gathers like forward
-        self._model = model
+        self._model, self._optimizer = model, None
         return model
 
     def optimizer(self, params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0,
