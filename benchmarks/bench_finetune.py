@@ -1,0 +1,201 @@
+"""Fine-tuning step time and peak memory: QLoRA vs LoRA (fp32, bf16) vs full fine-tuning.
+
+One step = CPMBee.forward + cross-entropy over the predicted tail + backward + AdamW over the
+trainable parameters. Step times of all variants of one configuration are measured interleaved in
+one worker process; each variant's peak memory is measured in its own fresh worker (RSS high-water
+mark on CPU, ``torch.cuda.max_memory_allocated`` on CUDA). Also profiles where a QLoRA step's time
+goes compared with LoRA (torch.profiler, self time per op).
+
+Each job runs in a fresh process (:func:`bench_common.run_isolated`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import bench_common as bc
+import torch
+
+# qlora runs its 4-bit matmul in fp32 on CPU (bnb's CPU path) and in bf16 on CUDA, and is compared
+# with the LoRA variant of the same compute dtype.
+BASELINE = {"cpu": "lora_fp32", "cuda": "lora_bf16"}
+MODES = ("full", "lora_fp32", "lora_bf16", "qlora")
+
+
+def available_modes(device: str, force_bf16: bool = False) -> tuple[list[str], dict[str, str]]:
+    """The variants worth timing here, and why any is skipped."""
+    if device == "cpu" and not force_bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        reason = ("this CPU has no native bf16 (avx512_bf16/AMX); emulated bf16 matmuls run ~10x slower than "
+                  "fp32 and would not show bf16 LoRA's cost (pass --bf16 to measure anyway)")
+        return ["full", "lora_fp32", "qlora"], {"lora_bf16": reason}
+    return list(MODES), {}
+
+
+def build_variant(mode: str, dim: int, layers: int, device: str, checkpointing: bool = False):
+    """(model, AdamW over its trainable parameters) for one variant, on ``device``."""
+    from cpm_live.delta import LoraSettings, add_lora
+    from cpm_live.models import CPMBee
+
+    if mode not in MODES:
+        raise ValueError(f"unknown fine-tuning mode {mode!r}; choose from {MODES}")
+    low_precision = mode == "lora_bf16" or (mode == "qlora" and device == "cuda")
+    config = bc.model_config(dim, layers, int4=mode == "qlora",
+                             compute_dtype="bfloat16" if low_precision else "float32")
+    with torch.device(device):
+        model = CPMBee(config)
+    if low_precision:
+        bc.cast_floating(model, torch.bfloat16)
+    if mode != "full":
+        add_lora(model, LoraSettings())  # CPM-Bee's delta-tuning defaults: r=8, alpha=16, q and v
+    model.encoder.activation_checkpointing = checkpointing
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    return model, optimizer
+
+
+def _stored_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def job_memory(spec: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of ``spec['steps']`` steps of one variant (this process runs nothing else)."""
+    device = spec["device"]
+    rows, seqlen = bc.batch_shape(spec["tokens"])
+    batch, target = bc.make_batch(rows, seqlen, bc.BENCH_VOCAB, device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = bc.rss_bytes()[0]
+    model, optimizer = build_variant(spec["mode"], spec["dim"], spec["layers"], device,
+                                     spec.get("checkpointing", False))
+    times = bc.interleaved({"step": lambda: bc.train_step(model, optimizer, batch, target)},
+                           reps=spec["steps"], device=device, warmup=0)["step"]
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else bc.rss_bytes()[1]
+    return {
+        "peak_bytes": peak, "baseline_bytes": baseline, "peak_above_baseline_bytes": peak - baseline,
+        "stored_bytes": _stored_bytes(model),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "step_s": times,
+    }
+
+
+def job_timing(spec: dict[str, Any]) -> dict[str, Any]:
+    """Interleaved step times of every variant in ``spec['modes']`` (all built in this process)."""
+    device = spec["device"]
+    rows, seqlen = bc.batch_shape(spec["tokens"])
+    batch, target = bc.make_batch(rows, seqlen, bc.BENCH_VOCAB, device)
+    steps = {}
+    for mode in spec["modes"]:
+        model, optimizer = build_variant(mode, spec["dim"], spec["layers"], device)
+        steps[mode] = (lambda m=model, o=optimizer: bc.train_step(m, o, batch, target))
+    return bc.interleaved(steps, reps=spec["reps"], device=device, warmup=1)
+
+
+CATEGORIES = (  # first match wins; op names are torch.profiler's
+    ("dequantize_4bit", ("bitsandbytes::dequantize",)),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("softmax", ("aten::_softmax",)),
+    ("optimizer", ("adam", "_foreach")),
+    ("copy_cast", ("aten::copy_", "aten::to", "aten::_to_copy")),
+)
+
+
+def _category(name: str) -> str:
+    lowered = name.lower()
+    for category, needles in CATEGORIES:
+        if any(n.lower() in lowered for n in needles):
+            return category
+    return "other"
+
+
+def job_profile(spec: dict[str, Any]) -> dict[str, Any]:
+    """Self time per op of one step of each variant, after a warm-up step (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = spec["device"]
+    rows, seqlen = bc.batch_shape(spec["tokens"])
+    batch, target = bc.make_batch(rows, seqlen, bc.BENCH_VOCAB, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    out = {}
+    for mode in spec["modes"]:
+        model, optimizer = build_variant(mode, spec["dim"], spec["layers"], device)
+        bc.train_step(model, optimizer, batch, target)
+        with profile(activities=activities) as prof:
+            bc.train_step(model, optimizer, batch, target)
+            bc.sync(device)
+        events = prof.key_averages()
+        attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+        rows_ = sorted(((e.key, getattr(e, attr) / 1e3, e.count) for e in events), key=lambda r: -r[1])
+        total = sum(r[1] for r in rows_)
+        categories: dict[str, float] = {}
+        for name, ms, _ in rows_:
+            categories[_category(name)] = categories.get(_category(name), 0.0) + ms
+        out[mode] = {
+            "total_self_ms": total,
+            "categories_ms": {k: round(v, 3) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+            "top_ops": [{"op": n, "self_ms": round(ms, 3), "calls": c, "share": round(ms / total, 4)}
+                        for n, ms, c in rows_[: spec.get("top", 12)]],
+        }
+        del model, optimizer
+    return out
+
+
+def run_finetune(configs: list[dict[str, Any]], device: str, threads: int, reps: int, mem_steps: int,
+                 force_bf16: bool = False, log=print) -> dict[str, Any]:
+    """Every (dim, layers, tokens) in ``configs``: interleaved step times and per-variant peak memory."""
+    modes, skipped = available_modes(device, force_bf16)
+    baseline = BASELINE[device]
+    results = []
+    for cfg in configs:
+        rows, seqlen = bc.batch_shape(cfg["tokens"])
+        base = {"dim": cfg["dim"], "layers": cfg["layers"], "tokens": cfg["tokens"], "device": device,
+                "threads": threads}
+        log(f"  finetune d={cfg['dim']} layers={cfg['layers']} tokens={cfg['tokens']}: timing {modes}")
+        times = bc.run_isolated(job_timing, {**base, "modes": modes, "reps": reps})
+        entry: dict[str, Any] = {**cfg, "rows": rows, "seqlen": seqlen, "modes": {}}
+        for mode in modes:
+            mem = bc.run_isolated(job_memory, {**base, "mode": mode, "steps": mem_steps})
+            entry["modes"][mode] = {
+                "step_s_median": bc.median(times[mode]), "step_s": times[mode],
+                "tokens_per_s": cfg["tokens"] / bc.median(times[mode]),
+                "peak_mib": mem["peak_bytes"] / bc.MIB,
+                "peak_above_baseline_mib": mem["peak_above_baseline_bytes"] / bc.MIB,
+                "stored_mib": mem["stored_bytes"] / bc.MIB, "trainable_params": mem["trainable_params"],
+            }
+        ratios = {}
+        for mode, name in (("qlora", "qlora_over_lora"), ("full", "full_over_lora")):
+            ref = "lora_fp32" if mode == "full" else baseline
+            if mode in entry["modes"] and ref in entry["modes"]:
+                m, r = entry["modes"][mode], entry["modes"][ref]
+                ratios[f"{name}_time"] = bc.paired_ratio(times[mode], times[ref])
+                ratios[f"{name}_peak_mem"] = m["peak_above_baseline_mib"] / r["peak_above_baseline_mib"]
+                ratios[f"{name}_stored_mem"] = m["stored_mib"] / r["stored_mib"]
+        entry["ratios"] = ratios
+        results.append(entry)
+        log(f"    ratios {({k: round(v, 3) for k, v in ratios.items()})}")
+    return {
+        "baseline_for_qlora": baseline, "modes": modes, "skipped": skipped,
+        "peak_memory_method": ("torch.cuda.max_memory_allocated in a fresh process" if device == "cuda" else
+                               "RSS high-water mark (VmHWM) of a fresh process per variant, forked from a "
+                               "server that only imported the libraries; *_above_baseline subtracts the "
+                               "RSS at the start of that process"),
+        "lora": {"r": 8, "alpha": 16, "targets": ["project_q", "project_v"]},
+        "vocab": bc.BENCH_VOCAB, "row_len": bc.ROW_LEN, "configs": results,
+    }
+
+
+def run_profile(dim: int, layers: int, tokens: int, device: str, threads: int) -> dict[str, Any]:
+    """Where a QLoRA step's time goes versus LoRA at the same shape (top ops and categories)."""
+    baseline = BASELINE[device]
+    prof = bc.run_isolated(job_profile, {"dim": dim, "layers": layers, "tokens": tokens, "device": device,
+                                         "threads": threads, "modes": ["qlora", baseline]})
+    q, b = prof["qlora"], prof[baseline]
+    extra = q["total_self_ms"] - b["total_self_ms"]
+    deq = q["categories_ms"].get("dequantize_4bit", 0.0)
+    return {
+        "dim": dim, "layers": layers, "tokens": tokens, "baseline": baseline, **prof,
+        "qlora_minus_baseline_ms": extra,
+        "dequantize_share_of_qlora": deq / q["total_self_ms"],
+        "dequantize_share_of_extra": deq / extra if extra > 0 else None,
+    }

@@ -1,0 +1,166 @@
+"""Compression: bytes per parameter, checkpoint size vs fp16, and quantize_state_dict's speed and memory.
+
+quantize_state_dict streams one tensor at a time, so its peak memory should depend on the largest
+tensor, not on the checkpoint: we compress synthetic CPM-Bee checkpoints of growing depth (same
+tensor shapes, more layers) each in a fresh process and fit peak RSS against input size; the slope
+should be ~0 MiB per MiB.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import bench_common as bc
+import torch
+
+CONFIG_DIR = bc.REPO_ROOT / "src" / "config"
+SETTINGS = {"quant_type": "nf4", "double_quant": True, "blocksize": 64}
+
+
+def _settings():
+    from cpm_live.quant import format as qformat
+
+    return qformat.QuantSettings(**SETTINGS)
+
+
+def _shapes(config) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Key -> (shape, dtype) of a model's state dict, without allocating it (meta device)."""
+    from cpm_live.models import CPMBee
+
+    with torch.device("meta"):
+        model = CPMBee(config)
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def job_bytes_per_param(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Measured size of each quantized weight in ``spec['shapes']``: every stored tensor, and only the
+    parts that scale with the weight (packed codes, absmax, nested absmax)."""
+    from cpm_live.quant import format as qformat
+
+    settings = _settings()
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for shape in spec["shapes"]:
+        weight = torch.randn(*shape, generator=g).half()
+        entries = qformat.quantize_entries("w", weight, settings)
+        total = sum(t.numel() * t.element_size() for t in entries.values())
+        scaling = sum(entries[k].numel() * entries[k].element_size() for k in ("w", "w.absmax", "w.nested_absmax"))
+        n = math.prod(shape)
+        out.append({"shape": list(shape), "params": n, "bytes": total, "bytes_per_param": total / n,
+                    "bytes_per_param_without_constants": scaling / n,
+                    "expected_nf4_dq_64": 0.5 + 1 / 64 + 4 / (64 * 256)})
+    return out
+
+
+def analytic_checkpoint_ratio(config, blob_bytes: int = 200) -> dict[str, Any]:
+    """int4 vs fp16 checkpoint bytes of ``config`` from its shapes (projections 4-bit, the rest fp16)."""
+    from cpm_live.quant import format as qformat
+    from cpm_live.quant.compress import is_quant_target
+
+    settings = _settings()
+    fp16 = int4 = quant_params = 0
+    for key, (shape, _) in _shapes(config).items():
+        n = math.prod(shape)
+        fp16 += 2 * n
+        if is_quant_target(key):
+            quant_params += n
+            int4 += qformat.quantized_bytes(shape, settings, blob_bytes)
+        else:
+            int4 += 2 * n
+    return {"fp16_bytes": fp16, "int4_bytes": int4, "ratio_to_fp16": int4 / fp16,
+            "params": fp16 // 2, "quantized_params": quant_params}
+
+
+def job_tiny_checkpoint(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measured file sizes: the tiny config saved as fp16 safetensors, then compressed."""
+    from safetensors.torch import save_file
+
+    from cpm_live.models import CPMBee, CPMBeeConfig
+    from cpm_live.quant.compress import quantize_state_dict
+
+    config = CPMBeeConfig.from_json_file(CONFIG_DIR / "cpm-bee-tiny.json", half=True)
+    torch.manual_seed(0)
+    dense = os.path.join(spec["workdir"], "tiny-fp16.safetensors")
+    packed = os.path.join(spec["workdir"], "tiny-int4.safetensors")
+    save_file({k: v.contiguous() for k, v in CPMBee(config).state_dict().items()}, dense)
+    quantize_state_dict(dense, packed, device="cpu", force=True, progress=False)
+    sizes = {"fp16_file_bytes": os.path.getsize(dense), "int4_file_bytes": os.path.getsize(packed)}
+    sizes["ratio_to_fp16"] = sizes["int4_file_bytes"] / sizes["fp16_file_bytes"]
+    return sizes
+
+
+def job_write_checkpoint(spec: dict[str, Any]) -> dict[str, Any]:
+    """A random fp16 CPM-Bee checkpoint of ``spec['layers']`` layers at ``spec['dim']`` (.pt or .safetensors)."""
+    from safetensors.torch import save_file
+
+    config = bc.model_config(spec["dim"], spec["layers"])
+    g = torch.Generator().manual_seed(spec["layers"])
+    state = {k: torch.randn(shape, generator=g).half() for k, (shape, _) in _shapes(config).items()}
+    if spec["path"].endswith(".safetensors"):
+        save_file(state, spec["path"])
+    else:
+        torch.save(state, spec["path"])
+    largest = max(t.numel() * t.element_size() for t in state.values())
+    return {"bytes": os.path.getsize(spec["path"]), "largest_tensor_bytes": largest}
+
+
+def job_quantize(spec: dict[str, Any]) -> dict[str, Any]:
+    """Compress one checkpoint in this (fresh) process; report time and the RSS high-water mark."""
+    from cpm_live.quant.compress import quantize_state_dict
+
+    baseline = bc.rss_bytes()[0]
+    summary = quantize_state_dict(spec["input"], spec["output"], device=spec["device"], force=True, progress=False)
+    peak = bc.rss_bytes()[1]
+    return {"input_bytes": summary.input_bytes, "output_bytes": summary.output_bytes, "seconds": summary.seconds,
+            "throughput_mb_s": summary.throughput, "peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
+            "peak_above_baseline_bytes": peak - baseline}
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys against xs."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def run_streaming(workdir: str, dim: int, layer_counts: list[int], formats: list[str], threads: int,
+                  device: str = "cpu", log=print) -> dict[str, Any]:
+    """quantize_state_dict on growing checkpoints: MB/s of input and peak RSS, with the peak-vs-size slope."""
+    out: dict[str, Any] = {"dim": dim, "layers": layer_counts, "device": device, "formats": {}}
+    for fmt in formats:
+        rows = []
+        for layers in layer_counts:
+            src = os.path.join(workdir, f"synthetic-d{dim}-l{layers}.{fmt}")
+            dst = os.path.join(workdir, f"synthetic-d{dim}-l{layers}-int4.safetensors")
+            written = bc.run_isolated(job_write_checkpoint, {"dim": dim, "layers": layers, "path": src})
+            result = bc.run_isolated(job_quantize, {"input": src, "output": dst, "threads": threads,
+                                                       "device": device})
+            result.update(layers=layers, largest_tensor_bytes=written["largest_tensor_bytes"])
+            rows.append(result)
+            log(f"  quantize {fmt} {result['input_bytes'] / 1e6:.0f} MB: {result['throughput_mb_s']:.1f} MB/s, "
+                f"peak +{result['peak_above_baseline_bytes'] / bc.MIB:.0f} MiB")
+            for path in (src, dst):
+                Path(path).unlink()
+        xs = [r["input_bytes"] / bc.MIB for r in rows]
+        ys = [r["peak_above_baseline_bytes"] / bc.MIB for r in rows]
+        out["formats"][fmt] = {
+            "runs": rows,
+            "peak_slope_mib_per_input_mib": _slope(xs, ys),
+            "throughput_mb_s_median": bc.median([r["throughput_mb_s"] for r in rows]),
+            "output_over_input": rows[-1]["output_bytes"] / rows[-1]["input_bytes"],
+        }
+    return out
+
+
+def run_compression(workdir: str, bpp_shapes: list[tuple[int, int]]) -> dict[str, Any]:
+    from cpm_live.models import CPMBeeConfig
+
+    config_10b = CPMBeeConfig.from_json_file(CONFIG_DIR / "cpm-bee-10b.json")
+    return {
+        "settings": SETTINGS,
+        "linear_weights": bc.run_isolated(job_bytes_per_param, {"shapes": bpp_shapes}),
+        "tiny_checkpoint": bc.run_isolated(job_tiny_checkpoint, {"workdir": workdir}),
+        "cpm_bee_10b_analytic": analytic_checkpoint_ratio(config_10b),
+    }

@@ -1,0 +1,196 @@
+"""CPM-Bee-10B: estimated peak GPU memory of a QLoRA step vs bf16 LoRA, and (on CUDA) the measured one.
+
+The estimate needs no GPU. The model is built on the meta device (exact parameter bytes, the 4-bit
+state included) and one forward + loss runs there under ``saved_tensors_hooks``, which records
+every tensor autograd keeps for backward, split into "inside block i" and "outside any block".
+With activation checkpointing a block keeps only its input until backward recomputes it, so:
+
+    resident   = weights + LoRA (fp32 param, grad, Adam m and v) + block inputs (layers x T x d)
+                 + position bias and its gradient (B, H, T, T) + mask + tensors saved outside blocks
+    peak       = resident + max(one block's saved tensors + its backward transients,
+                                logits/loss gradients)
+
+Backward transients of a block are taken as two copies of its largest saved tensor (the gradient of
+the attention scores and of the softmax input) plus the largest dequantized weight. This is an
+estimate with its assumptions in the JSON; ``--device cuda`` measures the real step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import bench_common as bc
+import torch
+
+CONFIG_PATH = bc.REPO_ROOT / "src" / "config" / "cpm-bee-10b.json"
+GIB = 2**30
+
+
+def build_10b(mode: str, device: str):
+    """The CPM-Bee-10B model as trained here: ``qlora`` (nf4 base, bf16 compute and other weights)
+    or ``lora_bf16`` (bf16 base), both with CPM-Bee's LoRA (r=8, q and v); activation checkpointing on."""
+    from cpm_live.delta import LoraSettings, add_lora
+    from cpm_live.models import CPMBee, CPMBeeConfig
+
+    if mode not in ("qlora", "lora_bf16"):
+        raise ValueError(f"10B mode must be qlora or lora_bf16, got {mode!r}")
+    config = CPMBeeConfig.from_json_file(CONFIG_PATH, int4=mode == "qlora", int4_compute_dtype="bfloat16")
+    with torch.device(device):
+        model = CPMBee(config)
+    bc.cast_floating(model, torch.bfloat16)
+    add_lora(model, LoraSettings())
+    model.encoder.activation_checkpointing = True
+    model.train()
+    return model, config
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def saved_tensor_bytes(model: torch.nn.Module, config, tokens: int) -> dict[str, Any]:
+    """Bytes autograd saves per block and outside blocks for one forward + loss (no checkpointing)."""
+    from cpm_live.layers.blocks import TransformerBlock
+
+    own = {p.untyped_storage()._cdata for p in list(model.parameters()) + list(model.buffers())}
+    scope = ["outside"]
+    saved: dict[str, dict[int, int]] = {"outside": {}}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in own and not any(key in s for s in saved.values()):
+            saved.setdefault(scope[-1], {})[key] = t.untyped_storage().nbytes()
+        return t
+
+    def leave(*_) -> None:  # a forward hook that returned a value would replace the block's output
+        scope.pop()
+
+    handles = []
+    for i, block in enumerate(m for m in model.modules() if isinstance(m, TransformerBlock)):
+        handles.append(block.register_forward_pre_hook(lambda *_, i=i: scope.append(f"block{i}")))
+        handles.append(block.register_forward_hook(leave))
+    checkpointing = model.encoder.activation_checkpointing
+    model.encoder.activation_checkpointing = False
+    batch, target = bc.make_batch(1, tokens, config.vocab_size, "meta")
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits, _ = model(*(batch[k] for k in bc.MODEL_KEYS))
+            torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
+    finally:
+        model.encoder.activation_checkpointing = checkpointing
+        for h in handles:
+            h.remove()
+    blocks = [v for k, v in saved.items() if k != "outside"]
+    return {
+        "outside_blocks": sum(saved["outside"].values()),
+        "per_block_max": max(sum(b.values()) for b in blocks),
+        "largest_in_block": max(max(b.values()) for b in blocks),
+        "logits_bytes": _nbytes(logits),
+    }
+
+
+def estimate(mode: str, tokens: int = 2048) -> dict[str, Any]:
+    """Estimated peak bytes of one training step of ``mode`` at batch 1 x ``tokens``."""
+    from cpm_live.layers import Linear4bit
+
+    model, config = build_10b(mode, "meta")
+    weights = sum(_nbytes(t) for t in list(model.parameters()) + list(model.buffers()))
+    lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    saved = saved_tensor_bytes(model, config, tokens)
+    act_bytes = 2  # bf16 activations
+    heads_tt = config.num_heads * tokens * tokens * act_bytes  # one (1, H, T, T) tensor
+    largest_weight = max((m.dim_in * m.dim_out * act_bytes for m in model.modules() if isinstance(m, Linear4bit)),
+                         default=0)
+    parts = {
+        "weights": weights,
+        "lora_param_grad_adam": lora_params * (4 + 4 + 8),
+        "checkpointed_block_inputs": config.num_layers * tokens * config.dim_model * act_bytes,
+        "position_bias_and_grad": 2 * heads_tt,
+        "mask": tokens * tokens,
+        "saved_outside_blocks": saved["outside_blocks"],
+    }
+    block_phase = saved["per_block_max"] + 2 * saved["largest_in_block"] + largest_weight
+    # Loss backward: fp32 gradient of the log-softmax and the bf16 gradient of the logits.
+    loss_phase = saved["logits_bytes"] // act_bytes * (4 + act_bytes)
+    resident = sum(parts.values())
+    peak = resident + max(block_phase, loss_phase)
+    return {
+        "mode": mode, "tokens": tokens, "batch": 1, "activation_checkpointing": True,
+        "lora_params": lora_params,
+        "parts_gib": {k: v / GIB for k, v in parts.items()},
+        "one_block_recompute_gib": block_phase / GIB, "loss_backward_gib": loss_phase / GIB,
+        "estimated_peak_gib": peak / GIB,
+    }
+
+
+def run_estimate(tokens: int = 2048) -> dict[str, Any]:
+    """Both modes, the weight-byte breakdown and the verdict against the 12 GiB target."""
+    from cpm_live.quant import format as qformat
+
+    qlora, lora = bc.run_isolated(job_estimate, {"tokens": tokens})
+    settings = qformat.QuantSettings()
+    bpp = qformat.quantized_bytes((4096, 10240), settings) / (4096 * 10240)
+    return {
+        "config": "src/config/cpm-bee-10b.json", "linear_bytes_per_param": bpp,
+        "qlora": qlora, "lora_bf16": lora,
+        "qlora_over_lora_peak": qlora["estimated_peak_gib"] / lora["estimated_peak_gib"],
+        "target_gib": 12.0, "qlora_under_target": qlora["estimated_peak_gib"] < 12.0,
+        "assumptions": [
+            "bf16 activations and non-quantized weights; LoRA r=8 on project_q/project_v in fp32 with fp32 "
+            "grads and AdamW m, v",
+            "activation checkpointing per block: each block keeps its input; one block is recomputed at a time",
+            "block backward transients = 2 x its largest saved tensor + the largest dequantized weight",
+            "torch.cuda.max_memory_allocated scope: the CUDA context (~0.5 GiB) and allocator slack are not "
+            "included",
+        ],
+    }
+
+
+def job_estimate(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [estimate("qlora", spec["tokens"]), estimate("lora_bf16", spec["tokens"])]
+
+
+def job_measure_10b(spec: dict[str, Any]) -> dict[str, Any]:
+    """CUDA: peak memory and step times of one 10B mode in a fresh process."""
+    torch.cuda.reset_peak_memory_stats()
+    model, config = build_10b(spec["mode"], "cuda")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    batch, target = bc.make_batch(1, spec["tokens"], config.vocab_size, "cuda")
+    resident = torch.cuda.memory_allocated()
+    times = bc.interleaved({"step": lambda: bc.train_step(model, optimizer, batch, target)},
+                           reps=spec["steps"], device="cuda", warmup=1)["step"]
+    return {"mode": spec["mode"], "tokens": spec["tokens"], "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+            "weights_and_state_gib": resident / GIB, "step_s": times,
+            "tokens_per_s": spec["tokens"] / bc.median(times)}
+
+
+def job_interleave_10b(spec: dict[str, Any]) -> dict[str, Any]:
+    """CUDA: both modes resident in one process, steps interleaved (None if they do not fit together)."""
+    steps = {}
+    try:
+        for mode in ("qlora", "lora_bf16"):
+            model, config = build_10b(mode, "cuda")
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+            batch, target = bc.make_batch(1, spec["tokens"], config.vocab_size, "cuda")
+            steps[mode] = (lambda m=model, o=optimizer, b=batch, t=target: bc.train_step(m, o, b, t))
+        times = bc.interleaved(steps, reps=spec["steps"], device="cuda", warmup=1)
+    except torch.cuda.OutOfMemoryError as e:
+        return {"interleaved": None, "reason": f"both models do not fit on one GPU: {e}".splitlines()[0]}
+    return {"interleaved": times, "qlora_over_lora_time": bc.paired_ratio(times["qlora"], times["lora_bf16"])}
+
+
+def run_measured_10b(tokens: int = 2048, steps: int = 3, log=print) -> dict[str, Any]:
+    """The measured CUDA run: each mode's peak in its own process, then interleaved step times."""
+    out: dict[str, Any] = {"tokens": tokens, "activation_checkpointing": True}
+    for mode in ("qlora", "lora_bf16"):
+        try:
+            out[mode] = bc.run_isolated(job_measure_10b, {"mode": mode, "tokens": tokens, "steps": steps})
+        except RuntimeError as e:  # e.g. bf16 LoRA of 10B does not fit a 24 GB GPU
+            out[mode] = {"error": str(e).splitlines()[-1]}
+        log(f"  10B {mode}: {out[mode]}")
+    out.update(bc.run_isolated(job_interleave_10b, {"tokens": tokens, "steps": steps}))
+    if "peak_gib" in out["qlora"] and "peak_gib" in out["lora_bf16"]:
+        out["qlora_over_lora_peak"] = out["qlora"]["peak_gib"] / out["lora_bf16"]["peak_gib"]
+        out["qlora_under_12_gib"] = out["qlora"]["peak_gib"] < 12.0
+    return out
+

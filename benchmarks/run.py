@@ -1,0 +1,184 @@
+"""Run every cpm_live benchmark and write one JSON file plus a PNG chart.
+
+    python benchmarks/run.py --quick --out benchmarks/results-cpu-quick.json     # ~5 min on 2 CPU cores
+    python benchmarks/run.py --out results.json                                  # the full sweep
+    python benchmarks/run.py --device cuda --out results-gpu.json                # adds the measured 10B step
+
+Sections: finetune (QLoRA vs LoRA vs full step time and peak memory), profile (where QLoRA time goes),
+layers (our Linear4bit+LoRA vs bitsandbytes Linear4bit+peft), compression and quantize_streaming
+(bytes/param, checkpoint sizes, quantize_state_dict MB/s and peak memory), scaling (1 vs 2 ranks,
+FSDP2 on gloo), estimate_10b (CPM-Bee-10B QLoRA peak memory, analytic) and, on CUDA, measured_10b.
+Ratios are measured side by side (interleaved repetitions, medians); see bench_common.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import bench_common as bc
+import bench_finetune
+import bench_layers
+import bench_quantize
+import bench_scaling
+import chart
+import estimate_10b
+import torch
+
+SECTIONS = ("finetune", "profile", "layers", "compression", "quantize_streaming", "scaling", "estimate_10b",
+            "measured_10b")
+
+# What each mode runs. --quick fits in a few minutes on 2 CPU cores; the full sweep takes much longer.
+PLANS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "finetune": {"configs": [{"dim": 256, "layers": 2, "tokens": 512}, {"dim": 256, "layers": 2, "tokens": 2048},
+                                 {"dim": 512, "layers": 2, "tokens": 2048}], "reps": 5, "mem_steps": 2},
+        "profile": {"dim": 512, "layers": 2, "tokens": 2048},
+        "layers": {"shapes": [(1024, 1024), (1024, 2560), (2560, 1024)], "tokens": 1024, "reps": 5},
+        "compression": {"bpp_shapes": [(4096, 4096)]},
+        "quantize_streaming": {"dim": 1024, "layers": [2, 4, 8], "formats": ["pt", "safetensors"]},
+        "scaling": {"modes": ["qlora"], "dim": 512, "layers": 2, "tokens": 512, "steps": 3, "reps": 1},
+    },
+    "full": {
+        "finetune": {"configs": [{"dim": d, "layers": 4, "tokens": t} for d in (256, 512, 1024)
+                                 for t in (512, 1024, 2048, 4096)], "reps": 7, "mem_steps": 2},
+        "profile": {"dim": 512, "layers": 4, "tokens": 2048},
+        "layers": {"shapes": [(1024, 1024), (1024, 2560), (2560, 1024), (4096, 4096), (4096, 10240),
+                              (10240, 4096)], "tokens": 2048, "reps": 7},
+        "compression": {"bpp_shapes": [(4096, 4096), (10240, 4096), (4096, 10240)]},
+        "quantize_streaming": {"dim": 2048, "layers": [2, 4, 8, 16], "formats": ["pt", "safetensors"]},
+        "scaling": {"modes": ["qlora", "full"], "dim": 1024, "layers": 4, "tokens": 1024, "steps": 5, "reps": 3},
+    },
+}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_section(name: str, plan: dict[str, Any], args: argparse.Namespace, workdir: str) -> dict[str, Any]:
+    device, threads = args.device, args.threads
+    if name == "finetune":
+        p = plan["finetune"]
+        return bench_finetune.run_finetune(p["configs"], device, threads, p["reps"], p["mem_steps"],
+                                           force_bf16=args.bf16, log=log)
+    if name == "profile":
+        p = plan["profile"]
+        return bench_finetune.run_profile(p["dim"], p["layers"], p["tokens"], device, threads)
+    if name == "layers":
+        p = plan["layers"]
+        return bench_layers.run_layers(p["shapes"], p["tokens"], p["reps"], device, threads)
+    if name == "compression":
+        return bench_quantize.run_compression(workdir, plan["compression"]["bpp_shapes"])
+    if name == "quantize_streaming":
+        p = plan["quantize_streaming"]
+        return bench_quantize.run_streaming(workdir, p["dim"], p["layers"], p["formats"], threads, device, log=log)
+    if name == "scaling":
+        p = plan["scaling"]
+        return {mode: bench_scaling.run_scaling(mode, p["dim"], p["layers"], p["tokens"], p["steps"], p["reps"],
+                                                threads, log=log) for mode in p["modes"]}
+    if name == "estimate_10b":
+        return estimate_10b.run_estimate()
+    if name == "measured_10b":
+        if device != "cuda":
+            return {"skipped": "needs --device cuda (a CPM-Bee-10B step does not fit this machine's budget)"}
+        return estimate_10b.run_measured_10b(log=log)
+    raise ValueError(f"unknown section {name!r}; choose from {SECTIONS}")
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers, flattened for reading without the details."""
+    out: dict[str, Any] = {}
+    if "finetune" in results:
+        out["finetune_ratios"] = {f"d{c['dim']}_L{c['layers']}_{c['tokens']}tok": c["ratios"]
+                                  for c in results["finetune"]["configs"]}
+    if "layers" in results:
+        out["layers_cpm_live_over_hf_bnb"] = {f"{r['dim_in']}x{r['dim_out']}": r["cpm_live_over_hf_bnb"]
+                                              for r in results["layers"]["results"]}
+    if "profile" in results:
+        p = results["profile"]
+        out["profile_qlora_categories_ms"] = p["qlora"]["categories_ms"]
+        out["profile_baseline_categories_ms"] = p[p["baseline"]]["categories_ms"]
+        out["profile_dequantize_share_of_qlora"] = p["dequantize_share_of_qlora"]
+    if "compression" in results:
+        c = results["compression"]
+        out["linear_bytes_per_param"] = [w["bytes_per_param"] for w in c["linear_weights"]]
+        out["tiny_checkpoint_int4_over_fp16"] = c["tiny_checkpoint"]["ratio_to_fp16"]
+        out["cpm_bee_10b_checkpoint_int4_over_fp16"] = c["cpm_bee_10b_analytic"]["ratio_to_fp16"]
+    if "quantize_streaming" in results:
+        out["quantize"] = {fmt: {"mb_s": d["throughput_mb_s_median"],
+                                 "peak_slope_mib_per_mib": d["peak_slope_mib_per_input_mib"]}
+                           for fmt, d in results["quantize_streaming"]["formats"].items()}
+    if "scaling" in results:
+        out["scaling_2_over_1"] = {mode: {k: v for k, v in s.items() if k.endswith("_2_over_1")}
+                                   for mode, s in results["scaling"].items()}
+    if "estimate_10b" in results:
+        e = results["estimate_10b"]
+        out["estimate_10b_peak_gib"] = {"qlora": e["qlora"]["estimated_peak_gib"],
+                                        "lora_bf16": e["lora_bf16"]["estimated_peak_gib"]}
+    measured = results.get("measured_10b", {})
+    if "qlora_over_lora_peak" in measured:
+        out["measured_10b"] = {k: measured[k] for k in ("qlora_over_lora_peak", "qlora_under_12_gib")}
+        out["measured_10b"]["qlora_over_lora_time"] = measured.get("qlora_over_lora_time")
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--out", required=True, help="results JSON path; the chart goes beside it (.png)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions (minutes on a CPU)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process (default 1: on a shared machine multi-threaded CPU "
+                             "timings swing with other load; ratios are what we compare)")
+    parser.add_argument("--bf16", action="store_true", help="time bf16 LoRA on CPU even without native bf16")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated subset of: " + ", ".join(SECTIONS))
+    args = parser.parse_args(argv)
+    args.sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device; use --device cpu")
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    bc.quiet()
+    torch.set_num_threads(args.threads)
+    plan = PLANS["quick" if args.quick else "full"]
+    start = time.perf_counter()
+    results: dict[str, Any] = {"meta": {
+        "command": " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "quick": args.quick, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "env": bc.environment(args.device, args.threads), "plan": plan}}
+    with tempfile.TemporaryDirectory(prefix="cpm-live-bench-") as workdir:
+        for name in args.sections:
+            log(f"{name} ...")
+            section_start = time.perf_counter()
+            results[name] = run_section(name, plan, args, workdir)
+            results["meta"].setdefault("section_seconds", {})[name] = time.perf_counter() - section_start
+            log(f"{name} done in {time.perf_counter() - section_start:.0f} s")
+    results["meta"]["runtime_s"] = time.perf_counter() - start
+    results["summary"] = summarize(results)
+    from cpm_live.utils import atomic_write_text
+
+    atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
+    png = os.path.splitext(args.out)[0] + ".png"
+    chart.write_chart(results, png)
+    log(f"wrote {args.out} and {png} in {results['meta']['runtime_s']:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()

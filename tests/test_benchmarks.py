@@ -1,0 +1,133 @@
+"""Smoke test of benchmarks/: every benchmark function at a tiny size, and the JSON it produces.
+
+The numbers are not checked for speed, only for being present and sane (positive times, ratios
+that must hold whatever the machine: 4-bit weights are smaller, sharding halves per-rank bytes).
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))  # the benchmarks are scripts beside each other, not a package
+
+import bench_finetune  # noqa: E402
+import bench_layers  # noqa: E402
+import bench_quantize  # noqa: E402
+import bench_scaling  # noqa: E402
+import chart  # noqa: E402
+import estimate_10b  # noqa: E402
+import run  # noqa: E402
+
+
+def quiet_log(_message: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Each section once, at a tiny size (shared by the tests below)."""
+    work = str(tmp_path_factory.mktemp("bench"))
+    return {
+        "finetune": bench_finetune.run_finetune([{"dim": 64, "layers": 1, "tokens": 64}], "cpu", 1, reps=2,
+                                                mem_steps=1, log=quiet_log),
+        "profile": bench_finetune.run_profile(64, 1, 64, "cpu", 1),
+        "layers": bench_layers.run_layers([(64, 128)], tokens=16, reps=2, device="cpu", threads=1),
+        "compression": bench_quantize.run_compression(work, [(64, 256)]),
+        "quantize_streaming": bench_quantize.run_streaming(work, 64, [1, 2], ["safetensors"], 1, log=quiet_log),
+        "scaling": {"qlora": bench_scaling.run_scaling("qlora", 64, 1, 64, steps=1, reps=1, threads=1,
+                                                       rank_counts=(2,), log=quiet_log)},
+        "estimate_10b": estimate_10b.run_estimate(),
+    }
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_finetune_reports_every_variant(results):
+    section = results["finetune"]
+    assert section["modes"] == ["full", "lora_fp32", "qlora"] or "lora_bf16" in section["modes"]
+    (config,) = section["configs"]
+    for mode in section["modes"]:
+        m = config["modes"][mode]
+        assert all(positive(t) for t in m["step_s"]) and len(m["step_s"]) == 2
+        assert positive(m["peak_mib"]) and positive(m["tokens_per_s"])
+    modes = config["modes"]
+    assert modes["qlora"]["stored_mib"] < modes["lora_fp32"]["stored_mib"]  # 4-bit base is smaller
+    assert modes["full"]["trainable_params"] > modes["lora_fp32"]["trainable_params"] == \
+        modes["qlora"]["trainable_params"] > 0
+    for key in ("qlora_over_lora_time", "qlora_over_lora_peak_mem", "full_over_lora_time"):
+        assert positive(config["ratios"][key])
+
+
+def test_profile_sees_dequantize_only_in_qlora(results):
+    prof = results["profile"]
+    assert prof["qlora"]["categories_ms"].get("dequantize_4bit", 0) > 0
+    assert "dequantize_4bit" not in prof["lora_fp32"]["categories_ms"]
+    assert prof["qlora"]["top_ops"] and 0 < prof["dequantize_share_of_qlora"] < 1
+
+
+def test_layers_compare_the_same_quantized_weight(results):
+    (row,) = results["layers"]["results"]
+    assert row["max_abs_diff_vs_hf"] < 1e-3
+    assert set(row["seconds_median"]) == {"hf_bnb", "cpm_live", "dense"}
+    assert positive(row["cpm_live_over_hf_bnb"]) and positive(row["hf_bnb_over_dense"])
+
+
+def test_compression_figures(results):
+    c = results["compression"]
+    (w,) = c["linear_weights"]
+    assert w["bytes_per_param_without_constants"] == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256))
+    assert w["bytes_per_param"] > w["bytes_per_param_without_constants"]
+    assert 0 < c["tiny_checkpoint"]["ratio_to_fp16"] < 1
+    assert 0.25 < c["cpm_bee_10b_analytic"]["ratio_to_fp16"] < 0.32  # 9.26B of 9.62B params are 4-bit
+
+
+def test_quantize_streaming(results):
+    data = results["quantize_streaming"]["formats"]["safetensors"]
+    assert len(data["runs"]) == 2 and all(positive(r["throughput_mb_s"]) for r in data["runs"])
+    assert data["runs"][1]["input_bytes"] > data["runs"][0]["input_bytes"]
+    assert math.isfinite(data["peak_slope_mib_per_input_mib"])
+
+
+def test_scaling_shards_parameters(results):
+    two = results["scaling"]["qlora"]["ranks"]["2"]
+    per_rank = two["param_bytes_per_rank"]
+    assert len(per_rank) == 2 and sum(per_rank) >= two["unsharded_param_bytes"]
+    assert max(per_rank) < 0.6 * two["unsharded_param_bytes"]
+    assert positive(two["step_s_median"])
+
+
+def test_10b_estimate(results):
+    e = results["estimate_10b"]
+    assert e["qlora"]["estimated_peak_gib"] < e["lora_bf16"]["estimated_peak_gib"]
+    assert e["qlora_under_target"] == (e["qlora"]["estimated_peak_gib"] < 12)
+    assert e["lora_bf16"]["parts_gib"]["weights"] == pytest.approx(9.616e9 * 2 / 2**30, rel=0.01)
+    assert e["linear_bytes_per_param"] == pytest.approx(0.5159, abs=1e-3)
+
+
+def test_summary_and_chart(results, tmp_path):
+    summary = run.summarize(results)
+    assert set(summary) >= {"finetune_ratios", "layers_cpm_live_over_hf_bnb", "linear_bytes_per_param",
+                            "quantize", "scaling_2_over_1", "estimate_10b_peak_gib"}
+    png = tmp_path / "chart.png"
+    chart.write_chart(results, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_main_writes_json_and_png(tmp_path):
+    out = tmp_path / "r.json"
+    run.main(["--quick", "--sections", "measured_10b", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["quick"] and saved["meta"]["env"]["torch_threads"] == 1
+    assert "skipped" in saved["measured_10b"] and "measured_10b" in saved["meta"]["section_seconds"]
+    assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_main_rejects_unknown_section(tmp_path):
+    with pytest.raises(SystemExit):
+        run.main(["--sections", "nope", "--out", str(tmp_path / "r.json")])
