@@ -2,6 +2,9 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +110,11 @@ def test_evaluate_cli_rejects_unknown_metric_and_missing_file(tmp_path):
         main(["--pred", ref, "--ref", ref, "--metrics", "accuracy,meteor"])
     with pytest.raises(SystemExit, match="missing.jsonl does not exist"):
         main(["--pred", str(tmp_path / "missing.jsonl"), "--ref", ref])
+
+
+def test_thin_script_runs(tmp_path):
+    ref = _jsonl(tmp_path / "ref.jsonl", [{"<ans>": "今天天气很好"}])
+    script = Path(__file__).parents[1] / "src" / "evaluate.py"
+    done = subprocess.run([sys.executable, str(script), "--pred", ref, "--ref", ref, "--metrics", "rouge"],
+                          capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout)["rouge-1"] == 1.0

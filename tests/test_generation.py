@@ -4,6 +4,8 @@
 import copy
 import itertools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from cpm_live.delta import LoraSettings, add_lora, lora_layers, save_adapter
+from cpm_live.evaluation import compute_metrics
 from cpm_live.generation import (
     CPMBeeBeamSearch,
     CPMBeeGreedy,
@@ -29,6 +32,8 @@ from cpm_live.tokenizers import CPMBeeTokenizer, build_tiny_vocab
 from cpm_live.training_tasks.bee.pretrain import convert_data_to_id
 
 CONFIG_DIR = Path(__file__).parents[1] / "src" / "config"
+REAL_VOCAB = Path(__file__).resolve().parents[2] / "shared/cpm-bee/vocab/bee.txt"
+CCPM_EVAL = Path(__file__).resolve().parents[2] / "shared/cpm-bee/ccpm/bee_data/eval.jsonl"
 
 OPTION_SAMPLE = {"input": "今天天气很好", "options": {"<option_0>": "好", "<option_1>": "不好", "<option_2>": "中"},
                  "question": "天气怎么样", "<ans>": "<option_1>"}
@@ -389,6 +394,26 @@ def test_bad_arguments_raise(tokenizer, model):
         CPMBeeBeamSearch(other, tokenizer)
 
 
+@pytest.mark.realvocab
+@pytest.mark.skipif(not (REAL_VOCAB.exists() and CCPM_EVAL.exists()), reason="needs the shared CPM-Bee vocab and CCPM")
+def test_ccpm_option_answers_with_the_real_vocab():
+    """CCPM prompts share one ext table (<option> subscripts 1..3); an answer decodes to "<option_k>"
+    and scores with accuracy against the references."""
+    tokenizer = CPMBeeTokenizer(REAL_VOCAB)
+    refs = [json.loads(line) for line in CCPM_EVAL.read_text(encoding="utf-8").splitlines()[:4]]
+    batch = build_batch(tokenizer, [build_prompt(tokenizer, r) for r in refs], torch.device("cpu"))
+    option = tokenizer.encoder["<option>"]
+    assert sorted(zip(batch.ext_table_ids.tolist(), batch.ext_table_sub.tolist())) == [(option, s) for s in (1, 2, 3)]
+    assert all(sorted(t.values()) == [f"<option_{k}>" for k in range(4)] for t in batch.decode_tables)
+    option_3 = ext_column(batch, tokenizer, 0, "<option_3>")
+    model = make_model(tokenizer)
+    out = CPMBeeBeamSearch(scripted(model, [option_3, tokenizer.eos_id]), tokenizer).generate(copy.deepcopy(refs))
+    assert [r["<ans>"] for r in out] == ["<option_3>"] * len(refs)
+    expected = sum(r["<ans>"] == "<option_3>" for r in refs) / len(refs)
+    assert compute_metrics(["accuracy"], [r["<ans>"] for r in out], [r["<ans>"] for r in refs]) == {
+        "accuracy": expected}
+
+
 # ------------------------------------------------------------------------------ CLI
 
 
@@ -489,3 +514,9 @@ def test_cli_rejects_missing_files(tmp_path, checkpoint):
         generation_main(cli_args(checkpoint, tmp_path / "absent.jsonl", out))
     with pytest.raises(SystemExit):
         generation_main(cli_args(checkpoint, inp, inp))  # would overwrite its own input
+
+
+def test_thin_script_shows_help():
+    script = Path(__file__).parents[1] / "src" / "text_generation.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True)
+    assert "--repetition-penalty" in done.stdout and "--delta" in done.stdout
