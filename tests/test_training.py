@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cpm_live.demo import DEMO_WORDS
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.quant.compress import quantize_state_dict
 from cpm_live.tokenizers import CPMBeeTokenizer
@@ -27,21 +28,30 @@ REPO = Path(__file__).parents[1]
 def tiny(tmp_path_factory):
     """A vocab, fp and int4 configs, and an fp checkpoint with its compressed twin."""
     root = tmp_path_factory.mktemp("tiny")
-    words = "cat dog horse bird red blue apple bread animal sum What Which Pick".split()
-    vocab = build_tiny_vocab(root / "vocab.txt", words + [" " + w for w in words])
+    vocab = build_tiny_vocab(root / "vocab.txt", list(DEMO_WORDS) + [" " + w for w in DEMO_WORDS])
     config = CPMBeeConfig(vocab_size=CPMBeeTokenizer(vocab).vocab_size, dim_model=64, num_heads=2, dim_head=32,
                           dim_ff=128, num_layers=2, half=False)
     config.to_json_file(root / "config.json")
     CPMBeeConfig.from_dict({**config.to_dict(), "int4": True}).to_json_file(root / "config-int4.json")
+    lines = (DATA / "train.jsonl").read_text().splitlines(keepends=True)
+    (root / "sum.jsonl").write_text("".join(line for line in lines if "What is the sum?" in line))
+    (root / "options.jsonl").write_text("".join(line for line in lines if "What is the sum?" not in line))
     torch.manual_seed(0)
-    torch.save(dict(CPMBee(config).state_dict()), root / "base.pt")
+    torch.save(dict(CPMBee(config).state_dict()), root / "random.pt")
+    # A base that knows the data format: a short full fine-tune on the sum task only. LoRA cannot
+    # start from random weights: the frozen N(0, 0.02) embedding caps how confident logits can be.
+    args = base_args(root, root / "base_run", 80, "--model-config", str(root / "config.json"),
+                     "--load", str(root / "random.pt"), "--lr", "1e-2", "--save-name", "base")
+    args[args.index("--dataset") + 1] = str(root / "sum.jsonl")
+    finetune(args)
+    (root / "base_run" / "base-last.pt").rename(root / "base.pt")
     quantize_state_dict(root / "base.pt", root / "base-int4.safetensors")
     return root
 
 
 def base_args(tiny: Path, save: Path, steps: int, *extra: str) -> list[str]:
     return ["--vocab", str(tiny / "vocab.txt"), "--dataset", str(DATA / "train.jsonl"), "--save", str(save),
-            "--train-iters", str(steps), "--epoch", "50", "--max-length", "48", "--batch-size", "8",
+            "--train-iters", str(steps), "--epoch", "50", "--max-length", "64", "--batch-size", "8",
             "--engine", "torch", "--device", "cpu", "--lr-decay-style", "constant", "--warmup-iters", "2",
             "--weight-decay", "0", "--inspect-iters", "0", "--no-activation-checkpointing", *extra]
 
@@ -50,23 +60,27 @@ def losses(save: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(str(save / "metrics.jsonl")) if "loss" in r]
 
 
-MODES = {
-    "full": ["--model-config", "config.json", "--load", "base.pt", "--lr", "3e-3"],
+MODES = {  # LoRA modes learn the option task, new to the base
+    "full": ["--model-config", "config.json", "--load", "random.pt", "--lr", "1e-2"],
     "lora": ["--model-config", "config.json", "--load", "base.pt", "--use-delta", "--lora-r", "16",
-             "--lora-targets", "project_q,project_v,w_0,w_1,w_out", "--lr", "1e-2"],
+             "--lora-targets", "project_q,project_v,w_0,w_1,w_out", "--lr", "2e-2"],
     "qlora": ["--model-config", "config-int4.json", "--load", "base-int4.safetensors", "--use-delta",
-              "--lora-r", "16", "--lora-targets", "project_q,project_v,w_0,w_1,w_out", "--lr", "1e-2"],
+              "--lora-r", "16", "--lora-targets", "project_q,project_v,w_0,w_1,w_out", "--lr", "2e-2"],
 }
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_tiny_model_learns(tiny, tmp_path, mode):
     flags = [str(tiny / f) if f.endswith((".json", ".pt", ".safetensors")) else f for f in MODES[mode]]
-    result = finetune(base_args(tiny, tmp_path, 40, "--log-interval", "1", *flags))
-    assert result["step"] == 40
+    args = base_args(tiny, tmp_path, 120, "--log-interval", "1", *flags)
+    if mode != "full":
+        args[args.index("--dataset") + 1] = str(tiny / "options.jsonl")
+    result = finetune(args)
+    assert result["step"] == 120
     curve = losses(tmp_path)
     start, end = sum(curve[:3]) / 3, sum(curve[-5:]) / 5
-    assert end < 0.75 * start, f"{mode}: loss {start:.3f} -> {end:.3f}"
+    print(f"{mode}: loss {start:.3f} -> {end:.3f}")
+    assert end < 0.6 * start, f"{mode}: loss {start:.3f} -> {end:.3f}"
     if mode == "full":
         reloaded = torch.load(tmp_path / "cpm_bee_finetune-last.pt", weights_only=True)
         assert set(reloaded) == set(torch.load(tiny / "base.pt", weights_only=True))

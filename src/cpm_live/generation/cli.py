@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate the <ans> of CPM-Bee jsonl records.")
     p.add_argument("--model-config", required=True, help="model config JSON")
     p.add_argument("--load", required=True, help="checkpoint (.pt / .safetensors, dense or int4)")
+    p.add_argument("--int4", action="store_true", help="the checkpoint is int4-compressed (sets the config's int4)")
     p.add_argument("--delta", default=None, help="LoRA adapter: peft directory or CPM-Bee *-delta-best.pt")
     p.add_argument("--vocab", default=None, help="vocab file (default: vocab.txt beside --load)")
     p.add_argument("--input", required=True, help="jsonl, one CPM-Bee sample with an <ans> key per line")
@@ -115,13 +116,15 @@ def _check_prompts(tokenizer: CPMBeeTokenizer, records: list[tuple[str, dict[str
 
 def load_model(args: argparse.Namespace, device: torch.device) -> CPMBee:
     """Build the model on ``device`` from the config, load the checkpoint, then the adapter."""
-    config = CPMBeeConfig.from_json_file(args.model_config)
+    overrides = {"int4": True} if args.int4 else {}
+    config = CPMBeeConfig.from_json_file(args.model_config, **overrides)
     if device.type == "cpu" and config.half:
         print("--device cpu: running the fp16 config in fp32", file=sys.stderr)
-        config = CPMBeeConfig.from_json_file(args.model_config, half=False)
-    with device:
+        config = CPMBeeConfig.from_json_file(args.model_config, half=False, **overrides)
+    # Built on meta and filled by the loader: an int4 model never quantizes a random initialisation.
+    with torch.device("meta"):
         model = CPMBee(config)
-    load_model_weights(model, config, args.load)
+    load_model_weights(model, config, args.load, device=device)
     if args.delta is not None:
         load_adapter(model, args.delta)
     return model

@@ -69,11 +69,14 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def _build_model(self) -> torch.nn.Module:
         args, engine = self.args, self.engine
-        model = CPMBee(self.config)
         if args.load:
+            # Built on meta, so an int4 model does not first quantize a random initialisation.
+            with torch.device("meta"):
+                model = CPMBee(self.config)
             load_model_weights(model, self.config, args.load)
-        elif engine.is_main:
-            print("warning: no --load given; training from random initialisation")
+        else:
+            engine.print_rank0("warning: no --load given; training from random initialisation")
+            model = CPMBee(self.config)
         if self.use_lora:
             add_lora(model, self.lora)
         model.encoder.activation_checkpointing = args.activation_checkpointing
@@ -219,17 +222,23 @@ class Trainer:
             self.config.to_json_file(os.path.join(args.save, "model_config.json"))
         self.model.train()
         self._last_batch = None
-        self._bar = tqdm(total=args.train_iters, initial=self.step, disable=not engine.is_main, desc="train",
-                         dynamic_ncols=True)
-        stop_reason = None
+        # A bar on a terminal; plain log lines (every --log-interval steps) in files and CI logs.
+        self._bar = tqdm(total=args.train_iters, initial=self.step, desc="train", dynamic_ncols=True,
+                         disable=None if engine.is_main else True)
+        stop_reason, empty_epochs = None, 0
         while stop_reason is None:
             if self.epoch >= args.epoch:
                 stop_reason = "epochs done"
                 break
-            batches = self.train_data.epoch()
+            batches, steps_before = self.train_data.epoch(), self.step
             while stop_reason is None and (micro := self._next_microbatches(batches)):
                 stop_reason = self._step_and_bookkeeping(micro)
             if stop_reason is None:  # the epoch's data ran out
+                # One empty epoch is normal after resuming at an epoch's end; two in a row means no data.
+                empty_epochs = empty_epochs + 1 if self.step == steps_before else 0
+                if empty_epochs == 2:
+                    raise SystemExit(f"error: {args.dataset} gave no training batch: is it empty, or is every "
+                                     f"record longer than --max-length {args.max_length} tokens?")
                 self.epoch += 1
                 self.train_data.start_next_epoch()
         self._bar.close()
@@ -254,8 +263,13 @@ class Trainer:
                               tok_s=f"{record['tokens_per_s']:.0f}")
         if self.step % args.log_interval == 0:
             self.metrics.log(record)
+            if self._bar.disable:
+                engine.print_rank0(f"| epoch {self.epoch} | step {self.step} | loss {record['loss']:.4f} | "
+                                   f"lr {record['lr']:.2e} | scale {record['loss_scale']:g} | "
+                                   f"grad_norm {record['grad_norm']:.4f} | tokens/s {record['tokens_per_s']:.0f} | "
+                                   f"peak {record['peak_memory_mb']:.0f} MiB |")
         if args.inspect_iters and self.step % args.inspect_iters == 0:
-            engine.print_rank0(format_summary(inspect_model(self.model)))
+            engine.print_rank0(format_summary(inspect_model(self.model, engine=engine)))
         if args.eval_dataset and self.step % args.eval_interval == 0 and self._evaluate_and_stop():
             return "early stopping"
         if args.save_iters and self.step % args.save_iters == 0:
