@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,20 +143,90 @@ def _export_dense(reader: CheckpointReader, expected: dict[str, tuple[int, ...]]
     return ExportSummary(output_path, name, len(expected), merged)
 
 
+def merge_adapter(config: CPMBeeConfig, load_path: str, adapter_path: str, output_path: str, dtype: str,
+                  force: bool = False, progress: bool = True) -> ExportSummary:
+    """Merge a LoRA adapter into the base and export it; the merge always happens in fp32.
+
+    fp16/fp32: dequantize (if int4), add the adapter's weight-space delta in fp32, cast once.
+    int4: the same merge into a temporary fp32 file, then an explicit re-quantization, whose logits
+    drift against the merged fp32 model is printed: re-quantizing moves every merged weight to the
+    nearest 4-bit level, which is a second rounding the adapter was not trained with.
+    """
+    from cpm_live.delta import read_adapter
+    from cpm_live.delta.adapter_files import LoraDelta
+
+    settings, state = read_adapter(adapter_path)
+    delta = LoraDelta(state, settings, source=adapter_path)
+    if dtype != "int4":
+        summary = export_checkpoint(config, load_path, output_path, dtype, delta_fn=delta, force=force,
+                                    progress=progress)
+        _check_merged(summary, delta, adapter_path)
+        return summary
+    check_output_path(load_path, output_path, force, (".safetensors",))
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(output_path))) as tmp:
+        dense = os.path.join(tmp, "merged-fp32.safetensors")
+        dense_config = dataclasses.replace(config, int4=False, half=False)
+        _check_merged(export_checkpoint(dense_config, load_path, dense, "fp32", delta_fn=delta, progress=progress),
+                      delta, adapter_path)
+        quantize_state_dict(dense, output_path, **config.quant_settings, force=force,
+                            compute_dtype=config.int4_compute_dtype, progress=progress)
+        drift = logits_drift(dense_config, dense, output_path)
+    print(f"re-quantization drift: relative L2 error of the int4 logits vs the merged fp32 model = {drift:.4f}")
+    return ExportSummary(output_path, dtype, len(expected_shapes(config)), list(delta.weight_keys))
+
+
+def _check_merged(summary: ExportSummary, delta, adapter_path: str) -> None:
+    missing = sorted(set(delta.weight_keys) - set(summary.merged))
+    if missing:
+        raise CheckpointError(f"adapter {adapter_path} targets {missing[0]!r} (and {len(missing) - 1} more), "
+                              "which the checkpoint does not have: it was trained on another model")
+
+
+@torch.no_grad()
+def logits_drift(dense_config: CPMBeeConfig, dense_path: str, int4_path: str, length: int = 32,
+                 seed: int = 0) -> float:
+    """Relative L2 difference of the logits of an int4 checkpoint vs its dense source on random tokens."""
+    from cpm_live.checkpoint import load_model_weights
+
+    int4_config = dataclasses.replace(dense_config, int4=True)
+    logits = []
+    for config, path in ((dense_config, dense_path), (int4_config, int4_path)):
+        with torch.device("meta"):
+            model = CPMBee(config)
+        load_model_weights(model, config, path)
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(11, config.vocab_size, (1, length), generator=g, dtype=torch.int32)
+        zeros = torch.zeros(1, length, dtype=torch.int32)
+        ones = torch.ones(1, length, dtype=torch.int32)
+        context = torch.ones(1, length, dtype=torch.bool)
+        out, _ = model.eval()(ids, zeros, torch.tensor([length], dtype=torch.int32), context, zeros, ones, zeros,
+                              zeros, torch.zeros(1, 1, dtype=torch.int32), zeros, zeros[0, :1], zeros[0, :1])
+        logits.append(out.float())
+    return float((logits[1] - logits[0]).norm() / logits[0].norm())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cpm-bee-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-config", required=True, help="CPM-Bee JSON config the checkpoint belongs to")
+    parser.add_argument("--int4", action="store_true", help="the --load checkpoint is int4 (sets the config's int4)")
     parser.add_argument("--load", required=True, help="checkpoint (.pt/.safetensors, dense or int4)")
+    parser.add_argument("--delta", default=None, help="LoRA adapter (peft dir or CPM-Bee *-delta-best.pt) to merge")
     parser.add_argument("--output", required=True, help="file to write; .pt or .safetensors picks the format")
     parser.add_argument("--dtype", choices=(*DENSE_DTYPES, "int4"), default="fp16", help="default fp16")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     args = parser.parse_args(argv)
+    from cpm_live.delta.adapter_files import AdapterError
+
     try:
-        config = CPMBeeConfig.from_json_file(args.model_config)
-        summary = export_checkpoint(config, args.load, args.output, args.dtype, force=args.force)
-    except (ConfigError, CheckpointError, qformat.QuantFormatError) as e:
+        config = CPMBeeConfig.from_json_file(args.model_config, **({"int4": True} if args.int4 else {}))
+        if args.delta is not None:
+            summary = merge_adapter(config, args.load, args.delta, args.output, args.dtype, force=args.force)
+        else:
+            summary = export_checkpoint(config, args.load, args.output, args.dtype, force=args.force)
+    except (ConfigError, CheckpointError, AdapterError, FileNotFoundError, qformat.QuantFormatError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"wrote {summary.output_path} ({summary.dtype}, {summary.keys} tensors)")
+    merged = f", adapter merged into {len(summary.merged)} weights" if summary.merged else ""
+    print(f"wrote {summary.output_path} ({summary.dtype}, {summary.keys} tensors{merged})")
 
 
 if __name__ == "__main__":

@@ -298,6 +298,8 @@ class Trainer:
             self.patience += 1
         record["best_eval_loss"] = self.best_eval
         self.metrics.log(record, tb_prefix="eval")
-        self.engine.print_rank0(f"| step {self.step} | eval loss {eval_loss:.4f} | best {self.best_eval:.4f} |"
+        scores = "".join(f" {k} {v:.4f} |" for k, v in record.items() if k not in ("step", "eval_loss",
+                                                                                  "best_eval_loss"))
+        self.engine.print_rank0(f"| step {self.step} | eval loss {eval_loss:.4f} |{scores} best {self.best_eval:.4f} |"
                                 f" patience {self.patience}/{self.args.early_stop_patience} |")
         return self.patience >= self.args.early_stop_patience

@@ -1,0 +1,43 @@
+"""``--eval-metrics``: generate answers for the eval set with the model being trained, and score them.
+
+Every rank decodes every sample (greedy, so it is deterministic and cheap): decoding a sharded model
+is a sequence of collectives, so all ranks must make the same calls. ``--max-eval-samples`` bounds
+the cost.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from cpm_live.evaluation import compute_metrics
+from cpm_live.generation import CPMBeeGreedy
+from cpm_live.training_tasks.bee.finetune import open_record_source
+
+MAX_ANSWER_TOKENS = 32
+
+
+def read_records(path: str, limit: int | None) -> list[dict[str, Any]]:
+    source, records = open_record_source(path), []
+    while limit is None or len(records) < limit:
+        try:
+            records.append(source.read())
+        except EOFError:
+            break
+    return records
+
+
+@torch.no_grad()
+def generation_metrics(trainer, names: list[str]) -> dict[str, float]:
+    """Scores of greedy answers on the eval set, keyed like :func:`compute_metrics`."""
+    records = read_records(trainer.args.eval_dataset, trainer.args.max_eval_samples)
+    refs = [r["<ans>"] for r in records]
+    trainer.model.eval()
+    try:
+        answered = CPMBeeGreedy(trainer.model, trainer.tokenizer).generate(
+            copy.deepcopy(records), max_length=MAX_ANSWER_TOKENS)
+    finally:
+        trainer.model.train()
+    return compute_metrics(names, [r["<ans>"] for r in answered], refs)
