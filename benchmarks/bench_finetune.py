@@ -11,6 +11,7 @@ Each job runs in a fresh process (:func:`bench_common.run_isolated`).
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import bench_common as bc
@@ -58,7 +59,11 @@ def _stored_bytes(model: torch.nn.Module) -> int:
 
 
 def job_memory(spec: dict[str, Any]) -> dict[str, Any]:
-    """Peak memory of ``spec['steps']`` steps of one variant (this process runs nothing else)."""
+    """Peak memory of ``spec['steps']`` steps of one variant (this process runs nothing else).
+
+    On CPU a tiny model of the same variant takes one step first, then the RSS high-water mark is
+    restarted: library warm-up (kernel code paged in, allocator arenas) is not charged to the variant.
+    """
     device = spec["device"]
     rows, seqlen = bc.batch_shape(spec["tokens"])
     batch, target = bc.make_batch(rows, seqlen, bc.BENCH_VOCAB, device)
@@ -66,6 +71,11 @@ def job_memory(spec: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     else:
+        tiny, tiny_opt = build_variant(spec["mode"], 64, 1, device)
+        bc.train_step(tiny, tiny_opt, *bc.make_batch(1, 64, bc.BENCH_VOCAB, device))
+        del tiny, tiny_opt
+        gc.collect()
+        bc.reset_peak_rss()
         baseline = bc.rss_bytes()[0]
     model, optimizer = build_variant(spec["mode"], spec["dim"], spec["layers"], device,
                                      spec.get("checkpointing", False))
@@ -93,9 +103,11 @@ def job_timing(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 CATEGORIES = (  # first match wins; op names are torch.profiler's
-    ("dequantize_4bit", ("bitsandbytes::dequantize",)),
+    ("dequantize_4bit", ("bitsandbytes::",)),  # dequantize_4bit and the nested absmax dequantize_blockwise
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
     ("softmax", ("aten::_softmax",)),
+    ("elementwise", ("aten::add", "aten::mul", "aten::div", "aten::sub", "aten::masked_fill", "aten::gelu",
+                     "aten::pow", "aten::rsqrt", "aten::mean", "aten::fill_", "aten::neg", "aten::cat")),
     ("optimizer", ("adam", "_foreach")),
     ("copy_cast", ("aten::copy_", "aten::to", "aten::_to_copy")),
 )
@@ -110,34 +122,45 @@ def _category(name: str) -> str:
 
 
 def job_profile(spec: dict[str, Any]) -> dict[str, Any]:
-    """Self time per op of one step of each variant, after a warm-up step (torch.profiler)."""
+    """Self time per op per step of each variant: ``spec['reps']`` profiled steps each, interleaved."""
     from torch.profiler import ProfilerActivity, profile
 
     device = spec["device"]
     rows, seqlen = bc.batch_shape(spec["tokens"])
     batch, target = bc.make_batch(rows, seqlen, bc.BENCH_VOCAB, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    out = {}
-    for mode in spec["modes"]:
-        model, optimizer = build_variant(mode, spec["dim"], spec["layers"], device)
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    variants = {mode: build_variant(mode, spec["dim"], spec["layers"], device) for mode in spec["modes"]}
+    for model, optimizer in variants.values():  # warm-up, not profiled
         bc.train_step(model, optimizer, batch, target)
+    totals: dict[str, dict[str, tuple[float, int]]] = {mode: {} for mode in spec["modes"]}
+
+    def profiled_step(mode: str) -> None:
+        model, optimizer = variants[mode]
         with profile(activities=activities) as prof:
             bc.train_step(model, optimizer, batch, target)
             bc.sync(device)
-        events = prof.key_averages()
-        attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-        rows_ = sorted(((e.key, getattr(e, attr) / 1e3, e.count) for e in events), key=lambda r: -r[1])
-        total = sum(r[1] for r in rows_)
+        for e in prof.key_averages():
+            ms, calls = totals[mode].get(e.key, (0.0, 0))
+            totals[mode][e.key] = (ms + getattr(e, attr) / 1e3, calls + e.count)
+
+    bc.interleaved({mode: (lambda m=mode: profiled_step(m)) for mode in spec["modes"]}, reps=spec["reps"],
+                   device=device, warmup=0)
+    reps = spec["reps"]
+    out = {}
+    for mode, ops in totals.items():
+        per_step = sorted(((name, ms / reps, calls // reps) for name, (ms, calls) in ops.items()),
+                          key=lambda r: -r[1])
+        total = sum(r[1] for r in per_step)
         categories: dict[str, float] = {}
-        for name, ms, _ in rows_:
+        for name, ms, _ in per_step:
             categories[_category(name)] = categories.get(_category(name), 0.0) + ms
         out[mode] = {
-            "total_self_ms": total,
+            "self_ms_per_step": total,
             "categories_ms": {k: round(v, 3) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
             "top_ops": [{"op": n, "self_ms": round(ms, 3), "calls": c, "share": round(ms / total, 4)}
-                        for n, ms, c in rows_[: spec.get("top", 12)]],
+                        for n, ms, c in per_step[: spec.get("top", 12)]],
         }
-        del model, optimizer
     return out
 
 
@@ -178,24 +201,24 @@ def run_finetune(configs: list[dict[str, Any]], device: str, threads: int, reps:
         "baseline_for_qlora": baseline, "modes": modes, "skipped": skipped,
         "peak_memory_method": ("torch.cuda.max_memory_allocated in a fresh process" if device == "cuda" else
                                "RSS high-water mark (VmHWM) of a fresh process per variant, forked from a "
-                               "server that only imported the libraries; *_above_baseline subtracts the "
-                               "RSS at the start of that process"),
+                               "server that only imported the libraries; *_above_baseline is the peak minus "
+                               "the RSS after a tiny warm-up step of the same variant (high-water mark "
+                               "restarted there)"),
         "lora": {"r": 8, "alpha": 16, "targets": ["project_q", "project_v"]},
         "vocab": bc.BENCH_VOCAB, "row_len": bc.ROW_LEN, "configs": results,
     }
 
 
-def run_profile(dim: int, layers: int, tokens: int, device: str, threads: int) -> dict[str, Any]:
-    """Where a QLoRA step's time goes versus LoRA at the same shape (top ops and categories)."""
+def run_profile(dim: int, layers: int, tokens: int, device: str, threads: int, reps: int = 3) -> dict[str, Any]:
+    """Where a QLoRA step's time goes versus LoRA at the same shape (top ops and categories per step)."""
     baseline = BASELINE[device]
     prof = bc.run_isolated(job_profile, {"dim": dim, "layers": layers, "tokens": tokens, "device": device,
-                                         "threads": threads, "modes": ["qlora", baseline]})
+                                         "threads": threads, "modes": ["qlora", baseline], "reps": reps})
     q, b = prof["qlora"], prof[baseline]
-    extra = q["total_self_ms"] - b["total_self_ms"]
     deq = q["categories_ms"].get("dequantize_4bit", 0.0)
     return {
-        "dim": dim, "layers": layers, "tokens": tokens, "baseline": baseline, **prof,
-        "qlora_minus_baseline_ms": extra,
-        "dequantize_share_of_qlora": deq / q["total_self_ms"],
-        "dequantize_share_of_extra": deq / extra if extra > 0 else None,
+        "dim": dim, "layers": layers, "tokens": tokens, "baseline": baseline, "profiled_steps": reps, **prof,
+        "qlora_minus_baseline_ms": q["self_ms_per_step"] - b["self_ms_per_step"],
+        "dequantize_share_of_qlora": deq / q["self_ms_per_step"],
+        "matmul_qlora_over_baseline": q["categories_ms"].get("matmul", 0.0) / b["categories_ms"]["matmul"],
     }

@@ -92,7 +92,7 @@ def write_chart(results: dict[str, Any], path: str) -> None:
         categories = sorted({c for m in modes for c in prof[m]["categories_ms"]})
         _grouped_bars(axes[4], categories, {m: [prof[m]["categories_ms"].get(c, 0.0) for c in categories]
                                             for m in modes},
-                      "ms (self time)", f"profile d{prof['dim']} {prof['tokens']} tok: where time goes")
+                      "ms per step (self time)", f"profile d{prof['dim']} {prof['tokens']} tok: where time goes")
         axes[4].tick_params(axis="x", labelrotation=30)
     if "estimate_10b" in results:
         _estimate(axes[5], results["estimate_10b"], results.get("measured_10b"))

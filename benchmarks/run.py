@@ -36,9 +36,9 @@ SECTIONS = ("finetune", "profile", "layers", "compression", "quantize_streaming"
 # What each mode runs. --quick fits in a few minutes on 2 CPU cores; the full sweep takes much longer.
 PLANS: dict[str, dict[str, Any]] = {
     "quick": {
-        "finetune": {"configs": [{"dim": 256, "layers": 2, "tokens": 512}, {"dim": 256, "layers": 2, "tokens": 2048},
-                                 {"dim": 512, "layers": 2, "tokens": 2048}], "reps": 5, "mem_steps": 2},
-        "profile": {"dim": 512, "layers": 2, "tokens": 2048},
+        "finetune": {"configs": [{"dim": 256, "layers": 2, "tokens": 512}, {"dim": 512, "layers": 2, "tokens": 2048},
+                                 {"dim": 1024, "layers": 2, "tokens": 512}], "reps": 5, "mem_steps": 2},
+        "profile": {"dim": 512, "layers": 2, "tokens": 2048, "reps": 3},
         "layers": {"shapes": [(1024, 1024), (1024, 2560), (2560, 1024)], "tokens": 1024, "reps": 5},
         "compression": {"bpp_shapes": [(4096, 4096)]},
         "quantize_streaming": {"dim": 1024, "layers": [2, 4, 8], "formats": ["pt", "safetensors"]},
@@ -47,7 +47,7 @@ PLANS: dict[str, dict[str, Any]] = {
     "full": {
         "finetune": {"configs": [{"dim": d, "layers": 4, "tokens": t} for d in (256, 512, 1024)
                                  for t in (512, 1024, 2048, 4096)], "reps": 7, "mem_steps": 2},
-        "profile": {"dim": 512, "layers": 4, "tokens": 2048},
+        "profile": {"dim": 512, "layers": 4, "tokens": 2048, "reps": 5},
         "layers": {"shapes": [(1024, 1024), (1024, 2560), (2560, 1024), (4096, 4096), (4096, 10240),
                               (10240, 4096)], "tokens": 2048, "reps": 7},
         "compression": {"bpp_shapes": [(4096, 4096), (10240, 4096), (4096, 10240)]},
@@ -69,7 +69,7 @@ def run_section(name: str, plan: dict[str, Any], args: argparse.Namespace, workd
                                            force_bf16=args.bf16, log=log)
     if name == "profile":
         p = plan["profile"]
-        return bench_finetune.run_profile(p["dim"], p["layers"], p["tokens"], device, threads)
+        return bench_finetune.run_profile(p["dim"], p["layers"], p["tokens"], device, threads, p["reps"])
     if name == "layers":
         p = plan["layers"]
         return bench_layers.run_layers(p["shapes"], p["tokens"], p["reps"], device, threads)
