@@ -9,6 +9,7 @@ mark, so each configuration whose peak we report runs in a fresh subprocess (see
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import platform
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 MODEL_KEYS = ("input", "input_sub", "length", "context", "sample_ids", "num_segments", "segment",
@@ -75,7 +77,8 @@ def model_config(dim: int, layers: int, *, int4: bool = False, compute_dtype: st
 
 
 def cast_floating(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast float parameters/buffers to ``dtype``, leaving every Linear4bit's state alone.
+    """Cast float parameters/buffers to ``dtype``; a Linear4bit keeps its 4-bit state and only changes
+    the dense dtype it stands for (what its dequantized weight is produced in).
 
     ``model.to(bf16)`` would also cast the 4-bit layers' fp32 absmax statistics and lose precision.
     """
@@ -83,6 +86,7 @@ def cast_floating(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
     for module in model.modules():
         if isinstance(module, Linear4bit):
+            module.dtype = dtype
             continue
         for tensors in (module._parameters, module._buffers):  # this module's own, not its children's
             for t in tensors.values():
@@ -192,6 +196,21 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def pin_mmap_threshold(threshold: int = 128 * 1024) -> bool:
+    """Serve every allocation above ``threshold`` bytes by mmap, so freeing it returns it to the OS.
+
+    glibc otherwise raises its mmap threshold after the first large free, and later transient
+    tensors (e.g. each dequantized 4-bit weight) land in the heap, where freed space stays resident:
+    RSS then measures fragmentation, not live tensors. Pinning the threshold (mallopt) disables that
+    adjustment; it slows allocation, so only memory jobs use it. False where glibc is absent.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
 # Imported once by the fork server, so each isolated job starts in a few milliseconds instead of

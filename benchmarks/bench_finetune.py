@@ -61,32 +61,35 @@ def _stored_bytes(model: torch.nn.Module) -> int:
 def job_memory(spec: dict[str, Any]) -> dict[str, Any]:
     """Peak memory of ``spec['steps']`` steps of one variant (this process runs nothing else).
 
-    On CPU a tiny model of the same variant takes one step first, then the RSS high-water mark is
-    restarted: library warm-up (kernel code paged in, allocator arenas) is not charged to the variant.
+    The peak counts from after the model is built (so build-time transients are not charged) and is
+    reported above the memory in use before building. On CPU the allocator returns freed large
+    tensors to the OS (:func:`bench_common.pin_mmap_threshold`), and a tiny model of the same variant
+    takes one step first, so library warm-up (kernel code paged in) is not charged either.
     """
     device = spec["device"]
     rows, seqlen = bc.batch_shape(spec["tokens"])
     batch, target = bc.make_batch(rows, seqlen, bc.BENCH_VOCAB, device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
+    pinned = device == "cuda" or bc.pin_mmap_threshold()
+    if device == "cpu":
         tiny, tiny_opt = build_variant(spec["mode"], 64, 1, device)
         bc.train_step(tiny, tiny_opt, *bc.make_batch(1, 64, bc.BENCH_VOCAB, device))
         del tiny, tiny_opt
         gc.collect()
-        bc.reset_peak_rss()
-        baseline = bc.rss_bytes()[0]
+    baseline = torch.cuda.memory_allocated() if device == "cuda" else bc.rss_bytes()[0]
     model, optimizer = build_variant(spec["mode"], spec["dim"], spec["layers"], device,
                                      spec.get("checkpointing", False))
-    times = bc.interleaved({"step": lambda: bc.train_step(model, optimizer, batch, target)},
-                           reps=spec["steps"], device=device, warmup=0)["step"]
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        bc.reset_peak_rss()
+    for _ in range(spec["steps"]):  # not timed: pinned mmap makes CPU allocation slow
+        bc.train_step(model, optimizer, batch, target)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else bc.rss_bytes()[1]
     return {
         "peak_bytes": peak, "baseline_bytes": baseline, "peak_above_baseline_bytes": peak - baseline,
         "stored_bytes": _stored_bytes(model),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "step_s": times,
+        "mmap_threshold_pinned": pinned,
     }
 
 
@@ -123,6 +126,7 @@ def _category(name: str) -> str:
 
 def job_profile(spec: dict[str, Any]) -> dict[str, Any]:
     """Self time per op per step of each variant: ``spec['reps']`` profiled steps each, interleaved."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     device = spec["device"]
@@ -140,7 +144,9 @@ def job_profile(spec: dict[str, Any]) -> dict[str, Any]:
         with profile(activities=activities) as prof:
             bc.train_step(model, optimizer, batch, target)
             bc.sync(device)
-        for e in prof.key_averages():
+        # Op rows only: on CUDA each kernel also has a row of its own, and its time is already in the
+        # launching op's self device time.
+        for e in (e for e in prof.key_averages() if e.device_type == DeviceType.CPU):
             ms, calls = totals[mode].get(e.key, (0.0, 0))
             totals[mode][e.key] = (ms + getattr(e, attr) / 1e3, calls + e.count)
 
@@ -185,6 +191,7 @@ def run_finetune(configs: list[dict[str, Any]], device: str, threads: int, reps:
                 "peak_mib": mem["peak_bytes"] / bc.MIB,
                 "peak_above_baseline_mib": mem["peak_above_baseline_bytes"] / bc.MIB,
                 "stored_mib": mem["stored_bytes"] / bc.MIB, "trainable_params": mem["trainable_params"],
+                "mmap_threshold_pinned": mem["mmap_threshold_pinned"],
             }
         ratios = {}
         for mode, name in (("qlora", "qlora_over_lora"), ("full", "full_over_lora")):
@@ -199,11 +206,13 @@ def run_finetune(configs: list[dict[str, Any]], device: str, threads: int, reps:
         log(f"    ratios {({k: round(v, 3) for k, v in ratios.items()})}")
     return {
         "baseline_for_qlora": baseline, "modes": modes, "skipped": skipped,
-        "peak_memory_method": ("torch.cuda.max_memory_allocated in a fresh process" if device == "cuda" else
+        "peak_memory_method": ("torch.cuda.max_memory_allocated in a fresh process, reset after the model is "
+                               "built; *_above_baseline subtracts what was allocated before building" if device == "cuda" else
                                "RSS high-water mark (VmHWM) of a fresh process per variant, forked from a "
-                               "server that only imported the libraries; *_above_baseline is the peak minus "
-                               "the RSS after a tiny warm-up step of the same variant (high-water mark "
-                               "restarted there)"),
+                               "server that only imported the libraries, with glibc's mmap threshold pinned "
+                               "to 128 KiB so freed tensors leave RSS; *_above_baseline is the peak minus "
+                               "the RSS before the model is built (after a tiny warm-up step of the same "
+                               "variant; high-water mark restarted once the model is built)"),
         "lora": {"r": 8, "alpha": 16, "targets": ["project_q", "project_v"]},
         "vocab": bc.BENCH_VOCAB, "row_len": bc.ROW_LEN, "configs": results,
     }

@@ -109,7 +109,10 @@ def job_write_checkpoint(spec: dict[str, Any]) -> dict[str, Any]:
 
 def job_quantize(spec: dict[str, Any]) -> dict[str, Any]:
     """Compress one checkpoint in this (fresh) process; report time and the RSS high-water mark
-    (restarted after quantizing one small tensor, so bitsandbytes' lazy set-up is not counted)."""
+    (restarted after quantizing one small tensor, so bitsandbytes' lazy set-up is not counted).
+
+    glibc's default malloc settings are kept here: this is the memory a user of the tool sees.
+    """
     from cpm_live.quant import format as qformat
     from cpm_live.quant.compress import quantize_state_dict
 

@@ -33,7 +33,7 @@ def _finetune(ax_time, ax_mem, finetune: dict[str, Any]) -> None:
     _grouped_bars(ax_time, groups, {m: [c["modes"][m]["step_s_median"] for c in configs] for m in modes},
                   "seconds", "step time (fwd+bwd+AdamW), median")
     _grouped_bars(ax_mem, groups, {m: [c["modes"][m]["peak_above_baseline_mib"] for c in configs] for m in modes},
-                  "MiB above post-import baseline", "peak memory of a step")
+                  "MiB above warm-up baseline", "peak memory of a step")
 
 
 def _layers(ax, layers: dict[str, Any]) -> None:

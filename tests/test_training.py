@@ -11,49 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpm_live.demo import DEMO_WORDS
-from cpm_live.models import CPMBee, CPMBeeConfig
-from cpm_live.quant.compress import quantize_state_dict
-from cpm_live.tokenizers import CPMBeeTokenizer
-from cpm_live.tokenizers.bee import build_tiny_vocab
 from cpm_live.training.cli import main as finetune
 from cpm_live.training.metrics import read_metrics
 from cpm_live.training.schedulers import LRSchedule
-
-DATA = Path(__file__).parents[1] / "src" / "cpm_live" / "demo_data"
-REPO = Path(__file__).parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A vocab, fp and int4 configs, and an fp checkpoint with its compressed twin."""
-    root = tmp_path_factory.mktemp("tiny")
-    vocab = build_tiny_vocab(root / "vocab.txt", list(DEMO_WORDS) + [" " + w for w in DEMO_WORDS])
-    config = CPMBeeConfig(vocab_size=CPMBeeTokenizer(vocab).vocab_size, dim_model=64, num_heads=2, dim_head=32,
-                          dim_ff=128, num_layers=2, half=False)
-    config.to_json_file(root / "config.json")
-    CPMBeeConfig.from_dict({**config.to_dict(), "int4": True}).to_json_file(root / "config-int4.json")
-    lines = (DATA / "train.jsonl").read_text().splitlines(keepends=True)
-    (root / "sum.jsonl").write_text("".join(line for line in lines if "What is the sum?" in line))
-    (root / "options.jsonl").write_text("".join(line for line in lines if "What is the sum?" not in line))
-    torch.manual_seed(0)
-    torch.save(dict(CPMBee(config).state_dict()), root / "random.pt")
-    # A base that knows the data format: a short full fine-tune on the sum task only. LoRA cannot
-    # start from random weights: the frozen N(0, 0.02) embedding caps how confident logits can be.
-    args = base_args(root, root / "base_run", 80, "--model-config", str(root / "config.json"),
-                     "--load", str(root / "random.pt"), "--lr", "1e-2", "--save-name", "base")
-    args[args.index("--dataset") + 1] = str(root / "sum.jsonl")
-    finetune(args)
-    (root / "base_run" / "base-last.pt").rename(root / "base.pt")
-    quantize_state_dict(root / "base.pt", root / "base-int4.safetensors")
-    return root
-
-
-def base_args(tiny: Path, save: Path, steps: int, *extra: str) -> list[str]:
-    return ["--vocab", str(tiny / "vocab.txt"), "--dataset", str(DATA / "train.jsonl"), "--save", str(save),
-            "--train-iters", str(steps), "--epoch", "50", "--max-length", "64", "--batch-size", "8",
-            "--engine", "torch", "--device", "cpu", "--lr-decay-style", "constant", "--warmup-iters", "2",
-            "--weight-decay", "0", "--inspect-iters", "0", "--no-activation-checkpointing", *extra]
+from tests.conftest import REPO, base_args
 
 
 def losses(save: Path) -> list[float]:
@@ -112,14 +73,16 @@ def test_sigterm_saves_a_checkpoint_then_resumes(tiny, tmp_path):
            str(tiny / "config-int4.json"), "--load", str(tiny / "base-int4.safetensors"),
            *base_args(tiny, save, 100000, "--log-interval", "1")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    log = tmp_path / "log.txt"  # a file, not a pipe that could fill up while nobody reads it
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     metrics = save / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    proc.wait(timeout=120)
+    out = log.read_text()
+    assert proc.returncode == 0, out[-3000:]
     assert "(SIGTERM)" in out
     latest = (save / "checkpoints" / "latest").read_text().strip()
     stopped_at = int(latest.split("-")[1])
@@ -134,7 +97,7 @@ def test_malformed_data_line_fails_naming_file_and_line(tiny, tmp_path):
     bad.write_text('{"input": "a", "<ans>": "b"}\n{"input": "broken\n')
     args = base_args(tiny, tmp_path / "out", 5, "--model-config", str(tiny / "config.json"))
     args[args.index("--dataset") + 1] = str(bad)
-    with pytest.raises(Exception, match=r"bad\.jsonl.*line 2"):
+    with pytest.raises(Exception, match=r"bad\.jsonl:2"):
         finetune(args)
     assert not (tmp_path / "out" / "checkpoints").exists()
 

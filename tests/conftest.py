@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny trained CPM-Bee (fp and int4 checkpoints) for the training tests."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpm_live.demo import DEMO_WORDS
+from cpm_live.models import CPMBee, CPMBeeConfig
+from cpm_live.quant.compress import quantize_state_dict
+from cpm_live.tokenizers import CPMBeeTokenizer
+from cpm_live.tokenizers.bee import build_tiny_vocab
+from cpm_live.training.cli import main as finetune
+
+REPO = Path(__file__).parents[1]
+DATA = REPO / "src" / "cpm_live" / "demo_data"
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A vocab, fp and int4 configs, and an fp checkpoint with its compressed twin."""
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = build_tiny_vocab(root / "vocab.txt", list(DEMO_WORDS) + [" " + w for w in DEMO_WORDS])
+    config = CPMBeeConfig(vocab_size=CPMBeeTokenizer(vocab).vocab_size, dim_model=64, num_heads=2, dim_head=32,
+                          dim_ff=128, num_layers=2, half=False)
+    config.to_json_file(root / "config.json")
+    CPMBeeConfig.from_dict({**config.to_dict(), "int4": True}).to_json_file(root / "config-int4.json")
+    lines = (DATA / "train.jsonl").read_text().splitlines(keepends=True)
+    (root / "sum.jsonl").write_text("".join(line for line in lines if "What is the sum?" in line))
+    (root / "options.jsonl").write_text("".join(line for line in lines if "What is the sum?" not in line))
+    torch.manual_seed(0)
+    torch.save(dict(CPMBee(config).state_dict()), root / "random.pt")
+    # A base that knows the data format: a short full fine-tune on the sum task only. LoRA cannot
+    # start from random weights: the frozen N(0, 0.02) embedding caps how confident logits can be.
+    args = base_args(root, root / "base_run", 80, "--model-config", str(root / "config.json"),
+                     "--load", str(root / "random.pt"), "--lr", "1e-2", "--save-name", "base")
+    args[args.index("--dataset") + 1] = str(root / "sum.jsonl")
+    finetune(args)
+    (root / "base_run" / "base-last.pt").rename(root / "base.pt")
+    quantize_state_dict(root / "base.pt", root / "base-int4.safetensors")
+    return root
+
+
+def base_args(tiny: Path, save: Path, steps: int, *extra: str) -> list[str]:
+    return ["--vocab", str(tiny / "vocab.txt"), "--dataset", str(DATA / "train.jsonl"), "--save", str(save),
+            "--train-iters", str(steps), "--epoch", "50", "--max-length", "64", "--batch-size", "8",
+            "--engine", "torch", "--device", "cpu", "--lr-decay-style", "constant", "--warmup-iters", "2",
+            "--weight-decay", "0", "--inspect-iters", "0", "--no-activation-checkpointing", *extra]
+
+
