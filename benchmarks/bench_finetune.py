@@ -21,6 +21,13 @@ import torch
 # with the LoRA variant of the same compute dtype.
 BASELINE = {"cpu": "lora_fp32", "cuda": "lora_bf16"}
 MODES = ("full", "lora_fp32", "lora_bf16", "qlora")
+PEAK_METHOD = {
+    "cpu": "RSS high-water mark (VmHWM) of a fresh process per variant, forked from a server that only imported "
+           "the libraries, glibc's mmap threshold pinned to 128 KiB so freed tensors leave RSS; restarted once the "
+           "model is built; *_above_baseline subtracts the RSS before building (after a tiny warm-up step)",
+    "cuda": "torch.cuda.max_memory_allocated in a fresh process, reset once the model is built; "
+            "*_above_baseline subtracts what was allocated before building",
+}
 
 
 def available_modes(device: str, force_bf16: bool = False) -> tuple[list[str], dict[str, str]]:
@@ -206,13 +213,7 @@ def run_finetune(configs: list[dict[str, Any]], device: str, threads: int, reps:
         log(f"    ratios {({k: round(v, 3) for k, v in ratios.items()})}")
     return {
         "baseline_for_qlora": baseline, "modes": modes, "skipped": skipped,
-        "peak_memory_method": ("torch.cuda.max_memory_allocated in a fresh process, reset after the model is "
-                               "built; *_above_baseline subtracts what was allocated before building" if device == "cuda" else
-                               "RSS high-water mark (VmHWM) of a fresh process per variant, forked from a "
-                               "server that only imported the libraries, with glibc's mmap threshold pinned "
-                               "to 128 KiB so freed tensors leave RSS; *_above_baseline is the peak minus "
-                               "the RSS before the model is built (after a tiny warm-up step of the same "
-                               "variant; high-water mark restarted once the model is built)"),
+        "peak_memory_method": PEAK_METHOD[device],
         "lora": {"r": 8, "alpha": 16, "targets": ["project_q", "project_v"]},
         "vocab": bc.BENCH_VOCAB, "row_len": bc.ROW_LEN, "configs": results,
     }
