@@ -4,7 +4,7 @@ Why the rules here: the benchmark machine is shared and noisy, so every comparis
 side by side in one process, repetitions of the compared variants are interleaved (A B C, B C A,
 ...), and we report medians plus the median of the per-repetition ratios (a paired ratio survives
 slow drifts of the machine that shift both variants alike). Peak memory is a process-wide high-water
-mark, so each configuration whose peak we report runs in a fresh subprocess (see :func:`run_worker`).
+mark, so each configuration whose peak we report runs in a fresh process (see :func:`run_isolated`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ MODEL_KEYS = ("input", "input_sub", "length", "context", "sample_ids", "num_segm
 # Small vocabulary on purpose: in CPM-Bee-10B the embedding and logits are ~4% of a step's FLOPs; with
 # 2-4 layers of d=256..1024 a real 86k vocabulary would dominate and hide the projections we compare.
 BENCH_VOCAB = 1024
-# Rows of 512 tokens: attention/projection FLOPs at d=512 then sit close to CPM-Bee-10B at 2048.
+# Rows of 512 tokens: at d=512 attention is then ~17% of a layer's FLOPs (CPM-Bee-10B at 2048 tokens: ~9%),
+# so the projections dominate as they do at 10B, and attention scores stay small enough for 2-4 layers.
 ROW_LEN = 512
 MIB = 2**20
 
@@ -60,6 +61,8 @@ def environment(device: str, threads: int) -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
     }
+    if hasattr(os, "getloadavg"):  # other processes on the machine, for judging the noise
+        env["load_average_1m_at_start"] = os.getloadavg()[0]
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name(0)
         env["cuda"] = torch.version.cuda
