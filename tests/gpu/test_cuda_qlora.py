@@ -1,0 +1,84 @@
+"""CUDA paths of the 4-bit layer, the model and the training loop (skipped without CUDA).
+
+Each compares the CUDA result with the CPU one computed here, so a kernel or dtype difference
+between bitsandbytes' CUDA and CPU code paths fails loudly.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from cpm_live.delta import LoraSettings, add_lora
+from cpm_live.layers import Linear4bit
+from cpm_live.models import CPMBee, CPMBeeConfig
+from cpm_live.training.cli import main as finetune
+from tests.conftest import base_args
+from tests.test_model import packed_batch, run
+
+CONFIG = CPMBeeConfig(vocab_size=512, dim_model=128, num_heads=4, dim_head=32, dim_ff=256, num_layers=2,
+                      half=False, int4=True)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_linear4bit_cuda_matches_cpu(quant_type, compute_dtype):
+    torch.manual_seed(0)
+    weight = torch.randn(96, 80)
+    cpu = Linear4bit.from_weight(weight, quant_type=quant_type, compute_dtype=compute_dtype)
+    gpu = Linear4bit.from_weight(weight.cuda(), quant_type=quant_type, compute_dtype=compute_dtype)
+    for (name, a), (_, b) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
+        assert torch.equal(a, b.cpu()), f"{name} differs between CPU and CUDA quantization"
+    x = torch.randn(4, 7, 80, requires_grad=True)
+    xg = x.detach().cuda().requires_grad_()
+    y, yg = cpu(x), gpu(xg)
+    tol = 1e-4 if compute_dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(yg.cpu(), y, rtol=tol, atol=tol)
+    y.sum().backward()
+    yg.sum().backward()
+    torch.testing.assert_close(xg.grad.cpu(), x.grad, rtol=tol, atol=tol)
+    assert all(p.grad is None for p in gpu.parameters())
+
+
+def test_int4_model_with_lora_trains_on_cuda():
+    torch.manual_seed(0)
+    model = CPMBee(CONFIG)
+    add_lora(model, LoraSettings())
+    batch = packed_batch(CONFIG.vocab_size)
+    cpu_logits = run(model.eval(), batch)
+    model.cuda()
+    gpu_batch = {k: v.cuda() for k, v in batch.items()}
+    torch.testing.assert_close(run(model, gpu_batch).cpu(), cpu_logits, rtol=1e-3, atol=1e-3)
+    packed = {n: p.clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    model.train()
+    model.encoder.activation_checkpointing = True
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = run(model, gpu_batch).float().logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    after = {n: p for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    assert packed and set(after) == set(packed)
+    assert all(torch.equal(after[n], packed[n]) for n in packed), "the frozen 4-bit base changed"
+
+
+def test_qlora_cli_on_cuda(tiny, tmp_path):
+    result = finetune([a if a != "cpu" else "cuda" for a in base_args(
+        tiny, tmp_path, 10, "--model-config", str(tiny / "config-int4.json"),
+        "--load", str(tiny / "base-int4.safetensors"), "--use-delta", "--lr", "5e-3")])
+    assert result["step"] == 10
+    assert (tmp_path / "cpm_bee_finetune-delta-last" / "adapter_model.safetensors").exists()
+
+
+def test_half_int4_model_on_cuda_is_close_to_fp32():
+    torch.manual_seed(1)
+    fp32 = CPMBee(CONFIG).cuda().eval()
+    half = CPMBee(dataclasses.replace(CONFIG, half=True, int4_compute_dtype="float16")).cuda().eval()
+    half.load_state_dict(fp32.state_dict())  # same 4-bit codes; float tensors cast on copy
+    batch = {k: v.cuda() for k, v in packed_batch(CONFIG.vocab_size).items()}
+    a, b = run(fp32, batch), run(half, batch).float()
+    assert ((a - b).norm() / a.norm()).item() < 2e-2
