@@ -27,7 +27,7 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 from cpm_live.dataset.errors import DataFormatError
-from cpm_live.dataset.jsonl import JsonlDataset
+from cpm_live.dataset.jsonl import answered_records
 from cpm_live.utils import atomic_write_text
 
 METRICS = ("accuracy", "rouge", "bleu")
@@ -132,20 +132,7 @@ def compute_metrics(names: Sequence[str], preds: Sequence[Any], refs: Sequence[A
 
 def read_answers(path: str) -> list[Any]:
     """The ``"<ans>"`` value of every record of a jsonl file (error names the file and line)."""
-    dataset = JsonlDataset(path)
-    answers = []
-    try:
-        while True:
-            try:
-                record = dataset.read()
-            except EOFError:
-                break
-            if ANSWER_KEY not in record:
-                raise DataFormatError(f'{dataset.location}: the record has no "{ANSWER_KEY}" key')
-            answers.append(record[ANSWER_KEY])
-    finally:
-        dataset.close()
-    return answers
+    return [record[ANSWER_KEY] for _, record in answered_records(path, ANSWER_KEY)]
 
 
 def evaluate_files(pred_jsonl: str, ref_jsonl: str, metrics: Sequence[str] = METRICS) -> dict[str, float]:

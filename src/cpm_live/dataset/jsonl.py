@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jsonlines
@@ -78,3 +79,19 @@ class JsonlDataset:
         self._fp.seek(offset)
         self._lineno = int(state["line"])
         self._exhausted = bool(state["exhausted"])
+
+
+def answered_records(path: str | os.PathLike, answer_key: str = "<ans>") -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(file:line, record)`` for each record of a jsonl file; each must hold ``answer_key``."""
+    dataset = JsonlDataset(path)
+    try:
+        while True:
+            try:
+                record = dataset.read()
+            except EOFError:
+                return
+            if answer_key not in record:
+                raise DataFormatError(f'{dataset.location}: the record has no "{answer_key}" key')
+            yield dataset.location, record
+    finally:
+        dataset.close()

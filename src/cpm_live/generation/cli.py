@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from cpm_live.checkpoint import CheckpointError, load_model_weights
 from cpm_live.dataset.errors import DataFormatError
-from cpm_live.dataset.jsonl import JsonlDataset
+from cpm_live.dataset.jsonl import answered_records
 from cpm_live.delta import AdapterError, load_adapter
 from cpm_live.generation.bee import CPMBeeBeamSearch, CPMBeeGeneration, CPMBeeGreedy, CPMBeeSampling
 from cpm_live.generation.prompt import build_prompt
@@ -89,20 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_records(path: str) -> list[tuple[str, dict[str, Any]]]:
     """``(file:line, record)`` for every non-blank line; each must be an object with ``"<ans>"``."""
-    dataset = JsonlDataset(path)
-    records = []
-    try:
-        while True:
-            try:
-                record = dataset.read()
-            except EOFError:
-                break
-            if "<ans>" not in record:
-                raise DataFormatError(f'{dataset.location}: the record has no "<ans>" key to fill in')
-            records.append((dataset.location, record))
-    finally:
-        dataset.close()
-    return records
+    return list(answered_records(path))
 
 
 def _check_prompts(tokenizer: CPMBeeTokenizer, records: list[tuple[str, dict[str, Any]]]) -> None:
