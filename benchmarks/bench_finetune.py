@@ -131,8 +131,32 @@ def _category(name: str) -> str:
     return "other"
 
 
+def _summarize_profiles(steps: list[dict[str, tuple[float, int]]], top: int) -> dict[str, Any]:
+    """Medians over profiled steps (``op -> (self ms, calls)`` each), so one step slowed by another
+    process does not skew the result: step self time, per category (ms and share of its step), top ops."""
+    totals = [sum(ms for ms, _ in step.values()) for step in steps]
+    per_category = []
+    for step in steps:
+        cats: dict[str, float] = {}
+        for name, (ms, _) in step.items():
+            cats[_category(name)] = cats.get(_category(name), 0.0) + ms
+        per_category.append(cats)
+    cat_ms = {c: bc.median([cats.get(c, 0.0) for cats in per_category]) for c in set().union(*per_category)}
+    op_ms = {n: bc.median([step.get(n, (0.0, 0))[0] for step in steps]) for n in set().union(*steps)}
+    step_ms = bc.median(totals)
+    return {
+        "self_ms_per_step": step_ms,
+        "categories_ms": {c: round(cat_ms[c], 3) for c in sorted(cat_ms, key=cat_ms.get, reverse=True)},
+        "category_shares": {c: round(bc.median([cats.get(c, 0.0) / t for cats, t in zip(per_category, totals)]), 4)
+                            for c in sorted(cat_ms, key=cat_ms.get, reverse=True)},
+        "top_ops": [{"op": n, "self_ms": round(op_ms[n], 3), "calls": steps[0].get(n, (0.0, 0))[1],
+                     "share": round(op_ms[n] / step_ms, 4)}
+                    for n in sorted(op_ms, key=op_ms.get, reverse=True)[:top]],
+    }
+
+
 def job_profile(spec: dict[str, Any]) -> dict[str, Any]:
-    """Self time per op per step of each variant: ``spec['reps']`` profiled steps each, interleaved."""
+    """Self time per op of each variant over ``spec['reps']`` profiled steps each, interleaved."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -144,7 +168,7 @@ def job_profile(spec: dict[str, Any]) -> dict[str, Any]:
     variants = {mode: build_variant(mode, spec["dim"], spec["layers"], device) for mode in spec["modes"]}
     for model, optimizer in variants.values():  # warm-up, not profiled
         bc.train_step(model, optimizer, batch, target)
-    totals: dict[str, dict[str, tuple[float, int]]] = {mode: {} for mode in spec["modes"]}
+    steps: dict[str, list[dict[str, tuple[float, int]]]] = {mode: [] for mode in spec["modes"]}
 
     def profiled_step(mode: str) -> None:
         model, optimizer = variants[mode]
@@ -152,29 +176,13 @@ def job_profile(spec: dict[str, Any]) -> dict[str, Any]:
             bc.train_step(model, optimizer, batch, target)
             bc.sync(device)
         # Op rows only: on CUDA each kernel also has a row of its own, and its time is already in the
-        # launching op's self device time.
-        for e in (e for e in prof.key_averages() if e.device_type == DeviceType.CPU):
-            ms, calls = totals[mode].get(e.key, (0.0, 0))
-            totals[mode][e.key] = (ms + getattr(e, attr) / 1e3, calls + e.count)
+        # launching op's self device time. Values: op name -> (self ms, calls).
+        steps[mode].append({e.key: (getattr(e, attr) / 1e3, e.count) for e in prof.key_averages()
+                            if e.device_type == DeviceType.CPU})
 
     bc.interleaved({mode: (lambda m=mode: profiled_step(m)) for mode in spec["modes"]}, reps=spec["reps"],
                    device=device, warmup=0)
-    reps = spec["reps"]
-    out = {}
-    for mode, ops in totals.items():
-        per_step = sorted(((name, ms / reps, calls // reps) for name, (ms, calls) in ops.items()),
-                          key=lambda r: -r[1])
-        total = sum(r[1] for r in per_step)
-        categories: dict[str, float] = {}
-        for name, ms, _ in per_step:
-            categories[_category(name)] = categories.get(_category(name), 0.0) + ms
-        out[mode] = {
-            "self_ms_per_step": total,
-            "categories_ms": {k: round(v, 3) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
-            "top_ops": [{"op": n, "self_ms": round(ms, 3), "calls": c, "share": round(ms / total, 4)}
-                        for n, ms, c in per_step[: spec.get("top", 12)]],
-        }
-    return out
+    return {mode: _summarize_profiles(mode_steps, spec.get("top", 12)) for mode, mode_steps in steps.items()}
 
 
 def run_finetune(configs: list[dict[str, Any]], device: str, threads: int, reps: int, mem_steps: int,
@@ -225,10 +233,9 @@ def run_profile(dim: int, layers: int, tokens: int, device: str, threads: int, r
     prof = bc.run_isolated(job_profile, {"dim": dim, "layers": layers, "tokens": tokens, "device": device,
                                          "threads": threads, "modes": ["qlora", baseline], "reps": reps})
     q, b = prof["qlora"], prof[baseline]
-    deq = q["categories_ms"].get("dequantize_4bit", 0.0)
     return {
         "dim": dim, "layers": layers, "tokens": tokens, "baseline": baseline, "profiled_steps": reps, **prof,
         "qlora_minus_baseline_ms": q["self_ms_per_step"] - b["self_ms_per_step"],
-        "dequantize_share_of_qlora": deq / q["self_ms_per_step"],
-        "matmul_qlora_over_baseline": q["categories_ms"].get("matmul", 0.0) / b["categories_ms"]["matmul"],
+        "dequantize_share_of_qlora": q["category_shares"].get("dequantize_4bit", 0.0),
+        "matmul_share": {"qlora": q["category_shares"]["matmul"], baseline: b["category_shares"]["matmul"]},
     }
