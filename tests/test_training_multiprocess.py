@@ -31,8 +31,12 @@ def env() -> dict[str, str]:
 
 def test_two_ranks_train_evaluate_save_and_resume(tiny, tmp_path):
     save = tmp_path / "run"
-    eval_flags = ("--eval_dataset", str(REPO / "src" / "cpm_live" / "demo_data" / "eval.jsonl"),
-                  "--eval-interval", "3", "--save-iters", "3")
+    # 12 eval records, one per row: global batches of 8 and 4 rows, so rank 1 has no rows in the
+    # second one and must still take part in the sharded forward.
+    eval_file = tmp_path / "eval.jsonl"
+    lines = (REPO / "src" / "cpm_live" / "demo_data" / "eval.jsonl").read_text().splitlines(keepends=True)
+    eval_file.write_text("".join(lines[:12]))
+    eval_flags = ("--eval_dataset", str(eval_file), "--eval-interval", "3", "--save-iters", "3")
     first = subprocess.run(torchrun(tiny, save, 6, *eval_flags), env=env(), capture_output=True, text=True,
                            timeout=TIMEOUT)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

@@ -1,5 +1,6 @@
-"""The CCPM tutorials run as written: the ```bash blocks of tutorials/basic_task_finetune/README*.md are
-executed in order by bash, on 40 synthetic raw CCPM lines, the tiny vocab and a tiny random model.
+"""The CCPM tutorials run as written: the ```bash blocks of tutorials/basic_task_finetune/README_qlora.md
+and README.md are executed in order by bash, on 40 synthetic raw CCPM lines, the tiny vocab and a tiny
+random model; README_zh.md must carry exactly README_qlora.md's commands.
 
 Only the sizes change (SCALE_* below: steps, batch, max length, process count), by exact text
 replacement, and every replaced text must occur, so an edited README cannot slip past the test.
@@ -187,6 +188,16 @@ def test_plain_walkthrough(inputs, tmp_path):
     assert full.keys() == original.keys()
     assert not torch.equal(full["input_embedding.weight"], original["input_embedding.weight"])
     check_predictions(folder, "results/eval_predictions.jsonl", "results/eval_scores.json")
+
+
+def test_chinese_walkthrough_has_the_same_commands():
+    """README_zh.md is a translation: its commands (run or skipped) are byte-identical to README_qlora.md's."""
+    def all_blocks(readme: Path) -> list[str]:
+        return re.findall(r"^```bash\n(.*?)^```$", readme.read_text(encoding="utf-8"), re.S | re.M)
+
+    english, chinese = TUTORIAL / "README_qlora.md", TUTORIAL / "README_zh.md"
+    assert bash_blocks(chinese) == bash_blocks(english)
+    assert all_blocks(chinese) == all_blocks(english)
 
 
 def test_readmes_skip_only_what_they_mark():

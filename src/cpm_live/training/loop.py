@@ -64,6 +64,7 @@ class Trainer:
         self.metrics = MetricsLogger(args.save, tb_dir, self.engine.is_main, resume_step=self.step)
         self._stop_requested = False
         self._saved_step = None
+        self._last_batch: dict[str, Any] | None = None
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     # ---------------------------------------------------------------- setup
@@ -117,6 +118,21 @@ class Trainer:
         out["context"] = out["context"].bool()
         return out
 
+    def _filled(self, batch: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], bool]:
+        """``(tensors, real)``. A rank without rows (None) gets a stand-in to run with weight 0:
+        under FSDP every rank must make the same forward/backward collectives. The stand-in is its
+        last real batch, or a one-token row before it has seen any."""
+        if batch is not None:
+            self._last_batch = batch
+            return self._to_device(batch), True
+        if self._last_batch is None:
+            one = torch.zeros(1, 1, dtype=torch.int32)
+            self._last_batch = {k: one for k in MODEL_KEYS if k not in ("length", "ext_ids", "ext_sub")}
+            self._last_batch.update(length=torch.ones(1, dtype=torch.int32), context=one.bool(),
+                                    ext_ids=torch.zeros(1, dtype=torch.int32), ext_sub=torch.ones(1, dtype=torch.int32),
+                                    target=torch.full((1, 1), -100, dtype=torch.int32))
+        return self._to_device(self._last_batch), False
+
     def _token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Sum of per-token cross entropy over labelled tokens, and their count."""
         logits, _ = self.model(*(batch[k] for k in MODEL_KEYS))
@@ -144,11 +160,7 @@ class Trainer:
         re-runs its previous batch with weight 0 so the collectives still line up.
         """
         engine = self.engine
-        batches = []
-        for b in micro:
-            if b is not None:
-                self._last_batch = b
-            batches.append((self._to_device(self._last_batch), b is not None))
+        batches = [self._filled(b) for b in micro]
         local_tokens = sum(int((b["target"] != -100).sum()) for b, real in batches if real)
         global_tokens = engine.all_reduce_sum(float(local_tokens))
         lr = self.schedule.apply(self.step)
@@ -159,8 +171,7 @@ class Trainer:
             weight = engine.world_size / max(global_tokens, 1.0) if real else 0.0
             engine.backward(loss * weight)
             loss_sum += float(loss.detach()) if real else 0.0
-        grad_norm = engine.clip_grad_norm(self.args.clip_grad) if self.args.clip_grad > 0 \
-            else engine.clip_grad_norm(math.inf)
+        grad_norm = engine.clip_grad_norm(self.args.clip_grad if self.args.clip_grad > 0 else math.inf)
         stepped = engine.step(self.optimizer)
         engine.zero_grad(self.optimizer)
         elapsed = time.perf_counter() - start
@@ -181,10 +192,10 @@ class Trainer:
         data = self._dataset(self.args.eval_dataset, self.args.batch_size, drop_last=False)
         loss_sum, tokens = 0.0, 0
         for batch in data.epoch():
-            if batch is None:
-                continue
-            loss, n = self._token_losses(self._to_device(batch))
-            loss_sum, tokens = loss_sum + float(loss), tokens + n
+            tensors, real = self._filled(batch)
+            loss, n = self._token_losses(tensors)
+            if real:
+                loss_sum, tokens = loss_sum + float(loss), tokens + n
         self.model.train()
         total_tokens = self.engine.all_reduce_sum(float(tokens))
         return self.engine.all_reduce_sum(loss_sum) / max(total_tokens, 1.0)
@@ -221,7 +232,6 @@ class Trainer:
             os.makedirs(args.save, exist_ok=True)
             self.config.to_json_file(os.path.join(args.save, "model_config.json"))
         self.model.train()
-        self._last_batch = None
         # A bar on a terminal; plain log lines (every --log-interval steps) in files and CI logs.
         self._bar = tqdm(total=args.train_iters, initial=self.step, desc="train", dynamic_ncols=True,
                          disable=None if engine.is_main else True)
