@@ -28,7 +28,6 @@ setup(
         "tensorboard>=2.14,<2.22",
         "rouge-score>=0.1.2,<0.2",
         "sacrebleu>=2.3,<2.7",
-        "jieba>=0.42,<0.43",
     ],
     extras_require={
         "test": ["pytest>=7,<10", "ruff>=0.5", "matplotlib>=3.7,<4"],
@@ -39,6 +38,8 @@ setup(
             "cpm-bee-quantize=cpm_live.quant.cli:main",
             "cpm-bee-export=cpm_live.quant.export:main",
             "cpm-bee-finetune=cpm_live.training.cli:main",
+            "cpm-bee-finetune-qlora=cpm_live.training.cli:qlora_main",
+            "cpm-bee-preprocess=cpm_live.dataset.preprocess:main",
             "cpm-bee-generate=cpm_live.generation.cli:main",
             "cpm-bee-evaluate=cpm_live.evaluation:main",
             "cpm-bee-demo=cpm_live.demo:main",
