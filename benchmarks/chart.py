@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen befor
 from cpm_live.utils import atomic_path  # noqa: E402
 
 COLORS = {"full": "#999999", "lora_fp32": "#4c72b0", "lora_bf16": "#8172b2", "qlora": "#dd8452",
-          "hf_bnb": "#55a868", "cpm_live": "#dd8452", "dense": "#4c72b0"}
+          "cpm_live / hf_bnb": "#dd8452", "hf_bnb / dense": "#55a868", "cpm_live / dense": "#4c72b0"}
 
 
 def _grouped_bars(ax, groups: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:
@@ -29,9 +29,11 @@ def _grouped_bars(ax, groups: list[str], series: dict[str, list[float]], ylabel:
 def _finetune(ax_time, ax_mem, finetune: dict[str, Any]) -> None:
     configs = finetune["configs"]
     groups = [f"d{c['dim']} L{c['layers']}\n{c['tokens']} tok" for c in configs]
+    ratios = {name: [c["ratios"].get(f"{name}_over_lora_time", 0.0) for c in configs] for name in ("full", "qlora")}
+    _grouped_bars(ax_time, groups, ratios, f"step time / {finetune['baseline_for_qlora']} step time",
+                  "step time (fwd+bwd+AdamW) vs LoRA, paired median")
+    ax_time.axhline(1.0, color="black", lw=0.8)
     modes = finetune["modes"]
-    _grouped_bars(ax_time, groups, {m: [c["modes"][m]["step_s_median"] for c in configs] for m in modes},
-                  "seconds", "step time (fwd+bwd+AdamW), median")
     _grouped_bars(ax_mem, groups, {m: [c["modes"][m]["peak_above_baseline_mib"] for c in configs] for m in modes},
                   "MiB above warm-up baseline", "peak memory of a step")
 
@@ -39,9 +41,11 @@ def _finetune(ax_time, ax_mem, finetune: dict[str, Any]) -> None:
 def _layers(ax, layers: dict[str, Any]) -> None:
     rows = layers["results"]
     groups = [f"{r['dim_in']}x{r['dim_out']}\n{r['tokens']} tok" for r in rows]
-    names = list(rows[0]["seconds_median"])
-    _grouped_bars(ax, groups, {n: [r["seconds_median"][n] * 1e3 for r in rows] for n in names},
-                  "ms", "one projection + LoRA, fwd+bwd")
+    series = {"cpm_live / hf_bnb": "cpm_live_over_hf_bnb", "hf_bnb / dense": "hf_bnb_over_dense",
+              "cpm_live / dense": "cpm_live_over_dense"}
+    _grouped_bars(ax, groups, {label: [r[key] for r in rows] for label, key in series.items()},
+                  "time ratio", "one projection + LoRA, fwd+bwd, paired median")
+    ax.axhline(1.0, color="black", lw=0.8)
 
 
 def _quantize(ax, streaming: dict[str, Any]) -> None:
