@@ -189,7 +189,10 @@ def run_measured_10b(tokens: int = 2048, steps: int = 3, log=print) -> dict[str,
         except RuntimeError as e:  # e.g. bf16 LoRA of 10B does not fit a 24 GB GPU
             out[mode] = {"error": str(e).splitlines()[-1]}
         log(f"  10B {mode}: {out[mode]}")
-    out.update(bc.run_isolated(job_interleave_10b, {"tokens": tokens, "steps": steps}))
+    try:
+        out.update(bc.run_isolated(job_interleave_10b, {"tokens": tokens, "steps": steps}))
+    except RuntimeError as e:
+        out["interleaved"] = {"error": str(e).splitlines()[-1]}
     if "peak_gib" in out["qlora"] and "peak_gib" in out["lora_bf16"]:
         out["qlora_over_lora_peak"] = out["qlora"]["peak_gib"] / out["lora_bf16"]["peak_gib"]
         out["qlora_under_12_gib"] = out["qlora"]["peak_gib"] < 12.0

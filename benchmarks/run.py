@@ -30,6 +30,8 @@ import chart
 import estimate_10b
 import torch
 
+from cpm_live.utils import atomic_write_text
+
 SECTIONS = ("finetune", "profile", "layers", "compression", "quantize_streaming", "scaling", "estimate_10b",
             "measured_10b")
 
@@ -169,10 +171,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results[name] = run_section(name, plan, args, workdir)
             results["meta"].setdefault("section_seconds", {})[name] = time.perf_counter() - section_start
             log(f"{name} done in {time.perf_counter() - section_start:.0f} s")
+            # Written after every section, so a long run that fails later keeps what it measured.
+            atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
     results["meta"]["runtime_s"] = time.perf_counter() - start
     results["summary"] = summarize(results)
-    from cpm_live.utils import atomic_write_text
-
     atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
     png = os.path.splitext(args.out)[0] + ".png"
     chart.write_chart(results, png)
