@@ -97,7 +97,7 @@ def test_malformed_data_line_fails_naming_file_and_line(tiny, tmp_path):
     bad.write_text('{"input": "a", "<ans>": "b"}\n{"input": "broken\n')
     args = base_args(tiny, tmp_path / "out", 5, "--model-config", str(tiny / "config.json"))
     args[args.index("--dataset") + 1] = str(bad)
-    with pytest.raises(Exception, match=r"bad\.jsonl:2"):
+    with pytest.raises(SystemExit, match=r"error: .*bad\.jsonl:2"):
         finetune(args)
     assert not (tmp_path / "out" / "checkpoints").exists()
 
@@ -105,7 +105,7 @@ def test_malformed_data_line_fails_naming_file_and_line(tiny, tmp_path):
 def test_missing_vocab_fails_clearly(tiny, tmp_path):
     args = base_args(tiny, tmp_path / "out", 5, "--model-config", str(tiny / "config.json"))
     del args[0:2]  # no --vocab, and no vocab.txt beside a checkpoint
-    with pytest.raises(FileNotFoundError, match="--vocab"):
+    with pytest.raises(SystemExit, match="error: no vocab.*--vocab"):
         finetune(args)
 
 

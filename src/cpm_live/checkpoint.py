@@ -280,8 +280,8 @@ def load_model_weights(model: nn.Module, config: CPMBeeConfig, path: str | os.Pa
         compressed = reader.is_compressed()
         if compressed and not config.int4:
             raise CheckpointError(
-                f'this checkpoint is int4-compressed: set "int4": true in {where} to train on it, or export '
-                f"it first: cpm-bee-export --model-config {where} --load {path} --output model.pt "
+                f'this checkpoint is int4-compressed: set "int4": true in {where} (or pass --int4) to use it, '
+                f"or export it first: cpm-bee-export --model-config {where} --load {path} --output model.pt "
                 f"--dtype fp16"
             )
         settings = reader.quant_settings

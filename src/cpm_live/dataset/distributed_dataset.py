@@ -130,7 +130,8 @@ class DatasetBuilder:
         meta_path = os.path.join(path, "meta.bin")
         info = read_info_list(meta_path) if os.path.exists(meta_path) else []
         if any(v.file_name == dbname for v in info):
-            raise ValueError(f"Dataset name exists: {dbname} is already listed in {meta_path}")
+            raise ValueError(f"Dataset name exists: {dbname} is already listed in {meta_path}; remove the output "
+                             f"folder {path} (or choose another --output_name) and run again")
         self._db_path = os.path.join(path, dbname)
         if os.path.exists(self._db_path):
             raise ValueError(f"File exists `{self._db_path}`")

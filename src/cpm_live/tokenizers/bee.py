@@ -40,6 +40,10 @@ class Token:
     is_special: bool
 
 
+class VocabError(ValueError):
+    """The vocab file is malformed; the message names the file and the line."""
+
+
 def load_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
     """Read a vocab file: id = index among non-empty lines (lines split on \\n, \\r\\n and \\r).
 
@@ -56,15 +60,15 @@ def load_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
             if not token:
                 continue
             if token in vocab:
-                raise ValueError(
+                raise VocabError(
                     f"vocab file {path}: line {lineno} repeats entry {token!r} (first at id {vocab[token]})"
                 )
             vocab[token] = len(vocab)
     if not vocab:
-        raise ValueError(f"vocab file {path} is empty")
+        raise VocabError(f"vocab file {path} is empty")
     missing = [t for t in _REQUIRED_TOKENS if t not in vocab]
     if missing:
-        raise ValueError(f"vocab file {path} lacks required special tokens {missing}; is it a CPM-Bee vocab?")
+        raise VocabError(f"vocab file {path} lacks required special tokens {missing}; is it a CPM-Bee vocab?")
     return vocab
 
 

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from cpm_live.checkpoint import CheckpointError
+from cpm_live.dataset.errors import DataFormatError
+from cpm_live.delta import AdapterError
+from cpm_live.engine import EngineError
+from cpm_live.models import ConfigError
+from cpm_live.tokenizers.bee import VocabError
 from cpm_live.training.args import build_parser, validate
+
+USER_ERRORS = (CheckpointError, ConfigError, DataFormatError, AdapterError, EngineError, VocabError,
+               FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None, qlora: bool = False) -> dict:
@@ -16,11 +25,14 @@ def main(argv: Sequence[str] | None = None, qlora: bool = False) -> dict:
     validate(args)
     from cpm_live.training.loop import Trainer
 
-    trainer = Trainer(args)
     try:
-        return trainer.train()
-    finally:
-        trainer.engine.close()
+        trainer = Trainer(args)
+        try:
+            return trainer.train()
+        finally:
+            trainer.engine.close()
+    except USER_ERRORS as e:  # a bad file, flag or config: one line saying what to fix, no traceback
+        raise SystemExit(f"error: {e}") from e
 
 
 def qlora_main(argv: Sequence[str] | None = None) -> dict:

@@ -93,6 +93,7 @@ class Trainer:
     def _resume(self) -> None:
         args = self.args
         path = ckpt.find_checkpoint(args.resume, args.save) if args.resume else None
+        self._resumed_from = path
         if path is None:
             self.step = args.start_step
             if args.resume == "auto":
@@ -107,6 +108,12 @@ class Trainer:
         self.train_data.load_state_dict(trainer["data"])
         ckpt.set_rng_state(saved["rng"])
         self.engine.print_rank0(f"resumed from {path} at step {self.step}, epoch {self.epoch}")
+
+    def _report_skipped(self) -> None:
+        skipped = self.train_data.num_skipped
+        if skipped:
+            self.engine.print_rank0(f"warning: {skipped} record(s) of {self.args.dataset} so far were longer than "
+                                    f"--max-length {self.args.max_length} tokens and were skipped")
 
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self._stop_requested = True
@@ -235,7 +242,7 @@ class Trainer:
         # A bar on a terminal; plain log lines (every --log-interval steps) in files and CI logs.
         self._bar = tqdm(total=args.train_iters, initial=self.step, desc="train", dynamic_ncols=True,
                          disable=None if engine.is_main else True)
-        stop_reason, empty_epochs = None, 0
+        stop_reason, first_epoch, resumed = None, True, self._resumed_from is not None
         while stop_reason is None:
             if self.epoch >= args.epoch:
                 stop_reason = "epochs done"
@@ -244,11 +251,12 @@ class Trainer:
             while stop_reason is None and (micro := self._next_microbatches(batches)):
                 stop_reason = self._step_and_bookkeeping(micro)
             if stop_reason is None:  # the epoch's data ran out
-                # One empty epoch is normal after resuming at an epoch's end; two in a row means no data.
-                empty_epochs = empty_epochs + 1 if self.step == steps_before else 0
-                if empty_epochs == 2:
+                self._report_skipped()
+                # Only the first epoch after a resume may be empty (the run stopped at an epoch's end).
+                if self.step == steps_before and not (resumed and first_epoch):
                     raise SystemExit(f"error: {args.dataset} gave no training batch: is it empty, or is every "
                                      f"record longer than --max-length {args.max_length} tokens?")
+                first_epoch = False
                 self.epoch += 1
                 self.train_data.start_next_epoch()
         self._bar.close()

@@ -379,6 +379,11 @@ class FinetuneDataset:
             ret.update({k: batch[k] for k in shared})
             yield ret
 
+    @property
+    def num_skipped(self) -> int:
+        """Records dropped so far for being longer than ``max_length`` (as the original does)."""
+        return self._packer.num_skipped
+
     def start_next_epoch(self) -> None:
         """Rewind to the first record (dropping unfinished rows) for the next epoch."""
         self._source.restart()
