@@ -89,7 +89,7 @@ def run_demo(out: str, base_steps: int, qlora_steps: int) -> dict:
                    "--eval-interval", str(max(qlora_steps // 4, 1)), "--early-stop-patience", "100",
                    "--save", qlora_dir, "--save-name", "demo", "--save-iters", str(max(qlora_steps // 2, 1)),
                    "--epoch", "100", "--train-iters", str(qlora_steps), "--lr", "2e-3",
-                   "--weight-decay", "0.0"] + common)
+                   "--weight-decay", "0.0"] + common + ["--log-interval", "5"])
     losses = [r["loss"] for r in read_metrics(os.path.join(qlora_dir, "metrics.jsonl")) if "loss" in r]
     head, tail = sum(losses[:3]) / len(losses[:3]), sum(losses[-3:]) / len(losses[-3:])
     print(f"QLoRA train loss: first logged {head:.3f} -> last logged {tail:.3f}")
