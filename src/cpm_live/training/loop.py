@@ -65,7 +65,6 @@ class Trainer:
         self._stop_requested = False
         self._saved_step = None
         self._last_batch: dict[str, Any] | None = None
-        signal.signal(signal.SIGTERM, self._on_sigterm)
 
     # ---------------------------------------------------------------- setup
     def _build_model(self) -> torch.nn.Module:
@@ -234,6 +233,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def train(self) -> dict[str, Any]:
+        """Run until --train-iters, --epoch, early stopping or SIGTERM; SIGTERM is only caught meanwhile."""
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._train()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _train(self) -> dict[str, Any]:
         args, engine = self.args, self.engine
         if args.save and engine.is_main:
             os.makedirs(args.save, exist_ok=True)
