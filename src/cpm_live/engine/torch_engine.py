@@ -91,6 +91,21 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 p.grad.zero_()
 
 
+def _restart_scoped_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun restarts, a store whose keys are private to this attempt (else None: env://).
+
+    torchrun's workers reuse the agent's TCPStore across restarts without a per-attempt prefix, so
+    after a rank dies the new workers can read the dead attempt's gloo addresses and fail with
+    "connectFullMesh ... Connection refused" (seen here in a 2-rank CPU run).
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"cpm_live/attempt_{attempt}/", agent_store)
+
+
 class TorchEngine(Engine):
     name = "torch"
 
@@ -113,8 +128,9 @@ class TorchEngine(Engine):
                 if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
                     raise EngineError(f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set: "
                                       "launch with torchrun --nproc_per_node N")
+                timeout = datetime.timedelta(seconds=timeout_s)
                 dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
-                                        timeout=datetime.timedelta(seconds=timeout_s),
+                                        timeout=timeout, store=_restart_scoped_store(world_size, timeout),
                                         device_id=self.device if use_cuda else None)
                 self._owns_group = True
             elif dist.get_world_size() != world_size:
