@@ -15,7 +15,6 @@ class MetricsLogger:
     """
 
     def __init__(self, save_dir: str | None, tensorboard_dir: str | None, enabled: bool, resume_step: int = 0):
-        self.enabled = enabled and save_dir is not None
         self._file = None
         self._tb = None
         if not enabled:
@@ -37,7 +36,7 @@ class MetricsLogger:
         if self._tb is not None:
             step = record["step"]
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(f"{tb_prefix}/{key}", value, step)
             self._tb.flush()
 
