@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from cpm_live.layers.linear4bit import Linear4bit
+from cpm_live.models.bee import CPMBee
 from cpm_live.models.config import CPMBeeConfig
 from cpm_live.quant import format as qformat
 from cpm_live.quant.stream import DTYPE_NAMES, SafetensorsWriter, nbytes
@@ -264,6 +265,15 @@ def check_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tupl
                  f"num_heads, dim_head, dim_ff, num_layers, mask_modules in {where}), "
                  f"or a checkpoint that fits it.")
     raise CheckpointError("\n".join(lines))
+
+
+def build_model(config: CPMBeeConfig, path: str | os.PathLike, device: torch.device | str = "cpu") -> CPMBee:
+    """``CPMBee(config)`` with the weights of ``path``: built on the meta device, then filled by
+    :func:`load_model_weights`, so no memory goes to (and no 4-bit quantization to) a random init."""
+    with torch.device("meta"):
+        model = CPMBee(config)
+    load_model_weights(model, config, path, device=device)
+    return model
 
 
 def load_model_weights(model: nn.Module, config: CPMBeeConfig, path: str | os.PathLike,

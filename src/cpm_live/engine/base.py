@@ -243,15 +243,20 @@ class Engine(abc.ABC):
         if self.is_main:
             print(*args, **kwargs, flush=True)
 
-    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean token cross entropy over labelled targets (``-100`` ignored), computed in fp32.
+    def cross_entropy_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Sum of token cross entropy over labelled targets (``-100`` ignored), computed in fp32.
 
-        No labelled token gives 0 (with a graph), not the 0/0 NaN of ``reduction="mean"``.
+        The training loop divides it by the step's global token count; engines override this one
+        method to use a fused kernel.
         """
         targets = targets.reshape(-1)
-        loss_sum = F.cross_entropy(logits.reshape(targets.numel(), -1).float(), targets.long(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss_sum / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return F.cross_entropy(logits.reshape(targets.numel(), -1).float(), targets.long(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean token cross entropy over labelled targets; no labelled token gives 0 (with a graph),
+        not the 0/0 NaN of ``reduction="mean"``."""
+        return self.cross_entropy_sum(logits, targets) / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
     def peak_memory_mb(self) -> float:
         """Peak memory of this rank: CUDA allocator peak on GPU, the process's max RSS on CPU."""

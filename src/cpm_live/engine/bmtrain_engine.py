@@ -349,12 +349,11 @@ class BMTrainEngine(Engine):
         """BMTrain has no API to destroy its NCCL communicator; wait for outstanding work only."""
         torch.cuda.synchronize()
 
-    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def cross_entropy_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """fp16 logits use ``bmt.loss.FusedCrossEntropy`` (fp32 math without an fp32 copy of the
-        logits); other dtypes the generic fp32 path. Mean over labelled tokens, 0 if none."""
+        logits); other dtypes the generic fp32 path."""
         if logits.dtype != torch.float16:
-            return super().cross_entropy(logits, targets)
+            return super().cross_entropy_sum(logits, targets)
         targets = targets.reshape(-1)
-        loss_sum = FusedCrossEntropy(ignore_index=IGNORE_INDEX, reduction="sum")(
+        return FusedCrossEntropy(ignore_index=IGNORE_INDEX, reduction="sum")(
             logits.reshape(targets.numel(), -1).contiguous(), targets)
-        return loss_sum / (targets != IGNORE_INDEX).sum().clamp(min=1)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cpm_live.checkpoint import CheckpointError, load_model_weights
+from cpm_live.checkpoint import CheckpointError, build_model
 from cpm_live.dataset.errors import DataFormatError
 from cpm_live.dataset.jsonl import answered_records
 from cpm_live.delta import AdapterError, load_adapter
@@ -108,10 +108,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> CPMBee:
     if device.type == "cpu" and config.half:
         print("--device cpu: running the fp16 config in fp32", file=sys.stderr)
         config = CPMBeeConfig.from_json_file(args.model_config, half=False, **overrides)
-    # Built on meta and filled by the loader: an int4 model never quantizes a random initialisation.
-    with torch.device("meta"):
-        model = CPMBee(config)
-    load_model_weights(model, config, args.load, device=device)
+    model = build_model(config, args.load, device=device)
     if args.delta is not None:
         load_adapter(model, args.delta)
     return model

@@ -186,14 +186,12 @@ def _check_merged(summary: ExportSummary, delta, adapter_path: str) -> None:
 def logits_drift(dense_config: CPMBeeConfig, dense_path: str, int4_path: str, length: int = 32,
                  seed: int = 0) -> float:
     """Relative L2 difference of the logits of an int4 checkpoint vs its dense source on random tokens."""
-    from cpm_live.checkpoint import load_model_weights
+    from cpm_live.checkpoint import build_model
 
     int4_config = dataclasses.replace(dense_config, int4=True)
     logits = []
     for config, path in ((dense_config, dense_path), (int4_config, int4_path)):
-        with torch.device("meta"):
-            model = CPMBee(config)
-        load_model_weights(model, config, path)
+        model = build_model(config, path)
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(11, config.vocab_size, (1, length), generator=g, dtype=torch.int32)
         zeros = torch.zeros(1, length, dtype=torch.int32)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cpm_live.checkpoint import load_model_weights
+from cpm_live.checkpoint import build_model
 from cpm_live.delta import add_lora, lora_settings_from_args, save_adapter, trainable_parameter_report
 from cpm_live.engine import engine_from_args, format_summary, inspect_model
 from cpm_live.models import CPMBee, CPMBeeConfig
@@ -40,7 +40,6 @@ class Trainer:
         self.config = CPMBeeConfig.from_json_file(args.model_config, **overrides)
         self.engine.check_consistent(self.config.to_dict(), "model config")
         self.lora = lora_settings_from_args(args)
-        self.use_lora = self.lora is not None
         if self.config.int4 and not self.use_lora:
             raise SystemExit(
                 f"error: {args.model_config} sets int4 but LoRA is off: the 4-bit base is frozen, so "
@@ -66,14 +65,15 @@ class Trainer:
         self._saved_step = None
         self._last_batch: dict[str, Any] | None = None
 
+    @property
+    def use_lora(self) -> bool:
+        return self.lora is not None
+
     # ---------------------------------------------------------------- setup
     def _build_model(self) -> torch.nn.Module:
         args, engine = self.args, self.engine
         if args.load:
-            # Built on meta, so an int4 model does not first quantize a random initialisation.
-            with torch.device("meta"):
-                model = CPMBee(self.config)
-            load_model_weights(model, self.config, args.load)
+            model = build_model(self.config, args.load)
         else:
             engine.print_rank0("warning: no --load given; training from random initialisation")
             model = CPMBee(self.config)
@@ -142,10 +142,8 @@ class Trainer:
     def _token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Sum of per-token cross entropy over labelled tokens, and their count."""
         logits, _ = self.model(*(batch[k] for k in MODEL_KEYS))
-        target = batch["target"].long()
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
-                                                 ignore_index=-100, reduction="sum")
-        return loss, int((target != -100).sum())
+        target = batch["target"]
+        return self.engine.cross_entropy_sum(logits, target), int((target != -100).sum())
 
     def _next_microbatches(self, it) -> list[dict[str, Any] | None]:
         """Up to ``accumulation`` micro-batches; an empty list at the end of the epoch."""
