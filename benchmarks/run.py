@@ -3,6 +3,7 @@
     python benchmarks/run.py --quick --out benchmarks/results-cpu-quick.json     # ~5 min on 2 CPU cores
     python benchmarks/run.py --out results.json                                  # the full sweep
     python benchmarks/run.py --device cuda --out results-gpu.json                # adds the measured 10B step
+    python benchmarks/run.py --device cuda --quick --sections finetune,measured_10b --out r.json  # GPU, minutes
 
 Sections: finetune (QLoRA vs LoRA vs full step time and peak memory), profile (where QLoRA time goes),
 layers (our Linear4bit+LoRA vs bitsandbytes Linear4bit+peft), compression and quantize_streaming
@@ -55,6 +56,17 @@ PLANS: dict[str, dict[str, Any]] = {
         "compression": {"bpp_shapes": [(4096, 4096), (10240, 4096), (4096, 10240)]},
         "quantize_streaming": {"dim": 2048, "layers": [2, 4, 8, 16], "formats": ["pt", "safetensors"]},
         "scaling": {"modes": ["qlora", "full"], "dim": 1024, "layers": 4, "tokens": 1024, "steps": 5, "reps": 3},
+    },
+    # --device cuda --quick: what fits a few minutes of a lent H100/H200 (tools/gpu_check.sh), at >= 2048
+    # tokens per micro-batch so that the GPU is busy enough for the ratios to mean something.
+    "gpu": {
+        "finetune": {"configs": [{"dim": 2048, "layers": 4, "tokens": 2048},
+                                 {"dim": 4096, "layers": 2, "tokens": 4096}], "reps": 5, "mem_steps": 2},
+        "profile": {"dim": 2048, "layers": 4, "tokens": 2048, "reps": 3},
+        "layers": {"shapes": [(4096, 4096), (4096, 10240), (10240, 4096)], "tokens": 4096, "reps": 7},
+        "compression": {"bpp_shapes": [(4096, 4096)]},
+        "quantize_streaming": {"dim": 2048, "layers": [2, 4, 8], "formats": ["safetensors"]},
+        "scaling": {"modes": ["qlora"], "dim": 512, "layers": 2, "tokens": 512, "steps": 3, "reps": 1},
     },
 }
 
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     bc.quiet()
     torch.set_num_threads(args.threads)
-    plan = PLANS["quick" if args.quick else "full"]
+    plan = PLANS[("gpu" if args.device == "cuda" else "quick") if args.quick else "full"]
     start = time.perf_counter()
     results: dict[str, Any] = {"meta": {
         "command": " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),

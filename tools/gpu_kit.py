@@ -1,0 +1,194 @@
+"""Helpers of tools/gpu_check.sh: check the carried wheels, find NCCL for bmtrain, write the report.
+
+    python tools/gpu_kit.py check-wheels .whl      # CPU: everything the GPU run imports is carried or in the image
+    python tools/gpu_kit.py nccl                    # GPU: print NCCL_INCLUDE_DIR=... NCCL_LIB_DIR=... for CMake
+    python tools/gpu_kit.py report OUTDIR OUT.json  # GPU: stage table + results into one JSON
+
+Standard library only: ``check-wheels`` runs on a bare CPU machine.
+"""
+
+from __future__ import annotations
+
+import ast
+import email.parser
+import glob
+import json
+import os
+import re
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_WHEELS_MIB = 60
+# Code that runs on the GPU machine; its third-party imports must all be satisfiable there.
+GPU_CODE = ["src/cpm_live", "src/*.py", "tests/gpu", "tests/conftest.py", "tests/test_model.py",
+            "tests/dist_scripts", "tests/__init__.py", "benchmarks", "tools/gpu_train_check.py"]
+# Import name -> distribution name, where they differ.
+IMPORT_TO_DIST = {"rouge_score": "rouge-score", "yaml": "pyyaml", "google": "protobuf", "PIL": "pillow",
+                  "sklearn": "scikit-learn"}
+# Distributions needed only to build bmtrain from its sdist there.
+BUILD_NEEDS = ["setuptools", "wheel", "pybind11", "cmake", "ninja", "numpy"]
+
+
+def normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def image_packages() -> set[str]:
+    lines = (REPO / "tools" / "gpu_image_packages.txt").read_text().splitlines()
+    return {normalize(x) for x in lines if x.strip() and not x.startswith("#")}
+
+
+def wheel_metadata(path: Path) -> tuple[str, list[str]]:
+    """(distribution name, unconditional requirements) of a wheel or an sdist."""
+    if path.suffix == ".whl":
+        with zipfile.ZipFile(path) as z:
+            meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+            text = z.read(meta).decode()
+    else:
+        with tarfile.open(path) as t:
+            member = next(m for m in t.getmembers() if m.name.count("/") == 1 and m.name.endswith("/PKG-INFO"))
+            text = t.extractfile(member).read().decode()
+    msg = email.parser.Parser().parsestr(text)
+    requires = [r for r in msg.get_all("Requires-Dist") or [] if "extra ==" not in r]
+    return normalize(msg["Name"]), [normalize(re.split(r"[\s;<>=!~\[(]", r, maxsplit=1)[0]) for r in requires]
+
+
+def third_party_imports() -> dict[str, str]:
+    """Top-level import names used by the GPU run's code -> one file that imports it."""
+    local = {"cpm_live", "tests", "bench_common", "bench_finetune", "bench_layers", "bench_quantize",
+             "bench_scaling", "chart", "estimate_10b", "scaling_worker", "run", "gpu_kit", "gpu_train_check"}
+    found: dict[str, str] = {}
+    files: list[Path] = []
+    for pattern in GPU_CODE:
+        for hit in glob.glob(str(REPO / pattern)):
+            p = Path(hit)
+            files += sorted(p.rglob("*.py")) if p.is_dir() else [p]
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in local:
+                    found.setdefault(top, str(f.relative_to(REPO)))
+    return found
+
+
+def check_wheels(whl_dir: str) -> int:
+    """0 when .whl/ holds what the image lacks, within the size limit; else 1 with the reasons."""
+    d = Path(whl_dir)
+    problems: list[str] = []
+    files = sorted(d.glob("*.whl")) + sorted(d.glob("*.tar.gz")) if d.is_dir() else []
+    if not files:
+        print(f"{whl_dir}: no wheels; run `bash tools/gpu_wheels.sh` first")
+        return 1
+    image = image_packages()
+    carried: dict[str, list[str]] = {}
+    for f in files:
+        name, requires = wheel_metadata(f)
+        if name in carried:
+            problems.append(f"two files for {name} in {whl_dir}: keep one version (pip install stops on two)")
+        carried[name] = requires
+    available = image | set(carried)
+    for name, requires in carried.items():
+        problems += [f"{name} needs {r}, which is neither in the image nor in {whl_dir}"
+                     for r in requires if r not in available and not r.startswith("nvidia-nccl")]
+    for top, where in sorted(third_party_imports().items()):
+        dist = normalize(IMPORT_TO_DIST.get(top, top))
+        if dist not in available:
+            problems.append(f"{where} imports {top} ({dist}), which is neither in the image nor in {whl_dir}")
+    problems += [f"building bmtrain needs {b}, which the image lacks" for b in BUILD_NEEDS if b not in image]
+    if "bmtrain" not in carried:
+        problems.append(f"{whl_dir} lacks bmtrain's sdist (bmtrain-1.0.1.tar.gz)")
+    size_mib = sum(f.stat().st_size for f in files) / 2**20
+    if size_mib > MAX_WHEELS_MIB:
+        problems.append(f"{whl_dir} holds {size_mib:.1f} MiB, over the {MAX_WHEELS_MIB} MiB that may travel")
+    for name in sorted(carried):
+        print(f"  carried: {name}")
+    print(f"{whl_dir}: {len(files)} files, {size_mib:.1f} MiB; {len(image)} packages in the image list")
+    for p in problems:
+        print(f"PROBLEM: {p}")
+    return 1 if problems else 0
+
+
+def find_nccl() -> int:
+    """Print shell assignments for NCCL's headers and library among the installed nvidia-* packages."""
+    libs, headers = [], []
+    for root in [p for p in sys.path if p and os.path.isdir(p)]:
+        libs += glob.glob(os.path.join(root, "nvidia", "**", "libnccl.so*"), recursive=True)
+        headers += glob.glob(os.path.join(root, "nvidia", "**", "nccl.h"), recursive=True)
+    if not libs:
+        print("echo 'no libnccl.so* under any nvidia/ package on sys.path' >&2; false")
+        return 1
+    print(f"export NCCL_LIB_DIR={os.path.dirname(sorted(libs)[0])}")
+    if headers:
+        print(f"export NCCL_INCLUDE_DIR={os.path.dirname(sorted(headers)[0])}")
+    return 0
+
+
+def report(outdir: str, out_json: str) -> int:
+    """Merge the stage table and each stage's JSON into one results file; print the table."""
+    out = Path(outdir)
+    stages = []
+    for line in (out / "stages.tsv").read_text().splitlines():
+        name, status, seconds, log = line.split("\t")
+        stages.append({"stage": name, "status": status, "seconds": int(seconds), "log": log})
+    results: dict = {"stages": stages}
+    for key, file in (("environment", "env.json"), ("training", "train.json"), ("benchmark", "bench-gpu.json"),
+                      ("pytest_gpu", "pytest-gpu.json")):
+        path = out / file
+        if path.exists():
+            try:
+                results[key] = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                results[key] = {"unreadable": f"{file}: {e}"}
+    bench = results.get("benchmark", {})
+    headline: dict = {}
+    for cfg in bench.get("finetune", {}).get("configs", []):
+        modes = cfg.get("modes", {})
+        if "qlora" in modes and "lora_bf16" in modes:
+            headline[f"finetune_d{cfg['dim']}_L{cfg['layers']}_{cfg['tokens']}tok"] = {
+                "qlora_tokens_per_s": modes["qlora"]["tokens_per_s"],
+                "lora_bf16_tokens_per_s": modes["lora_bf16"]["tokens_per_s"],
+                "qlora_over_lora_bf16_throughput": modes["qlora"]["tokens_per_s"] / modes["lora_bf16"]["tokens_per_s"],
+                "qlora_peak_mib": modes["qlora"]["peak_mib"], "lora_bf16_peak_mib": modes["lora_bf16"]["peak_mib"],
+            }
+    m10 = bench.get("measured_10b", {})
+    if "qlora" in m10:
+        headline["cpm_bee_10b"] = {k: m10.get(k) for k in ("qlora_over_lora_peak", "qlora_over_lora_time")}
+        headline["cpm_bee_10b"].update({f"{mode}_{k}": m10[mode].get(k) for mode in ("qlora", "lora_bf16")
+                                        if isinstance(m10.get(mode), dict) for k in ("peak_gib", "tokens_per_s")})
+    for engine, r in results.get("training", {}).get("engines", {}).items():
+        headline[f"train_{engine}"] = {k: r.get(k) for k in ("loss_first3_mean", "loss_last3_mean", "loss_fell",
+                                                              "peak_memory_mib_rank0", "tokens_per_s_median")}
+    results["headline"] = headline
+    Path(out_json).write_text(json.dumps(results, indent=1) + "\n")
+    width = max(len(s["stage"]) for s in stages)
+    print("\n== GPU check summary ==")
+    for s in stages:
+        print(f"{s['stage']:<{width}}  {s['status']:<8} {s['seconds']:>5} s   {s['log']}")
+    for k, v in headline.items():
+        print(f"{k}: {json.dumps(v)}")
+    return 0 if all(s["status"] == "pass" for s in stages) else 1
+
+
+def main() -> int:
+    if len(sys.argv) >= 3 and sys.argv[1] == "check-wheels":
+        return check_wheels(sys.argv[2])
+    if len(sys.argv) == 2 and sys.argv[1] == "nccl":
+        return find_nccl()
+    if len(sys.argv) == 4 and sys.argv[1] == "report":
+        return report(sys.argv[2], sys.argv[3])
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
