@@ -226,8 +226,13 @@ _context = None
 def _mp_context():
     global _context
     if _context is None:
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(PRELOAD)
+        if torch.cuda.is_available():
+            # Importing bitsandbytes initialises CUDA, and a process forked after that cannot use it
+            # ("Cannot re-initialize CUDA in forked subprocess", seen on an H100): start each job fresh.
+            _context = multiprocessing.get_context("spawn")
+        else:
+            _context = multiprocessing.get_context("forkserver")
+            _context.set_forkserver_preload(PRELOAD)
     return _context
 
 

@@ -1,9 +1,10 @@
 """QLoRA training through the user's entry points on CUDA, once per engine (part of tools/gpu_check.sh).
 
-A random CPM-Bee (d=1024, 8 layers) is compressed to NF4 on the GPU with ``src/quantize_state_dict.py``,
-then ``src/finetune_cpm_bee_qlora.py`` trains LoRA on the bundled demo data under ``torchrun`` with
+A CPM-Bee of d=1024 and 8 layers is fully fine-tuned from random weights on the sum task for 60 steps
+(torch engine), compressed to NF4 on the GPU with ``src/quantize_state_dict.py``; then
+``src/finetune_cpm_bee_qlora.py`` trains LoRA on both demo tasks under ``torchrun`` with
 ``--engine bmtrain`` and with ``--engine torch`` (FSDP2 on NCCL). Each run's ``metrics.jsonl`` gives
-the losses, tokens/s and the peak CUDA memory of every rank that logs; the JSON written to ``--out``
+the losses, tokens/s and the peak CUDA memory of the logging rank; the JSON written to ``--out``
 says whether the loss fell.
 
     python tools/gpu_train_check.py --out gpu_out/train.json --engines bmtrain,torch --steps 30
@@ -37,11 +38,23 @@ def make_base(root: Path, device: str) -> tuple[Path, Path, Path]:
                           dim_ff=2560, num_layers=8, half=False)
     config_int4 = root / "config-int4.json"
     CPMBeeConfig.from_dict({**config.to_dict(), "int4": True}).to_json_file(config_int4)
+    config.to_json_file(root / "config.json")
     torch.manual_seed(0)
     torch.save(dict(CPMBee(config).state_dict()), root / "random.pt")
-    int4 = root / "random-int4.safetensors"
-    run([sys.executable, str(REPO / "src" / "quantize_state_dict.py"), "--input-path", str(root / "random.pt"),
-         "--output-path", str(int4), "--device", device, "--force"])
+    # A base that knows the data format (as the demo's): a short full fine-tune on the sum task only.
+    # LoRA alone barely moves a random model: its frozen N(0, 0.02) embedding caps the logits.
+    lines = (DATA / "train.jsonl").read_text().splitlines(keepends=True)
+    (root / "sum.jsonl").write_text("".join(line for line in lines if "What is the sum?" in line))
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+         str(REPO / "src" / "finetune_cpm_bee.py"), "--model-config", str(root / "config.json"),
+         "--load", str(root / "random.pt"), "--vocab", str(vocab), "--dataset", str(root / "sum.jsonl"),
+         "--save", str(root / "base_run"), "--save-name", "base", "--engine", "torch", "--device", device,
+         "--train-iters", "60", "--epoch", "10", "--max-length", "64", "--batch-size", "16", "--lr", "1e-3",
+         "--lr-decay-style", "constant", "--warmup-iters", "5", "--weight-decay", "0", "--inspect-iters", "0",
+         "--log-interval", "10", "--seed", "1234"])
+    int4 = root / "base-int4.safetensors"
+    run([sys.executable, str(REPO / "src" / "quantize_state_dict.py"), "--input-path",
+         str(root / "base_run" / "base-last.pt"), "--output-path", str(int4), "--device", device, "--force"])
     return Path(vocab), config_int4, int4
 
 

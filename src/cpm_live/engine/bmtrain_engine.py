@@ -29,7 +29,8 @@ broadcast uint8 tensors, and a wrapped block does not run ``Linear4bit``'s own l
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import bmtrain as bmt
@@ -143,8 +144,37 @@ class _HiddenStatesOnly(nn.Module):
         return self.layer_forward(h, attention_mask, position_bias)[0]
 
 
+@contextlib.contextmanager
+def _integer_shards_allowed() -> Iterator[None]:
+    """Let ``bmt.Block`` build the flat shard of a block's integer tensors (the packed 4-bit codes).
+
+    bmtrain 1.0.1's ``Block.init_param_storage`` wraps every flat shard in ``torch.nn.Parameter(t)``
+    and only then sets ``requires_grad`` from the tensors it holds; the constructor's default
+    ``requires_grad=True`` is refused for integer dtypes ("Only Tensors of floating point and complex
+    dtype can require gradients", seen on an H100 with torch 2.11), although bmtrain's storage and NCCL
+    type maps accept uint8. While a block is built, an integer ``Parameter`` starts without grad.
+    """
+    original = torch.nn.Parameter.__dict__["__new__"]
+    construct = torch.nn.Parameter.__new__
+
+    def new(cls, data=None, requires_grad=True):
+        if data is not None and not (data.is_floating_point() or data.is_complex()):
+            requires_grad = False
+        return construct(cls, data, requires_grad)
+
+    torch.nn.Parameter.__new__ = staticmethod(new)
+    try:
+        yield
+    finally:
+        torch.nn.Parameter.__new__ = original
+
+
 class _EncoderLayerBlock(bmt.Block):
     """``bmt.Block`` called like an Encoder layer: ``(h, mask, bias, past_kv, use_cache) -> (h, kv)``."""
+
+    def __init__(self, layer: _HiddenStatesOnly, use_checkpoint: bool):
+        with _integer_shards_allowed():
+            super().__init__(layer, use_checkpoint=use_checkpoint)
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor, position_bias: torch.Tensor,
                 past_kv: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
