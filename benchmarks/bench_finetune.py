@@ -186,9 +186,13 @@ def job_profile(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_finetune(configs: list[dict[str, Any]], device: str, threads: int, reps: int, mem_steps: int,
-                 force_bf16: bool = False, log=print) -> dict[str, Any]:
-    """Every (dim, layers, tokens) in ``configs``: interleaved step times and per-variant peak memory."""
+                 force_bf16: bool = False, log=print, only: list[str] | None = None) -> dict[str, Any]:
+    """Every (dim, layers, tokens) in ``configs``: interleaved step times and per-variant peak memory
+    (of the variants in ``only``, when given)."""
     modes, skipped = available_modes(device, force_bf16)
+    if only is not None:
+        skipped.update({m: "not in this plan" for m in modes if m not in only})
+        modes = [m for m in modes if m in only]
     baseline = BASELINE[device]
     results = []
     for cfg in configs:

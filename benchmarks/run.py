@@ -60,8 +60,10 @@ PLANS: dict[str, dict[str, Any]] = {
     # --device cuda --quick: what fits a few minutes of a lent H100/H200 (tools/gpu_check.sh), at >= 2048
     # tokens per micro-batch so that the GPU is busy enough for the ratios to mean something.
     "gpu": {
+        # QLoRA against its GPU baseline only (all four modes at two sizes ran past 3 minutes on an H100).
         "finetune": {"configs": [{"dim": 2048, "layers": 4, "tokens": 2048},
-                                 {"dim": 4096, "layers": 2, "tokens": 4096}], "reps": 5, "mem_steps": 2},
+                                 {"dim": 4096, "layers": 2, "tokens": 4096}], "reps": 5, "mem_steps": 2,
+                     "modes": ["lora_bf16", "qlora"]},
         "profile": {"dim": 2048, "layers": 4, "tokens": 2048, "reps": 3},
         "layers": {"shapes": [(4096, 4096), (4096, 10240), (10240, 4096)], "tokens": 4096, "reps": 7},
         "compression": {"bpp_shapes": [(4096, 4096)]},
@@ -80,7 +82,7 @@ def run_section(name: str, plan: dict[str, Any], args: argparse.Namespace, workd
     if name == "finetune":
         p = plan["finetune"]
         return bench_finetune.run_finetune(p["configs"], device, threads, p["reps"], p["mem_steps"],
-                                           force_bf16=args.bf16, log=log)
+                                           force_bf16=args.bf16, log=log, only=p.get("modes"))
     if name == "profile":
         p = plan["profile"]
         return bench_finetune.run_profile(p["dim"], p["layers"], p["tokens"], device, threads, p["reps"])

@@ -9,7 +9,7 @@
 # stage does not stop the next): install the wheels into a target dir, build bmtrain for sm_75/80/90
 # from its sdist, print the environment, QLoRA training through torchrun with --engine bmtrain and
 # --engine torch, pytest tests/gpu, the GPU benchmark. Then benchmarks/results-gpu.json (also copied
-# to OUTDIR) and one summary table. GPU_CHECK_BUDGET_S (default 470) bounds the whole run.
+# to OUTDIR) and one summary table. GPU_CHECK_BUDGET_S (default 520) bounds the whole run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -23,7 +23,7 @@ for arg in "$@"; do
     esac
 done
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-470}
+BUDGET=${GPU_CHECK_BUDGET_S:-520}
 START=$(date +%s)
 
 if [ "$DRY" = 1 ]; then
@@ -167,9 +167,9 @@ stage bmtrain_build 200 build_bmtrain
 # bmtrain's extension links libnccl.so.2, which the image has inside its nvidia-nccl package.
 eval "$("$PY" tools/gpu_kit.py nccl)" && export LD_LIBRARY_PATH="$NCCL_LIB_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 stage environment 30 environment
-stage train_engines 150 "$PY" tools/gpu_train_check.py --out "$OUTDIR/train.json" --steps 30
+stage train_engines 150 "$PY" tools/gpu_train_check.py --out "$OUTDIR/train.json" --steps 40
 stage pytest_gpu 240 run_pytest
-stage benchmark 600 "$PY" benchmarks/run.py --device cuda --quick --sections finetune,measured_10b \
+stage benchmark 600 "$PY" benchmarks/run.py --device cuda --quick --sections measured_10b,finetune \
     --out "$OUTDIR/bench-gpu.json"
 "$PY" tools/gpu_kit.py report "$OUTDIR" benchmarks/results-gpu.json
 status=$?

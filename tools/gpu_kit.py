@@ -149,6 +149,13 @@ def report(outdir: str, out_json: str) -> int:
                 results[key] = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 results[key] = {"unreadable": f"{file}: {e}"}
+    log = out / "benchmark.log"
+    if "benchmark" not in results and log.exists():
+        # The section was cut by the time budget before its JSON was written: keep the ratio lines
+        # it had logged, marked as read from the log.
+        results["benchmark_log_lines"] = [line for line in log.read_text().splitlines()
+                                          if "finetune d=" in line or "ratios" in line or "10B" in line]
+    results["recorded"] = "written by tools/gpu_kit.py report from the stage logs of tools/gpu_check.sh"
     bench = results.get("benchmark", {})
     headline: dict = {}
     for cfg in bench.get("finetune", {}).get("configs", []):
