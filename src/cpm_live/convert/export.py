@@ -7,7 +7,7 @@
 fp16/fp32 output dequantizes every 4-bit weight (exactly: level x absmax in fp32, cast once) and
 casts the other tensors; ``.pt`` output is a ``torch.save``d plain ``OrderedDict`` of tensors (built
 in memory: peak = the exported model), ``.safetensors`` output is streamed one tensor at a time.
-int4 output runs :func:`cpm_live.quant.compress.quantize_state_dict` with the config's settings.
+int4 output runs :func:`cpm_live.convert.compress.quantize_state_dict` with the config's settings.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import torch
 from tqdm import tqdm
 
 from cpm_live.checkpoint import CheckpointError, CheckpointReader, check_keys
+from cpm_live.config import ConfigError
+from cpm_live.convert.compress import check_output_path, quantize_state_dict
 from cpm_live.models import CPMBee, CPMBeeConfig
-from cpm_live.models.config import ConfigError
 from cpm_live.quant import format as qformat
-from cpm_live.quant.compress import check_output_path, quantize_state_dict
 from cpm_live.quant.stream import SafetensorsWriter
 from cpm_live.utils import atomic_path
 
