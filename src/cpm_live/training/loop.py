@@ -79,9 +79,8 @@ class Trainer:
             model = CPMBee(self.config)
         if self.use_lora:
             add_lora(model, self.lora)
-        model.encoder.activation_checkpointing = args.activation_checkpointing
         engine.print_rank0(trainable_parameter_report(model))
-        return engine.wrap(model)
+        return engine.wrap(model, blocks=model.encoder.layers, recompute=args.activation_checkpointing)
 
     def _dataset(self, path: str, batch_size: int, drop_last: bool) -> FinetuneDataset:
         return FinetuneDataset(path, batch_size, self.args.max_length, self.tokenizer, max_depth=8,
