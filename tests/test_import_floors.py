@@ -17,7 +17,7 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "cpm_live"
 # on its own floor or above.
 FLOORS: list[list[str]] = [
     ["utils"],
-    ["config", "quant", "tokenizers"],
+    ["config", "inputs", "quant", "tokenizers"],
     ["layers", "engine", "dataset"],
     ["models", "training_tasks", "evaluation"],
     ["checkpoint", "delta"],

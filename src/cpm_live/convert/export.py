@@ -26,6 +26,7 @@ from tqdm import tqdm
 from cpm_live.checkpoint import CheckpointError, CheckpointReader, check_keys
 from cpm_live.config import ConfigError
 from cpm_live.convert.compress import check_output_path, quantize_state_dict
+from cpm_live.inputs import CPMBeeInputs
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.quant import format as qformat
 from cpm_live.quant.stream import SafetensorsWriter
@@ -195,10 +196,13 @@ def logits_drift(dense_config: CPMBeeConfig, dense_path: str, int4_path: str, le
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(11, config.vocab_size, (1, length), generator=g, dtype=torch.int32)
         zeros = torch.zeros(1, length, dtype=torch.int32)
-        ones = torch.ones(1, length, dtype=torch.int32)
-        context = torch.ones(1, length, dtype=torch.bool)
-        out, _ = model.eval()(ids, zeros, torch.tensor([length], dtype=torch.int32), context, zeros, ones, zeros,
-                              zeros, torch.zeros(1, 1, dtype=torch.int32), zeros, zeros[0, :1], zeros[0, :1])
+        # One row, every token given, one segment, no ext token (a single zero ext column).
+        inputs = CPMBeeInputs(input=ids, input_sub=zeros, length=torch.tensor([length], dtype=torch.int32),
+                              context=torch.ones(1, length, dtype=torch.bool), sample_ids=zeros,
+                              num_segments=torch.ones(1, length, dtype=torch.int32), segment=zeros,
+                              segment_rel_offset=zeros, segment_rel=torch.zeros(1, 1, dtype=torch.int32),
+                              span=zeros, ext_table_ids=zeros[0, :1], ext_table_sub=zeros[0, :1])
+        out, _ = model.eval()(**inputs.forward_kwargs())
         logits.append(out.float())
     return float((logits[1] - logits[0]).norm() / logits[0].norm())
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed._composable import checkpoint
 
-IGNORE_INDEX = -100
+from cpm_live.inputs import IGNORE_INDEX
 
 
 class EngineError(RuntimeError):
@@ -260,7 +260,7 @@ class Engine(abc.ABC):
             print(*args, **kwargs, flush=True)
 
     def cross_entropy_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Sum of token cross entropy over labelled targets (``-100`` ignored), computed in fp32.
+        """Sum of token cross entropy over labelled targets (``IGNORE_INDEX`` ignored), computed in fp32.
 
         The training loop divides it by the step's global token count; engines override this one
         method to use a fused kernel.

@@ -42,13 +42,13 @@ from bmtrain.zero_context import ZeroContext
 from torch import nn
 
 from cpm_live.engine.base import (
-    IGNORE_INDEX,
     Engine,
     EngineError,
     check_state_dict_keys,
     launch_env,
     parameter_signature,
 )
+from cpm_live.inputs import IGNORE_INDEX
 
 _LOAD_BEFORE_WRAP = ("with --engine bmtrain, load the base checkpoint (4-bit state included) into the model "
                      "before engine.wrap(); afterwards only floating-point parameters can be loaded")

@@ -21,15 +21,13 @@ from tqdm import tqdm
 from cpm_live.checkpoint import build_model
 from cpm_live.delta import add_lora, lora_settings_from_args, save_adapter, trainable_parameter_report
 from cpm_live.engine import engine_from_args, format_summary, inspect_model
+from cpm_live.inputs import LabelledInputs
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.tokenizers import CPMBeeTokenizer, find_vocab
 from cpm_live.training import state as ckpt
 from cpm_live.training.metrics import MetricsLogger
 from cpm_live.training.schedulers import LRSchedule
 from cpm_live.training_tasks.bee import FinetuneDataset
-
-MODEL_KEYS = ("inputs", "inputs_sub", "length", "context", "sample_ids", "num_segments", "segment_ids",
-              "segment_rel_offset", "segment_rel", "spans", "ext_ids", "ext_sub")
 
 
 class Trainer:
@@ -63,7 +61,7 @@ class Trainer:
         self.metrics = MetricsLogger(args.save, tb_dir, self.engine.is_main, resume_step=self.step)
         self._stop_requested = False
         self._saved_step = None
-        self._last_batch: dict[str, Any] | None = None
+        self._last_batch: LabelledInputs | None = None
 
     @property
     def use_lora(self) -> bool:
@@ -117,32 +115,21 @@ class Trainer:
         self._stop_requested = True
 
     # ---------------------------------------------------------------- steps
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        dev = self.engine.device
-        out = {k: torch.as_tensor(batch[k]).to(dev) for k in MODEL_KEYS + ("target",)}
-        out["context"] = out["context"].bool()
-        return out
-
-    def _filled(self, batch: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], bool]:
-        """``(tensors, real)``. A rank without rows (None) gets a stand-in to run with weight 0:
+    def _filled(self, batch: dict[str, Any] | None) -> tuple[LabelledInputs, bool]:
+        """``(inputs, real)``. A rank without rows (None) gets a stand-in to run with weight 0:
         under FSDP every rank must make the same forward/backward collectives. The stand-in is its
         last real batch, or a one-token row before it has seen any."""
         if batch is not None:
-            self._last_batch = batch
-            return self._to_device(batch), True
+            self._last_batch = LabelledInputs.from_arrays(batch)
+            return self._last_batch.to(self.engine.device), True
         if self._last_batch is None:
-            one = torch.zeros(1, 1, dtype=torch.int32)
-            self._last_batch = {k: one for k in MODEL_KEYS if k not in ("length", "ext_ids", "ext_sub")}
-            self._last_batch.update(length=torch.ones(1, dtype=torch.int32), context=one.bool(),
-                                    ext_ids=torch.zeros(1, dtype=torch.int32), ext_sub=torch.ones(1, dtype=torch.int32),
-                                    target=torch.full((1, 1), -100, dtype=torch.int32))
-        return self._to_device(self._last_batch), False
+            self._last_batch = LabelledInputs.placeholder()
+        return self._last_batch.to(self.engine.device), False
 
-    def _token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def _token_losses(self, batch: LabelledInputs) -> tuple[torch.Tensor, int]:
         """Sum of per-token cross entropy over labelled tokens, and their count."""
-        logits, _ = self.model(*(batch[k] for k in MODEL_KEYS))
-        target = batch["target"]
-        return self.engine.cross_entropy_sum(logits, target), int((target != -100).sum())
+        logits, _ = self.model(**batch.inputs.forward_kwargs())
+        return self.engine.cross_entropy_sum(logits, batch.target), batch.num_labels
 
     def _next_microbatches(self, it) -> list[dict[str, Any] | None]:
         """Up to ``accumulation`` micro-batches; an empty list at the end of the epoch."""
@@ -164,7 +151,7 @@ class Trainer:
         """
         engine = self.engine
         batches = [self._filled(b) for b in micro]
-        local_tokens = sum(int((b["target"] != -100).sum()) for b, real in batches if real)
+        local_tokens = sum(b.num_labels for b, real in batches if real)
         global_tokens = engine.all_reduce_sum(float(local_tokens))
         lr = self.schedule.apply(self.step)
         start = time.perf_counter()
@@ -178,7 +165,7 @@ class Trainer:
         stepped = engine.step(self.optimizer)
         engine.zero_grad(self.optimizer)
         elapsed = time.perf_counter() - start
-        rows_tokens = sum(int(b["length"].sum()) for b, real in batches if real)
+        rows_tokens = sum(int(b.inputs.length.sum()) for b, real in batches if real)
         return {
             "loss": engine.all_reduce_sum(loss_sum) / max(global_tokens, 1.0),
             "lr": lr,
