@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     from cpm_live.delta.adapter_files import AdapterError
 
     try:
-        config = CPMBeeConfig.from_json_file(args.model_config, **({"int4": True} if args.int4 else {}))
+        config = CPMBeeConfig.from_cli(args.model_config, args.int4)
         if args.delta is not None:
             summary = merge_adapter(config, args.load, args.delta, args.output, args.dtype, force=args.force)
         else:

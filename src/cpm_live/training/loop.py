@@ -30,25 +30,26 @@ from cpm_live.training.schedulers import LRSchedule
 from cpm_live.training_tasks.bee import FinetuneDataset
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot train as asked (the message says what to change); the CLI prints it."""
+
+
 class Trainer:
+    """``Trainer(args).setup()`` builds everything in dependency order; then :meth:`train`."""
+
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self._stop_requested = False
+        self._saved_step: int | None = None
+        self._last_batch: LabelledInputs | None = None
+
+    def setup(self) -> Trainer:
+        """Engine -> config (same on every rank) -> tokenizer -> model, LoRA, wrap -> optimizer and
+        schedule -> data -> resume state -> metrics. Returns ``self``."""
+        args = self.args
         self.engine = engine_from_args(args, device=args.device)
-        overrides = {"int4": True} if args.int4 else {}
-        self.config = CPMBeeConfig.from_json_file(args.model_config, **overrides)
-        self.engine.check_consistent(self.config.to_dict(), "model config")
-        self.lora = lora_settings_from_args(args)
-        if self.config.int4 and not self.use_lora:
-            raise SystemExit(
-                f"error: {args.model_config} sets int4 but LoRA is off: the 4-bit base is frozen, so "
-                "nothing would train. Add --use-delta (QLoRA) or set \"int4\": false (full fine-tuning)."
-            )
-        self.tokenizer = CPMBeeTokenizer(find_vocab(args.vocab, args.load))
-        if self.tokenizer.vocab_size != self.config.vocab_size:
-            self.engine.print_rank0(
-                f"warning: vocab has {self.tokenizer.vocab_size} tokens but {args.model_config} says "
-                f"vocab_size={self.config.vocab_size}; ext-token labels start at the vocab size"
-            )
+        self.config = self._load_config()
+        self.tokenizer = self._load_tokenizer()
         self.model = self._build_model()
         self.optimizer = self.engine.optimizer([p for p in self.model.parameters() if p.requires_grad],
                                                lr=args.lr, weight_decay=args.weight_decay)
@@ -59,15 +60,34 @@ class Trainer:
         self._resume()
         tb_dir = args.tensorboard or (os.path.join(args.save, "tensorboard") if args.save else None)
         self.metrics = MetricsLogger(args.save, tb_dir, self.engine.is_main, resume_step=self.step)
-        self._stop_requested = False
-        self._saved_step = None
-        self._last_batch: LabelledInputs | None = None
+        return self
 
     @property
     def use_lora(self) -> bool:
         return self.lora is not None
 
     # ---------------------------------------------------------------- setup
+    def _load_config(self) -> CPMBeeConfig:
+        args = self.args
+        config = CPMBeeConfig.from_cli(args.model_config, args.int4)
+        self.engine.check_consistent(config.to_dict(), "model config")
+        self.lora = lora_settings_from_args(args)
+        if config.int4 and not self.use_lora:
+            raise TrainingError(
+                f"{args.model_config} sets int4 but LoRA is off: the 4-bit base is frozen, so nothing "
+                "would train. Add --use-delta (QLoRA) or set \"int4\": false (full fine-tuning)."
+            )
+        return config
+
+    def _load_tokenizer(self) -> CPMBeeTokenizer:
+        tokenizer = CPMBeeTokenizer(find_vocab(self.args.vocab, self.args.load))
+        if tokenizer.vocab_size != self.config.vocab_size:
+            self.engine.print_rank0(
+                f"warning: vocab has {tokenizer.vocab_size} tokens but {self.args.model_config} says "
+                f"vocab_size={self.config.vocab_size}; ext-token labels start at the vocab size"
+            )
+        return tokenizer
+
     def _build_model(self) -> torch.nn.Module:
         args, engine = self.args, self.engine
         if args.load:
@@ -245,8 +265,8 @@ class Trainer:
                 self._report_skipped()
                 # Only the first epoch after a resume may be empty (the run stopped at an epoch's end).
                 if self.step == steps_before and not (resumed and first_epoch):
-                    raise SystemExit(f"error: {args.dataset} gave no training batch: is it empty, or is every "
-                                     f"record longer than --max-length {args.max_length} tokens?")
+                    raise TrainingError(f"{args.dataset} gave no training batch: is it empty, or is every "
+                                        f"record longer than --max-length {args.max_length} tokens?")
                 first_epoch = False
                 self.epoch += 1
                 self.train_data.start_next_epoch()
