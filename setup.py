@@ -35,8 +35,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "cpm-bee-quantize=cpm_live.quant.cli:main",
-            "cpm-bee-export=cpm_live.quant.export:main",
+            "cpm-bee-quantize=cpm_live.convert.cli:main",
+            "cpm-bee-export=cpm_live.convert.export:main",
             "cpm-bee-finetune=cpm_live.training.cli:main",
             "cpm-bee-finetune-qlora=cpm_live.training.cli:qlora_main",
             "cpm-bee-preprocess=cpm_live.dataset.preprocess:main",

@@ -42,6 +42,7 @@ def available_modes(device: str, force_bf16: bool = False) -> tuple[list[str], d
 def build_variant(mode: str, dim: int, layers: int, device: str, checkpointing: bool = False):
     """(model, AdamW over its trainable parameters) for one variant, on ``device``."""
     from cpm_live.delta import LoraSettings, add_lora
+    from cpm_live.engine import recompute_activations
     from cpm_live.models import CPMBee
 
     if mode not in MODES:
@@ -55,7 +56,8 @@ def build_variant(mode: str, dim: int, layers: int, device: str, checkpointing: 
         bc.cast_floating(model, torch.bfloat16)
     if mode != "full":
         add_lora(model, LoraSettings())  # CPM-Bee's delta-tuning defaults: r=8, alpha=16, q and v
-    model.encoder.activation_checkpointing = checkpointing
+    if checkpointing:
+        recompute_activations(model.encoder.layers)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     return model, optimizer

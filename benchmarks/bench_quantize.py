@@ -57,8 +57,8 @@ def job_bytes_per_param(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 def analytic_checkpoint_ratio(config, blob_bytes: int = 200) -> dict[str, Any]:
     """int4 vs fp16 checkpoint bytes of ``config`` from its shapes (projections 4-bit, the rest fp16)."""
+    from cpm_live.convert.compress import is_quant_target
     from cpm_live.quant import format as qformat
-    from cpm_live.quant.compress import is_quant_target
 
     settings = _settings()
     fp16 = int4 = quant_params = 0
@@ -78,8 +78,8 @@ def job_tiny_checkpoint(spec: dict[str, Any]) -> dict[str, Any]:
     """Measured file sizes: the tiny config saved as fp16 safetensors, then compressed."""
     from safetensors.torch import save_file
 
+    from cpm_live.convert.compress import quantize_state_dict
     from cpm_live.models import CPMBee, CPMBeeConfig
-    from cpm_live.quant.compress import quantize_state_dict
 
     config = CPMBeeConfig.from_json_file(CONFIG_DIR / "cpm-bee-tiny.json", half=True)
     torch.manual_seed(0)
@@ -113,8 +113,8 @@ def job_quantize(spec: dict[str, Any]) -> dict[str, Any]:
 
     glibc's default malloc settings are kept here: this is the memory a user of the tool sees.
     """
+    from cpm_live.convert.compress import quantize_state_dict
     from cpm_live.quant import format as qformat
-    from cpm_live.quant.compress import quantize_state_dict
 
     qformat.quantize(torch.randn(256, 256, dtype=torch.half), _settings())
     bc.reset_peak_rss()

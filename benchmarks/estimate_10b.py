@@ -26,10 +26,11 @@ CONFIG_PATH = bc.REPO_ROOT / "src" / "config" / "cpm-bee-10b.json"
 GIB = 2**30
 
 
-def build_10b(mode: str, device: str):
+def build_10b(mode: str, device: str, recompute: bool = True):
     """The CPM-Bee-10B model as trained here: ``qlora`` (nf4 base, bf16 compute and other weights)
     or ``lora_bf16`` (bf16 base), both with CPM-Bee's LoRA (r=8, q and v); activation checkpointing on."""
     from cpm_live.delta import LoraSettings, add_lora
+    from cpm_live.engine import recompute_activations
     from cpm_live.models import CPMBee, CPMBeeConfig
 
     if mode not in ("qlora", "lora_bf16"):
@@ -39,7 +40,8 @@ def build_10b(mode: str, device: str):
         model = CPMBee(config)
     bc.cast_floating(model, torch.bfloat16)
     add_lora(model, LoraSettings())
-    model.encoder.activation_checkpointing = True
+    if recompute:
+        recompute_activations(model.encoder.layers)
     model.train()
     return model, config
 
@@ -69,15 +71,12 @@ def saved_tensor_bytes(model: torch.nn.Module, config, tokens: int) -> dict[str,
     for i, block in enumerate(m for m in model.modules() if isinstance(m, TransformerBlock)):
         handles.append(block.register_forward_pre_hook(lambda *_, i=i: scope.append(f"block{i}")))
         handles.append(block.register_forward_hook(leave))
-    checkpointing = model.encoder.activation_checkpointing
-    model.encoder.activation_checkpointing = False
     batch, target = bc.make_batch(1, tokens, config.vocab_size, "meta")
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             logits, _ = model(*(batch[k] for k in bc.MODEL_KEYS))
             torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
     finally:
-        model.encoder.activation_checkpointing = checkpointing
         for h in handles:
             h.remove()
     blocks = [v for k, v in saved.items() if k != "outside"]
@@ -93,7 +92,7 @@ def estimate(mode: str, tokens: int = 2048) -> dict[str, Any]:
     """Estimated peak bytes of one training step of ``mode`` at batch 1 x ``tokens``."""
     from cpm_live.layers import Linear4bit
 
-    model, config = build_10b(mode, "meta")
+    model, config = build_10b(mode, "meta", recompute=False)  # saved tensors are counted without it
     weights = sum(_nbytes(t) for t in list(model.parameters()) + list(model.buffers()))
     lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     saved = saved_tensor_bytes(model, config, tokens)

@@ -40,7 +40,7 @@ def main() -> None:
     if args.mode != "full":
         add_lora(model, LoraSettings())
     full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    model = engine.wrap(model)
+    model = engine.wrap(model, blocks=model.encoder.layers)
     optimizer = engine.optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     rows, seqlen = bc.batch_shape(args.tokens)
     batch, target = bc.make_batch(rows, seqlen, bc.BENCH_VOCAB, "cpu", seed=engine.rank)

@@ -6,10 +6,10 @@
         --output cpm-bee-10b-nf4.safetensors --dtype int4
 
 Options: --dtype fp16|fp32|int4 (default fp16), --force. Same as ``cpm-bee-export``
-(:mod:`cpm_live.quant.export`).
+(:mod:`cpm_live.convert.export`).
 """
 
-from cpm_live.quant.export import main
+from cpm_live.convert.export import main
 
 if __name__ == "__main__":
     main()

@@ -3,10 +3,10 @@
     python src/quantize_state_dict.py --input-path cpm-bee-10b.pt --output-path cpm-bee-10b-nf4.safetensors
 
 Options: --quant-type nf4|fp4, --no-double-quant, --blocksize N, --device cpu|cuda, --force.
-Same as the ``cpm-bee-quantize`` console script (:mod:`cpm_live.quant.cli`).
+Same as the ``cpm-bee-quantize`` console script (:mod:`cpm_live.convert.cli`).
 """
 
-from cpm_live.quant.cli import main
+from cpm_live.convert.cli import main
 
 if __name__ == "__main__":
     main()

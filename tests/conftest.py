@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cpm_live.convert.compress import quantize_state_dict
 from cpm_live.demo import DEMO_WORDS
 from cpm_live.models import CPMBee, CPMBeeConfig
-from cpm_live.quant.compress import quantize_state_dict
 from cpm_live.tokenizers import CPMBeeTokenizer
 from cpm_live.tokenizers.bee import build_tiny_vocab
 from cpm_live.training.cli import main as finetune

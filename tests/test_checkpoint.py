@@ -17,9 +17,9 @@ from cpm_live.checkpoint import (
     read_state_dict,
     save_state_dict,
 )
+from cpm_live.convert.compress import quantize_state_dict
 from cpm_live.layers import Linear4bit
 from cpm_live.models import CPMBee, CPMBeeConfig
-from cpm_live.quant.compress import quantize_state_dict
 
 CONFIG_DIR = Path(__file__).parents[1] / "src" / "config"
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cpm_live.dataset import DataFormatError
+from cpm_live.inputs import IGNORE_INDEX
 from cpm_live.tokenizers import CPMBeeTokenizer, build_tiny_vocab
 from cpm_live.training_tasks.bee import BatchPacker, convert_data_to_id, rel_to_bucket
 
@@ -213,9 +214,9 @@ def test_packer_targets_of_worked_example(tok):
     c = tok.encoder["C"]
     # bos of the answer segment -> c, c -> eos, everything else ignored.
     assert target[n - 2] == c and target[n - 1] == tok.eos_id
-    assert (target[: n - 2] == -100).all() and (target[n:] == -100).all()
+    assert (target[: n - 2] == IGNORE_INDEX).all() and (target[n:] == IGNORE_INDEX).all()
     assert batch["context"].dtype == np.bool_ and batch["context"][0, : n - 2].all()
-    assert batch["ext_ids"].tolist() == [0] and batch["ext_sub"].tolist() == [1]  # placeholder
+    assert batch["ext_table_ids"].tolist() == [0] and batch["ext_table_sub"].tolist() == [1]  # placeholder
     assert batch["task_names"] == ["t"] and batch["raw_data"] == [{"input": src.records[0], "samples": []}]
 
 
@@ -231,17 +232,17 @@ def test_packer_ext_labels_best_fit_and_offsets(tok):
     for _ in samples:
         assert packer.add_data(src, "t", np.random.RandomState(0)) is None
     batch = packer.pack_batch(force=True)
-    assert batch["length"].tolist() == [17, 38] and batch["spans"][1].max() == 1  # row 1 holds 2 instances
-    assert batch["spans"][1, 28].item() == 0 and batch["spans"][1, 29].item() == 1
-    row0 = batch["inputs"][0, : batch["length"][0]]
+    assert batch["length"].tolist() == [17, 38] and batch["span"][1].max() == 1  # row 1 holds 2 instances
+    assert batch["span"][1, 28].item() == 0 and batch["span"][1, 29].item() == 1
+    row0 = batch["input"][0, : batch["length"][0]]
     # <option_1> then <option_0> in the answer: subs 0 and 1; only sub > 0 enters the ext table.
-    assert batch["ext_ids"].tolist() == [10] and batch["ext_sub"].tolist() == [1]
+    assert batch["ext_table_ids"].tolist() == [10] and batch["ext_table_sub"].tolist() == [1]
     tgt = batch["target"][0]
     opt_pos = np.nonzero(row0 == 10)[0]
     assert tgt[opt_pos[0] - 1] == 10 and tgt[opt_pos[1] - 1] == v + 0 and tgt[opt_pos[1]] == tok.eos_id
     # The second instance in row 1 has its rel block right after the first one's.
     n1 = convert_data_to_id(tok, samples[1])[5]
-    second = batch["spans"][1] == 1
+    second = batch["span"][1] == 1
     assert (batch["segment_rel_offset"][1][second] == n1 * n1).all()
     assert batch["segment_rel"].shape[1] == n1 * n1 + 3 * 3
 
@@ -252,7 +253,7 @@ def test_packer_emits_when_rows_exceed_batch_size(tok):
     rng = np.random.RandomState(0)
     out = [packer.add_data(src, "t", rng) for _ in range(5)]
     assert [b is not None for b in out] == [False, False, True, False, True]
-    assert out[2]["inputs"].shape == (2, 24) and len(packer) == 1
+    assert out[2]["input"].shape == (2, 24) and len(packer) == 1
 
 
 def test_packer_skips_too_long_and_wraps_errors(tok):

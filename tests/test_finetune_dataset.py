@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cpm_live.dataset import DataFormatError, PickleSerializer, build_dataset
+from cpm_live.inputs import IGNORE_INDEX
 from cpm_live.tokenizers import CPMBeeTokenizer, build_tiny_vocab
 from cpm_live.training_tasks.bee import FinetuneDataset
 
@@ -77,7 +78,7 @@ def test_jsonl_and_binary_sources_give_identical_batches(tok, data):
     assert_batches_equal(ref, list(_make(tok, data["bin"])))
     assert_batches_equal(ref, list(_make(tok, data["legacy"])))
     batch = ref[0]
-    assert batch["inputs"].shape == (3, 160) and batch["context"].dtype == np.bool_
+    assert batch["input"].shape == (3, 160) and batch["context"].dtype == np.bool_
     assert sum(len(b["raw_data"]) for b in ref) == len(SAMPLES)  # every sample packed exactly once
 
 
@@ -85,7 +86,7 @@ def test_batches_are_seeded(tok, data):
     a = list(_make(tok, data["jsonl"], seed=1))
     assert_batches_equal(a, list(_make(tok, data["jsonl"], seed=1)))
     b = list(_make(tok, data["jsonl"], seed=2))
-    assert any(not np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, b))
+    assert any(not np.array_equal(x["input"], y["input"]) for x, y in zip(a, b))
 
 
 def test_rank_slices_of_the_global_batch(tok, data):
@@ -93,13 +94,13 @@ def test_rank_slices_of_the_global_batch(tok, data):
     parts = [list(_make(tok, data["jsonl"], batch_size=2, rank=r, world_size=2)) for r in range(2)]
     assert len(parts[0]) == len(parts[1]) == len(whole)
     for g, p0, p1 in zip(whole, *parts):
-        rows = g["inputs"].shape[0]
-        assert np.array_equal(p0["inputs"], g["inputs"][:2]) and np.array_equal(p0["target"], g["target"][:2])
+        rows = g["input"].shape[0]
+        assert np.array_equal(p0["input"], g["input"][:2]) and np.array_equal(p0["target"], g["target"][:2])
         if rows <= 2:
             assert p1 is None
             continue
-        assert np.array_equal(p1["inputs"], g["inputs"][2:4]) and np.array_equal(p1["length"], g["length"][2:4])
-        for shared in ("ext_ids", "ext_sub", "task_names", "raw_data"):  # global, not sliced
+        assert np.array_equal(p1["input"], g["input"][2:4]) and np.array_equal(p1["length"], g["length"][2:4])
+        for shared in ("ext_table_ids", "ext_table_sub", "task_names", "raw_data"):  # global, not sliced
             assert np.array_equal(p1[shared], g[shared]) if shared.startswith("ext") else p1[shared] == g[shared]
 
 
@@ -107,7 +108,7 @@ def test_last_partial_batch_and_drop_last(tok, data):
     full = list(_make(tok, data["jsonl"], batch_size=5))
     dropped = list(_make(tok, data["jsonl"], batch_size=5, drop_last=True))
     assert_batches_equal(full[:-1], dropped)
-    assert full[-1]["inputs"].shape[0] <= 5
+    assert full[-1]["input"].shape[0] <= 5
 
 
 def test_epochs_rewind(tok, data):
@@ -204,6 +205,6 @@ def test_ccpm_tutorial_data_packs(tmp_path):
     assert sum(len(b["raw_data"]) for b in batches) == 64
     first = batches[0]
     # Answers are `<option_k>`: predicted as the `<option>` base with a subscript, labelled via ext ids.
-    labels = first["target"][first["target"] != -100]
+    labels = first["target"][first["target"] != IGNORE_INDEX]
     assert set(labels.tolist()) <= {real.eos_id} | set(range(real.vocab_size, real.vocab_size + 4)) | {10}
-    assert (first["ext_ids"] == 10).all()
+    assert (first["ext_table_ids"] == 10).all()

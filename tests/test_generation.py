@@ -168,9 +168,9 @@ def test_batch_is_left_padded_with_shared_ext_table_and_bans(tokenizer):
     lengths = [len(p.input_ids) for p in prompts]
     short = int(np.argmin(lengths))
     pad = max(lengths) - min(lengths)
-    assert (batch.inputs["num_segments"][short, :pad] == 0).all()
-    assert (batch.inputs["num_segments"][:, -1] > 0).all()
-    assert batch.inputs["position"][short, pad:].tolist() == list(range(min(lengths)))
+    assert (batch.inputs.num_segments[short, :pad] == 0).all()
+    assert (batch.inputs.num_segments[:, -1] > 0).all()
+    assert batch.inputs.position[short, pad:].tolist() == list(range(min(lengths)))
     v = tokenizer.vocab_size
     option_cols = {s: c for c, s in batch.decode_tables[0].items()}
     assert option_cols["<option_0>"] == tokenizer.encoder["<option>"]  # subscript 0 = the base token

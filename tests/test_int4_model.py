@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from cpm_live.checkpoint import CheckpointError, load_model_weights, read_state_dict
+from cpm_live.convert import export
+from cpm_live.convert.cli import main as quantize_main
 from cpm_live.models import CPMBee
-from cpm_live.quant import export
-from cpm_live.quant.cli import main as quantize_main
 from tests.test_model import packed_batch, run, tiny_config
 
 # NF4 (double quant, blocksize 64) changes each N(0, 1) projection weight by 9.2% (relative L2); this

@@ -256,8 +256,8 @@ def test_merged_state_dict_reproduces_lora_logits(variant, tol):
 def test_qlora_adapter_exports_through_cpm_bee_export(tmp_path):
     """dense .pt -> cpm-bee-quantize -> int4 model + LoRA -> adapter dir -> fp32 export with LoraDelta."""
     from cpm_live.checkpoint import load_model_weights
-    from cpm_live.quant.compress import quantize_state_dict
-    from cpm_live.quant.export import export_checkpoint
+    from cpm_live.convert.compress import quantize_state_dict
+    from cpm_live.convert.export import export_checkpoint
 
     torch.save(make_model("fp32").state_dict(), tmp_path / "base.pt")
     quantize_state_dict(tmp_path / "base.pt", tmp_path / "base-nf4.safetensors", progress=False)

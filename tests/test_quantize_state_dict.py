@@ -15,9 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cpm_live.checkpoint import CheckpointError
+from cpm_live.convert.cli import main
+from cpm_live.convert.compress import is_quant_target, quantize_state_dict
 from cpm_live.quant import format as qformat
-from cpm_live.quant.cli import main
-from cpm_live.quant.compress import is_quant_target, quantize_state_dict
 
 ROOT = Path(__file__).parents[1]
 LAYER = ["self_att.self_attention.project_q", "self_att.self_attention.project_k",
@@ -174,7 +174,7 @@ def test_bad_inputs_raise_clear_errors(checkpoint, tmp_path):
 PEAK_SCRIPT = textwrap.dedent("""
     import json, sys, time
     import torch
-    from cpm_live.quant.cli import main
+    from cpm_live.convert.cli import main
 
     def status(field):
         with open("/proc/self/status") as f:

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cpm_live.convert.export import export_checkpoint
 from cpm_live.models import CPMBee, CPMBeeConfig
-from cpm_live.quant.export import export_checkpoint
 from cpm_live.tokenizers import CPMBeeTokenizer, build_tiny_vocab
 from cpm_live.training.metrics import read_metrics
 from cpm_live.training_tasks.bee.pretrain import convert_data_to_id

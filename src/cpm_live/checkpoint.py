@@ -30,9 +30,9 @@ from itertools import chain
 import torch
 from torch import nn
 
+from cpm_live.config import CPMBeeConfig
 from cpm_live.layers.linear4bit import Linear4bit
 from cpm_live.models.bee import CPMBee
-from cpm_live.models.config import CPMBeeConfig
 from cpm_live.quant import format as qformat
 from cpm_live.quant.stream import DTYPE_NAMES, SafetensorsWriter, nbytes
 from cpm_live.utils import atomic_path

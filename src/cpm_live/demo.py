@@ -43,9 +43,9 @@ def _banner(text: str) -> None:
 
 
 def run_demo(out: str, base_steps: int, qlora_steps: int) -> dict:
+    from cpm_live.convert.cli import main as quantize_main
     from cpm_live.evaluation import main as evaluate_main
     from cpm_live.generation.cli import main as generate_main
-    from cpm_live.quant.cli import main as quantize_main
     from cpm_live.training.cli import main as finetune_main
 
     os.makedirs(out, exist_ok=True)

@@ -135,11 +135,10 @@ def train_phase(engine: Engine, out: Path, half: bool) -> dict:
 
     # (a) sharded forward == unsharded forward; the 4-bit state stays uint8.
     model = build_model(seed=0, half=half)
-    model.encoder.activation_checkpointing = True  # the training loop's default; must work sharded
     reference = copy.deepcopy(model).to(engine.device)
-    reference.encoder.activation_checkpointing = False
     total_bytes = local_parameter_bytes(reference)
-    wrapped = engine.wrap(model)
+    # recompute is the training loop's default; it must work sharded
+    wrapped = engine.wrap(model, blocks=model.encoder.layers, recompute=True)
     # (b) each rank holds about 1/world_size of the parameter bytes.
     result["local_bytes"], result["total_bytes"] = local_parameter_bytes(wrapped), total_bytes
     batch = make_batch(seed=1)
@@ -235,7 +234,7 @@ def resume_phase(engine: Engine, out: Path, half: bool) -> dict:
     dev = engine.device
     model = build_model(seed=5, half=half)  # other init: every value must come from the files
     model.load_state_dict(load_file(out / "sharded_full.safetensors"), strict=True)  # base: before wrap
-    wrapped = engine.wrap(model)
+    wrapped = engine.wrap(model, blocks=model.encoder.layers)
     saved = torch.load(out / "sharded_train.pt", weights_only=True)
     after = torch.load(out / "sharded_after.pt", weights_only=True)
     with torch.no_grad():

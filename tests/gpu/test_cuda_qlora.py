@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cpm_live.delta import LoraSettings, add_lora
+from cpm_live.engine import recompute_activations
 from cpm_live.layers import Linear4bit
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.training.cli import main as finetune
@@ -70,7 +71,7 @@ def test_int4_model_with_lora_trains_on_cuda():
     torch.testing.assert_close(run(model, gpu_batch).cpu(), cpu_logits, rtol=1e-3, atol=1e-3)
     packed = {n: p.clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
     model.train()
-    model.encoder.activation_checkpointing = True
+    recompute_activations(model.encoder.layers)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(5):

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from cpm_live.config import CPMBeeConfig
 from cpm_live.delta.lora import (
     ADAPTER_NAME,
     LoraSettings,
@@ -35,7 +36,6 @@ from cpm_live.delta.lora import (
     lora_state_dict,
     matches_target,
 )
-from cpm_live.models.config import CPMBeeConfig
 from cpm_live.utils import atomic_path, atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"

@@ -10,7 +10,7 @@ Lifecycle (the order matters; see docs/architecture.md)::
     engine = get_engine("auto", seed=1234)                 # process group, device, seeds
     engine.check_consistent(config.to_dict(), "model config")
     model = CPMBee(config); load weights; inject LoRA; freeze the base
-    model = engine.wrap(model)                             # shard
+    model = engine.wrap(model, blocks=model.encoder.layers, recompute=True)  # shard
     opt = engine.optimizer(trainable_params, lr=1e-4, weight_decay=0.01)
     for batch in data:
         loss = engine.cross_entropy(model(...)[0], targets)
@@ -33,8 +33,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed._composable import checkpoint
 
-IGNORE_INDEX = -100
+from cpm_live.inputs import IGNORE_INDEX
 
 
 class EngineError(RuntimeError):
@@ -89,6 +90,17 @@ def describe_difference(reference: Any, other: Any) -> str:
     return text if len(text) < 400 else text[:400] + "..."
 
 
+def recompute_activations(blocks: Iterable[nn.Module]) -> None:
+    """Recompute each block's activations in backward instead of storing them (in place).
+
+    torch's composable ``checkpoint`` hooks the module itself, so parameter names (and checkpoint
+    keys) do not change and ``fully_shard`` can be applied afterwards; non-reentrant, as
+    ``torch.utils.checkpoint(use_reentrant=False)``.
+    """
+    for block in blocks:
+        checkpoint(block)
+
+
 def parameter_signature(model: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
     """``(name, shape, dtype)`` of every parameter: what must agree across ranks before sharding."""
     return [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
@@ -126,11 +138,15 @@ class Engine(abc.ABC):
 
     # ------------------------------------------------------------------ model and optimizer
     @abc.abstractmethod
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, blocks: nn.ModuleList | None = None, recompute: bool = False) -> nn.Module:
         """Shard ``model`` (collective) and move it to :attr:`device`; returns the model to use.
 
-        Load weights, inject LoRA and freeze the base *before* this call. The parameter names stay
-        those of the unwrapped model, so state-dict keys do not change.
+        ``blocks`` are the model's repeated blocks, called in order: each becomes its own
+        gather/release group (the rest of the model is one more group). ``recompute`` recomputes
+        each block's activations in backward instead of storing them. The engine is told both; it
+        never looks inside the model for them. Load weights, inject LoRA and freeze the base
+        *before* this call. The parameter names stay those of the unwrapped model, so state-dict
+        keys do not change.
         """
 
     @abc.abstractmethod
@@ -244,7 +260,7 @@ class Engine(abc.ABC):
             print(*args, **kwargs, flush=True)
 
     def cross_entropy_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Sum of token cross entropy over labelled targets (``-100`` ignored), computed in fp32.
+        """Sum of token cross entropy over labelled targets (``IGNORE_INDEX`` ignored), computed in fp32.
 
         The training loop divides it by the step's global token count; engines override this one
         method to use a fused kernel.

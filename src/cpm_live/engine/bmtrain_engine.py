@@ -3,10 +3,10 @@
 This is the only module that imports ``bmtrain`` (the optional ``gpu`` extra); model code never
 does. How :class:`cpm_live.models.CPMBee` is mapped onto BMTrain by :meth:`BMTrainEngine.wrap`:
 
-- each ``encoder.layers[i]`` becomes a ``bmt.Block`` (its parameters live in flat ZeRO-3 shards,
-  gathered for forward and backward; activations recomputed when
-  ``encoder.activation_checkpointing`` is set), all in one ``bmt.TransformerBlockList`` that
-  links neighbours for prefetching and releasing;
+- each of the ``blocks`` it is given (``model.encoder.layers``) becomes a ``bmt.Block`` (its
+  parameters live in flat ZeRO-3 shards, gathered for forward and backward; activations recomputed
+  when told ``recompute``), all in one ``bmt.TransformerBlockList`` that replaces the list in its
+  parent module and links neighbours for prefetching and releasing;
 - parameters outside the blocks (embedding, position bias, final norm) become
   ``bmt.DistributedParameter`` and their modules ``bmt.DistributedModule`` (gathered on attribute
   access), as ``bmt.BMTrainModelWrapper`` does;
@@ -42,14 +42,13 @@ from bmtrain.zero_context import ZeroContext
 from torch import nn
 
 from cpm_live.engine.base import (
-    IGNORE_INDEX,
     Engine,
     EngineError,
     check_state_dict_keys,
     launch_env,
     parameter_signature,
 )
-from cpm_live.layers.transformer import Encoder
+from cpm_live.inputs import IGNORE_INDEX
 
 _LOAD_BEFORE_WRAP = ("with --engine bmtrain, load the base checkpoint (4-bit state included) into the model "
                      "before engine.wrap(); afterwards only floating-point parameters can be loaded")
@@ -229,22 +228,21 @@ class BMTrainEngine(Engine):
         self._manager: bmt.optim.OptimManager | None = None
 
     # ------------------------------------------------------------------ model and optimizer
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, blocks: nn.ModuleList | None = None, recompute: bool = False) -> nn.Module:
         if self._wrapped:
             raise EngineError("this engine already wrapped a model; BMTrain shards one model per run")
-        encoder = getattr(model, "encoder", None)
-        if not isinstance(encoder, Encoder):
-            raise EngineError(f"--engine bmtrain wraps CPMBee-like models (model.encoder is an Encoder); "
-                              f"got {type(model).__name__}")
+        owner = next(((parent, name) for parent in model.modules() for name, child in parent.named_children()
+                      if blocks is not None and child is blocks), None)
+        if owner is None:
+            raise EngineError(f"--engine bmtrain needs the blocks to shard: wrap(model, blocks=<a ModuleList "
+                              f"inside the model>); got {type(blocks).__name__} for {type(model).__name__}")
         self.check_consistent(parameter_signature(model), "model parameters (name, shape, dtype)")
-        use_checkpoint = encoder.activation_checkpointing
-        encoder.activation_checkpointing = False  # each bmt.Block recomputes its own activations instead
-        blocks = []
-        for layer in encoder.layers:
+        wrapped = []
+        for layer in blocks:
             for m in layer.modules():
                 _distribute_own_parameters(m)
-            blocks.append(_EncoderLayerBlock(_HiddenStatesOnly(layer), use_checkpoint=use_checkpoint))
-        encoder.layers = bmt.TransformerBlockList(blocks)
+            wrapped.append(_EncoderLayerBlock(_HiddenStatesOnly(layer), use_checkpoint=recompute))
+        setattr(*owner, bmt.TransformerBlockList(wrapped))
         _distribute_outside_blocks(model)
         bmt.synchronize()
         self._wrapped = True

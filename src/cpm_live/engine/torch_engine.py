@@ -23,9 +23,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from cpm_live.engine.base import Engine, EngineError, check_state_dict_keys, launch_env, parameter_signature
+from cpm_live.engine.base import (
+    Engine,
+    EngineError,
+    check_state_dict_keys,
+    launch_env,
+    parameter_signature,
+    recompute_activations,
+)
 from cpm_live.engine.loss_scale import DynamicLossScaler
-from cpm_live.layers.blocks import TransformerBlock
 
 
 def seed_everything(seed: int) -> None:
@@ -143,8 +149,11 @@ class TorchEngine(Engine):
         self._optimizer: MasterWeightAdamW | None = None
 
     # ------------------------------------------------------------------ model and optimizer
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, blocks: nn.ModuleList | None = None, recompute: bool = False) -> nn.Module:
         self.check_consistent(parameter_signature(model), "model parameters (name, shape, dtype)")
+        blocks = list(blocks or [])
+        if recompute:
+            recompute_activations(blocks)
         if self._mesh is None:
             model = model.to(self.device)
         else:
@@ -154,7 +163,7 @@ class TorchEngine(Engine):
             # forward/backward every parameter is then its sharded DTensor, so an optimizer built
             # or an evaluation run between steps never holds a transient full copy (an optimizer
             # built after an eval forward would otherwise update discarded unsharded tensors).
-            for block in [m for m in model.modules() if isinstance(m, TransformerBlock)]:
+            for block in blocks:
                 fully_shard(block, mesh=self._mesh)
             fully_shard(model, mesh=self._mesh, reshard_after_forward=True)
             if callable(getattr(model, "inference", None)):

@@ -103,11 +103,10 @@ def _check_prompts(tokenizer: CPMBeeTokenizer, records: list[tuple[str, dict[str
 
 def load_model(args: argparse.Namespace, device: torch.device) -> CPMBee:
     """Build the model on ``device`` from the config, load the checkpoint, then the adapter."""
-    overrides = {"int4": True} if args.int4 else {}
-    config = CPMBeeConfig.from_json_file(args.model_config, **overrides)
+    config = CPMBeeConfig.from_cli(args.model_config, args.int4)
     if device.type == "cpu" and config.half:
         print("--device cpu: running the fp16 config in fp32", file=sys.stderr)
-        config = CPMBeeConfig.from_json_file(args.model_config, half=False, **overrides)
+        config = CPMBeeConfig.from_json_file(args.model_config, half=False, int4=config.int4)
     model = build_model(config, args.load, device=device)
     if args.delta is not None:
         load_adapter(model, args.delta)

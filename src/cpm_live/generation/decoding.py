@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cpm_live.generation.prompt import AnswerToken, PromptBatch
+from cpm_live.inputs import CPMBeeInputs
 from cpm_live.tokenizers import CPMBeeTokenizer
 
 BANNED_LOGIT = -10000.0  # the original's value for unk / foreign ext columns (not -inf)
@@ -73,12 +74,11 @@ class Decoder:
         self._ext_ids = batch.ext_table_ids.tolist()
         self._ext_subs = batch.ext_table_sub.tolist()
         inputs = batch.inputs
-        _, _, self.state = model.inference(**inputs, ext_table_ids=batch.ext_table_ids,
-                                           ext_table_sub=batch.ext_table_sub, past_key_values=None)
+        _, _, self.state = model.inference(**inputs.inference_kwargs(), past_key_values=None)
         # Generated tokens take num_segments / segment_rel_offset from the last (never padded) column.
-        self._num_segments = inputs["num_segments"][:, -1:]
-        self._segment_rel_offset = inputs["segment_rel_offset"][:, -1:]
-        self._segment_rel = inputs["segment_rel"]
+        self._num_segments = inputs.num_segments[:, -1:]
+        self._segment_rel_offset = inputs.segment_rel_offset[:, -1:]
+        self._segment_rel = inputs.segment_rel
         self._banned = batch.banned
         self._fed = torch.zeros(batch.size, 0, dtype=torch.long, device=self._segment_rel.device)
         self._row_sample = torch.arange(batch.size, device=self._segment_rel.device)
@@ -136,7 +136,7 @@ class Decoder:
 
         token = column([c.next_id for c in cursors])
         row_sample = self._row_sample
-        logits, _, self.state = self.model.inference(
+        inputs = CPMBeeInputs(
             input=token,
             input_sub=column([c.next_sub for c in cursors]),
             position=column([c.next_position for c in cursors]),
@@ -148,8 +148,8 @@ class Decoder:
             segment_rel=self._segment_rel.index_select(0, row_sample),
             ext_table_ids=self.batch.ext_table_ids,
             ext_table_sub=self.batch.ext_table_sub,
-            past_key_values=self.state,
         )
+        logits, _, self.state = self.model.inference(**inputs.inference_kwargs(), past_key_values=self.state)
         self._fed = torch.cat([self._fed, token.long()], dim=1)
         logits = logits[:, -1, :].float()  # (rows, V + X)
         logits = logits.masked_fill(self._banned.index_select(0, row_sample), BANNED_LOGIT)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cpm_live.inputs import CPMBeeInputs
 from cpm_live.tokenizers import CPMBeeTokenizer
 from cpm_live.training_tasks.bee.pretrain import convert_data_to_id
 
@@ -103,15 +104,23 @@ class PromptBatch:
     """Left-padded prompts plus the batch ext table shared by all samples."""
 
     prompts: list[Prompt]
-    inputs: dict[str, torch.Tensor]  # model.inference keyword arguments of the prefill, (B, L) / (B, R)
-    ext_table_ids: torch.Tensor  # (X,) base id of logits column V + k
-    ext_table_sub: torch.Tensor  # (X,) its subscript
+    inputs: CPMBeeInputs  # the prefill for model.inference, (B, L) / (B, R); its ext table is the batch's
     decode_tables: list[dict[int, str]]  # per sample: logits column -> string, for tokenizer.decode
     banned: torch.Tensor  # (B, V + X) bool: columns a sample must never generate
 
     @property
     def size(self) -> int:
         return len(self.prompts)
+
+    @property
+    def ext_table_ids(self) -> torch.Tensor:
+        """(X,) base id of logits column V + k."""
+        return self.inputs.ext_table_ids
+
+    @property
+    def ext_table_sub(self) -> torch.Tensor:
+        """(X,) subscript of logits column V + k."""
+        return self.inputs.ext_table_sub
 
 
 def build_batch(tokenizer: CPMBeeTokenizer, prompts: Sequence[Prompt], device: torch.device) -> PromptBatch:
@@ -166,22 +175,22 @@ def build_batch(tokenizer: CPMBeeTokenizer, prompts: Sequence[Prompt], device: t
     for b, prompt in enumerate(prompts):
         segment_rel[b, : len(prompt.segment_rel)] = torch.from_numpy(prompt.segment_rel)
     ones = [np.ones(len(p.input_ids), dtype=np.int32) for p in prompts]
-    inputs = {
-        "input": left_pad([p.input_ids for p in prompts]),
-        "input_sub": left_pad([p.input_subs for p in prompts]),
-        "position": left_pad([np.arange(len(p.input_ids), dtype=np.int32) for p in prompts]),
-        "context": left_pad(ones, torch.bool),
-        "sample_ids": left_pad([0 * o for o in ones]),
-        "num_segments": left_pad([p.num_segments * o for p, o in zip(prompts, ones)]),
-        "segment": left_pad([p.segments for p in prompts]),
-        "segment_rel_offset": left_pad([0 * o for o in ones]),
-        "segment_rel": segment_rel,
-    }
+    inputs = CPMBeeInputs(
+        input=left_pad([p.input_ids for p in prompts]),
+        input_sub=left_pad([p.input_subs for p in prompts]),
+        position=left_pad([np.arange(len(p.input_ids), dtype=np.int32) for p in prompts]),
+        context=left_pad(ones, torch.bool),
+        sample_ids=left_pad([0 * o for o in ones]),
+        num_segments=left_pad([p.num_segments * o for p, o in zip(prompts, ones)]),
+        segment=left_pad([p.segments for p in prompts]),
+        segment_rel_offset=left_pad([0 * o for o in ones]),
+        segment_rel=segment_rel,
+        ext_table_ids=torch.tensor(ext_ids, dtype=torch.int32),
+        ext_table_sub=torch.tensor(ext_subs, dtype=torch.int32),
+    )
     return PromptBatch(
         prompts=list(prompts),
-        inputs={k: v.to(device) for k, v in inputs.items()},
-        ext_table_ids=torch.tensor(ext_ids, dtype=torch.int32, device=device),
-        ext_table_sub=torch.tensor(ext_subs, dtype=torch.int32, device=device),
+        inputs=inputs.to(device),
         decode_tables=decode_tables,
         banned=banned.to(device),
     )

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from cpm_live.config import CPMBeeConfig
 from cpm_live.layers.attention import Attention, KVCache
 from cpm_live.layers.feedforward import FeedForward
 from cpm_live.layers.layernorm import LayerNorm
 from cpm_live.layers.linear_factory import LinearFactory
-
-if TYPE_CHECKING:  # config is only a type here; importing it would be circular
-    from cpm_live.models.config import CPMBeeConfig
 
 RESIDUAL_DAMPING = 1.05
 

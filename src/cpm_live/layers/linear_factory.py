@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from torch import nn
 
+from cpm_live.config import CPMBeeConfig
 from cpm_live.layers.linear import Linear
 from cpm_live.layers.linear4bit import Linear4bit
-
-if TYPE_CHECKING:  # config is only a type here; importing it would be circular
-    from cpm_live.models.config import CPMBeeConfig
 
 LinearFactory = Callable[[int, int], nn.Module]
 

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from cpm_live.config import CPMBeeConfig
 from cpm_live.layers.attention import KVCache
 from cpm_live.layers.blocks import TransformerBlock
 from cpm_live.layers.layernorm import LayerNorm
 from cpm_live.layers.linear_factory import LinearFactory
-
-if TYPE_CHECKING:  # config is only a type here; importing it would be circular
-    from cpm_live.models.config import CPMBeeConfig
 
 
 class Encoder(nn.Module):
@@ -25,8 +20,6 @@ class Encoder(nn.Module):
             TransformerBlock(config, linear, mask_att, mask_ffn) for mask_att, mask_ffn in masks
         )
         self.output_layernorm = LayerNorm(config.dim_model, config.dtype, config.eps)
-        # Recompute each block's activations in backward instead of storing them (set by training).
-        self.activation_checkpointing = False
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor, position_bias: torch.Tensor,
                 past_key_values: list[KVCache | None] | None = None, use_cache: bool = False,
@@ -36,10 +29,6 @@ class Encoder(nn.Module):
         present = []
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values is not None else None
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h, kv = checkpoint(layer, h, attention_mask, position_bias, past, use_cache,
-                                   use_reentrant=False)
-            else:
-                h, kv = layer(h, attention_mask, position_bias, past, use_cache)
+            h, kv = layer(h, attention_mask, position_bias, past, use_cache)
             present.append(kv)
         return self.output_layernorm(h), present

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from cpm_live.config import CPMBeeConfig
 from cpm_live.layers.embedding import EmbeddingExt
 from cpm_live.layers.linear_factory import make_linear
 from cpm_live.layers.position_embedding import BucketPositionBias
 from cpm_live.layers.transformer import Encoder
-from cpm_live.models.config import CPMBeeConfig
 
 PastKeyValues = dict[str, Any]
 

@@ -23,15 +23,16 @@ def main(argv: Sequence[str] | None = None, qlora: bool = False) -> dict:
         parser.set_defaults(int4=True, use_delta=True)
     args = parser.parse_args(argv)
     validate(args)
-    from cpm_live.training.loop import Trainer
+    from cpm_live.training.loop import Trainer, TrainingError
 
+    trainer = Trainer(args)
     try:
-        trainer = Trainer(args)
         try:
-            return trainer.train()
+            return trainer.setup().train()
         finally:
-            trainer.engine.close()
-    except USER_ERRORS as e:  # a bad file, flag or config: one line saying what to fix, no traceback
+            if hasattr(trainer, "engine"):
+                trainer.engine.close()
+    except (*USER_ERRORS, TrainingError) as e:  # a bad file, flag or config: one line saying what to fix, no traceback
         raise SystemExit(f"error: {e}") from e
 
 

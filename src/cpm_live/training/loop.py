@@ -21,6 +21,7 @@ from tqdm import tqdm
 from cpm_live.checkpoint import build_model
 from cpm_live.delta import add_lora, lora_settings_from_args, save_adapter, trainable_parameter_report
 from cpm_live.engine import engine_from_args, format_summary, inspect_model
+from cpm_live.inputs import LabelledInputs
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.tokenizers import CPMBeeTokenizer, find_vocab
 from cpm_live.training import state as ckpt
@@ -28,29 +29,27 @@ from cpm_live.training.metrics import MetricsLogger
 from cpm_live.training.schedulers import LRSchedule
 from cpm_live.training_tasks.bee import FinetuneDataset
 
-MODEL_KEYS = ("inputs", "inputs_sub", "length", "context", "sample_ids", "num_segments", "segment_ids",
-              "segment_rel_offset", "segment_rel", "spans", "ext_ids", "ext_sub")
+
+class TrainingError(RuntimeError):
+    """A run that cannot train as asked (the message says what to change); the CLI prints it."""
 
 
 class Trainer:
+    """``Trainer(args).setup()`` builds everything in dependency order; then :meth:`train`."""
+
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self._stop_requested = False
+        self._saved_step: int | None = None
+        self._last_batch: LabelledInputs | None = None
+
+    def setup(self) -> Trainer:
+        """Engine -> config (same on every rank) -> tokenizer -> model, LoRA, wrap -> optimizer and
+        schedule -> data -> resume state -> metrics. Returns ``self``."""
+        args = self.args
         self.engine = engine_from_args(args, device=args.device)
-        overrides = {"int4": True} if args.int4 else {}
-        self.config = CPMBeeConfig.from_json_file(args.model_config, **overrides)
-        self.engine.check_consistent(self.config.to_dict(), "model config")
-        self.lora = lora_settings_from_args(args)
-        if self.config.int4 and not self.use_lora:
-            raise SystemExit(
-                f"error: {args.model_config} sets int4 but LoRA is off: the 4-bit base is frozen, so "
-                "nothing would train. Add --use-delta (QLoRA) or set \"int4\": false (full fine-tuning)."
-            )
-        self.tokenizer = CPMBeeTokenizer(find_vocab(args.vocab, args.load))
-        if self.tokenizer.vocab_size != self.config.vocab_size:
-            self.engine.print_rank0(
-                f"warning: vocab has {self.tokenizer.vocab_size} tokens but {args.model_config} says "
-                f"vocab_size={self.config.vocab_size}; ext-token labels start at the vocab size"
-            )
+        self.config = self._load_config()
+        self.tokenizer = self._load_tokenizer()
         self.model = self._build_model()
         self.optimizer = self.engine.optimizer([p for p in self.model.parameters() if p.requires_grad],
                                                lr=args.lr, weight_decay=args.weight_decay)
@@ -61,15 +60,34 @@ class Trainer:
         self._resume()
         tb_dir = args.tensorboard or (os.path.join(args.save, "tensorboard") if args.save else None)
         self.metrics = MetricsLogger(args.save, tb_dir, self.engine.is_main, resume_step=self.step)
-        self._stop_requested = False
-        self._saved_step = None
-        self._last_batch: dict[str, Any] | None = None
+        return self
 
     @property
     def use_lora(self) -> bool:
         return self.lora is not None
 
     # ---------------------------------------------------------------- setup
+    def _load_config(self) -> CPMBeeConfig:
+        args = self.args
+        config = CPMBeeConfig.from_cli(args.model_config, args.int4)
+        self.engine.check_consistent(config.to_dict(), "model config")
+        self.lora = lora_settings_from_args(args)
+        if config.int4 and not self.use_lora:
+            raise TrainingError(
+                f"{args.model_config} sets int4 but LoRA is off: the 4-bit base is frozen, so nothing "
+                "would train. Add --use-delta (QLoRA) or set \"int4\": false (full fine-tuning)."
+            )
+        return config
+
+    def _load_tokenizer(self) -> CPMBeeTokenizer:
+        tokenizer = CPMBeeTokenizer(find_vocab(self.args.vocab, self.args.load))
+        if tokenizer.vocab_size != self.config.vocab_size:
+            self.engine.print_rank0(
+                f"warning: vocab has {tokenizer.vocab_size} tokens but {self.args.model_config} says "
+                f"vocab_size={self.config.vocab_size}; ext-token labels start at the vocab size"
+            )
+        return tokenizer
+
     def _build_model(self) -> torch.nn.Module:
         args, engine = self.args, self.engine
         if args.load:
@@ -79,9 +97,8 @@ class Trainer:
             model = CPMBee(self.config)
         if self.use_lora:
             add_lora(model, self.lora)
-        model.encoder.activation_checkpointing = args.activation_checkpointing
         engine.print_rank0(trainable_parameter_report(model))
-        return engine.wrap(model)
+        return engine.wrap(model, blocks=model.encoder.layers, recompute=args.activation_checkpointing)
 
     def _dataset(self, path: str, batch_size: int, drop_last: bool) -> FinetuneDataset:
         return FinetuneDataset(path, batch_size, self.args.max_length, self.tokenizer, max_depth=8,
@@ -118,32 +135,21 @@ class Trainer:
         self._stop_requested = True
 
     # ---------------------------------------------------------------- steps
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        dev = self.engine.device
-        out = {k: torch.as_tensor(batch[k]).to(dev) for k in MODEL_KEYS + ("target",)}
-        out["context"] = out["context"].bool()
-        return out
-
-    def _filled(self, batch: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], bool]:
-        """``(tensors, real)``. A rank without rows (None) gets a stand-in to run with weight 0:
+    def _filled(self, batch: dict[str, Any] | None) -> tuple[LabelledInputs, bool]:
+        """``(inputs, real)``. A rank without rows (None) gets a stand-in to run with weight 0:
         under FSDP every rank must make the same forward/backward collectives. The stand-in is its
         last real batch, or a one-token row before it has seen any."""
         if batch is not None:
-            self._last_batch = batch
-            return self._to_device(batch), True
+            self._last_batch = LabelledInputs.from_arrays(batch)
+            return self._last_batch.to(self.engine.device), True
         if self._last_batch is None:
-            one = torch.zeros(1, 1, dtype=torch.int32)
-            self._last_batch = {k: one for k in MODEL_KEYS if k not in ("length", "ext_ids", "ext_sub")}
-            self._last_batch.update(length=torch.ones(1, dtype=torch.int32), context=one.bool(),
-                                    ext_ids=torch.zeros(1, dtype=torch.int32), ext_sub=torch.ones(1, dtype=torch.int32),
-                                    target=torch.full((1, 1), -100, dtype=torch.int32))
-        return self._to_device(self._last_batch), False
+            self._last_batch = LabelledInputs.placeholder()
+        return self._last_batch.to(self.engine.device), False
 
-    def _token_losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def _token_losses(self, batch: LabelledInputs) -> tuple[torch.Tensor, int]:
         """Sum of per-token cross entropy over labelled tokens, and their count."""
-        logits, _ = self.model(*(batch[k] for k in MODEL_KEYS))
-        target = batch["target"]
-        return self.engine.cross_entropy_sum(logits, target), int((target != -100).sum())
+        logits, _ = self.model(**batch.inputs.forward_kwargs())
+        return self.engine.cross_entropy_sum(logits, batch.target), batch.num_labels
 
     def _next_microbatches(self, it) -> list[dict[str, Any] | None]:
         """Up to ``accumulation`` micro-batches; an empty list at the end of the epoch."""
@@ -165,7 +171,7 @@ class Trainer:
         """
         engine = self.engine
         batches = [self._filled(b) for b in micro]
-        local_tokens = sum(int((b["target"] != -100).sum()) for b, real in batches if real)
+        local_tokens = sum(b.num_labels for b, real in batches if real)
         global_tokens = engine.all_reduce_sum(float(local_tokens))
         lr = self.schedule.apply(self.step)
         start = time.perf_counter()
@@ -179,7 +185,7 @@ class Trainer:
         stepped = engine.step(self.optimizer)
         engine.zero_grad(self.optimizer)
         elapsed = time.perf_counter() - start
-        rows_tokens = sum(int(b["length"].sum()) for b, real in batches if real)
+        rows_tokens = sum(int(b.inputs.length.sum()) for b, real in batches if real)
         return {
             "loss": engine.all_reduce_sum(loss_sum) / max(global_tokens, 1.0),
             "lr": lr,
@@ -259,8 +265,8 @@ class Trainer:
                 self._report_skipped()
                 # Only the first epoch after a resume may be empty (the run stopped at an epoch's end).
                 if self.step == steps_before and not (resumed and first_epoch):
-                    raise SystemExit(f"error: {args.dataset} gave no training batch: is it empty, or is every "
-                                     f"record longer than --max-length {args.max_length} tokens?")
+                    raise TrainingError(f"{args.dataset} gave no training batch: is it empty, or is every "
+                                        f"record longer than --max-length {args.max_length} tokens?")
                 first_epoch = False
                 self.epoch += 1
                 self.train_data.start_next_epoch()

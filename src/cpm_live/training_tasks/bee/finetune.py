@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ...dataset import DataFormatError, JsonlDataset, SimpleDataset
+from ...inputs import IGNORE_INDEX
 from ...tokenizers import CPMBeeTokenizer
 from .pretrain import ExtTableStates, convert_data_to_id
 
@@ -25,19 +26,22 @@ _STATE_VERSION = 1
 
 
 class CPMBeeBatch(TypedDict):
-    inputs: NDArray[np.int32]  # (b, L) base token ids
-    inputs_sub: NDArray[np.int32]  # (b, L) subscripts, 0 = ordinary token
+    """One packed batch as arrays; the model-input keys are ``CPMBeeInputs``' field names, so
+    ``LabelledInputs.from_arrays(batch)`` takes them without a table of names."""
+
+    input: NDArray[np.int32]  # (b, L) base token ids
+    input_sub: NDArray[np.int32]  # (b, L) subscripts, 0 = ordinary token
     length: NDArray[np.int32]  # (b,) filled length of each row
     context: NDArray[np.bool_]  # (b, L) True = given, False = to predict
     sample_ids: NDArray[np.int32]  # (b, L) 0 main sample, i+1 in-context example i
     num_segments: NDArray[np.int32]  # (b, L) segment count of the token's sample
-    segment_ids: NDArray[np.int32]  # (b, L)
+    segment: NDArray[np.int32]  # (b, L) segment id
     segment_rel_offset: NDArray[np.int32]  # (b, L) offset of the sample's n*n block in segment_rel
     segment_rel: NDArray[np.int32]  # (b, max_rel)
-    spans: NDArray[np.int32]  # (b, L) index of the packed instance
-    target: NDArray[np.int32]  # (b, L) next-token label, -100 = no loss
-    ext_ids: NDArray[np.int32]  # (X,) base id of each batch ext token
-    ext_sub: NDArray[np.int32]  # (X,) its subscript
+    span: NDArray[np.int32]  # (b, L) index of the packed instance
+    target: NDArray[np.int32]  # (b, L) next-token label, IGNORE_INDEX = no loss
+    ext_table_ids: NDArray[np.int32]  # (X,) base id of each batch ext token
+    ext_table_sub: NDArray[np.int32]  # (X,) its subscript
     task_ids: NDArray[np.int32]  # (b, L) index into task_names
     task_names: list[str]
     raw_data: list[Any]
@@ -211,18 +215,18 @@ class BatchPacker:
         batch = {
             k: np.zeros((b, L), dtype=np.int32)
             for k in (
-                "inputs",
-                "inputs_sub",
+                "input",
+                "input_sub",
                 "sample_ids",
                 "num_segments",
-                "segment_ids",
+                "segment",
                 "segment_rel_offset",
-                "spans",
+                "span",
                 "task_ids",
             )
         }
         context = np.zeros((b, L), dtype=np.int8)
-        target = np.full((b, L), -100, dtype=np.int32)
+        target = np.full((b, L), IGNORE_INDEX, dtype=np.int32)
         length = np.zeros((b,), dtype=np.int32)
         segment_rel = np.zeros((b, max(row.segment_rel.shape[0] for row in rows)), dtype=np.int32)
         # The original used set order (not reproducible across processes); first-seen order is stable.
@@ -234,11 +238,11 @@ class BatchPacker:
         for i, row in enumerate(rows):
             n = row.inputs.shape[0]
             for key, arr in (
-                ("inputs", row.inputs),
-                ("inputs_sub", row.inputs_sub),
+                ("input", row.inputs),
+                ("input_sub", row.inputs_sub),
                 ("sample_ids", row.sample_ids),
                 ("num_segments", row.num_segments),
-                ("segment_ids", row.segments),
+                ("segment", row.segments),
                 ("segment_rel_offset", row.segment_rel_offset),
             ):
                 batch[key][i, :n] = arr
@@ -246,7 +250,7 @@ class BatchPacker:
             segment_rel[i, : row.segment_rel.shape[0]] = row.segment_rel
             begin = 0
             for span_id, (end, name) in enumerate(zip(row.spans, row.task_ids)):
-                batch["spans"][i, begin:end] = span_id
+                batch["span"][i, begin:end] = span_id
                 batch["task_ids"][i, begin:end] = task_index[name]
                 begin = end
             length[i] = n
@@ -264,19 +268,19 @@ class BatchPacker:
         ext_ids = [k[0] for k in ext_map] or [0]  # placeholder entry when the batch has no ext token
         ext_sub = [k[1] for k in ext_map] or [1]
         return {
-            "inputs": batch["inputs"],
-            "inputs_sub": batch["inputs_sub"],
+            "input": batch["input"],
+            "input_sub": batch["input_sub"],
             "length": length,
             "context": context > 0,
             "sample_ids": batch["sample_ids"],
             "num_segments": batch["num_segments"],
-            "segment_ids": batch["segment_ids"],
+            "segment": batch["segment"],
             "segment_rel_offset": batch["segment_rel_offset"],
             "segment_rel": segment_rel,
-            "spans": batch["spans"],
+            "span": batch["span"],
             "target": target,
-            "ext_ids": np.array(ext_ids, dtype=np.int32),
-            "ext_sub": np.array(ext_sub, dtype=np.int32),
+            "ext_table_ids": np.array(ext_ids, dtype=np.int32),
+            "ext_table_sub": np.array(ext_sub, dtype=np.int32),
             "task_ids": batch["task_ids"],
             "task_names": task_names,
             "raw_data": raw_data,
@@ -371,10 +375,10 @@ class FinetuneDataset:
         """This rank's batches from the current position to the end of the epoch."""
         begin, end = self._batch_size * self._rank, self._batch_size * (self._rank + 1)
         for batch in self._global_batches():
-            if batch["inputs"].shape[0] <= begin:
+            if batch["input"].shape[0] <= begin:
                 yield None
                 continue
-            shared = ("task_names", "raw_data", "ext_ids", "ext_sub")
+            shared = ("task_names", "raw_data", "ext_table_ids", "ext_table_sub")
             ret = {k: v[begin:end] for k, v in batch.items() if k not in shared}
             ret.update({k: batch[k] for k in shared})
             yield ret

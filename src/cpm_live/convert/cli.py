@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from cpm_live.checkpoint import CheckpointError
-from cpm_live.quant.compress import quantize_state_dict
+from cpm_live.convert.compress import quantize_state_dict
 from cpm_live.quant.format import BLOCKSIZES, QUANT_TYPES, QuantFormatError
 
 

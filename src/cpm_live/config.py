@@ -108,6 +108,12 @@ class CPMBeeConfig:
         return cls.from_dict(values, source=path)
 
     @classmethod
+    def from_cli(cls, path: str | os.PathLike, int4: bool = False) -> CPMBeeConfig:
+        """The config of a ``--model-config PATH [--int4]`` command line: ``--int4`` turns the 4-bit
+        base on; without it the file's own ``int4`` stands."""
+        return cls.from_json_file(path, **({"int4": True} if int4 else {}))
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any], source: str | None = None) -> CPMBeeConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"source"}
         unknown = sorted(set(values) - known)

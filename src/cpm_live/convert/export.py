@@ -7,7 +7,7 @@
 fp16/fp32 output dequantizes every 4-bit weight (exactly: level x absmax in fp32, cast once) and
 casts the other tensors; ``.pt`` output is a ``torch.save``d plain ``OrderedDict`` of tensors (built
 in memory: peak = the exported model), ``.safetensors`` output is streamed one tensor at a time.
-int4 output runs :func:`cpm_live.quant.compress.quantize_state_dict` with the config's settings.
+int4 output runs :func:`cpm_live.convert.compress.quantize_state_dict` with the config's settings.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import torch
 from tqdm import tqdm
 
 from cpm_live.checkpoint import CheckpointError, CheckpointReader, check_keys
+from cpm_live.config import ConfigError
+from cpm_live.convert.compress import check_output_path, quantize_state_dict
+from cpm_live.inputs import CPMBeeInputs
 from cpm_live.models import CPMBee, CPMBeeConfig
-from cpm_live.models.config import ConfigError
 from cpm_live.quant import format as qformat
-from cpm_live.quant.compress import check_output_path, quantize_state_dict
 from cpm_live.quant.stream import SafetensorsWriter
 from cpm_live.utils import atomic_path
 
@@ -195,10 +196,13 @@ def logits_drift(dense_config: CPMBeeConfig, dense_path: str, int4_path: str, le
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(11, config.vocab_size, (1, length), generator=g, dtype=torch.int32)
         zeros = torch.zeros(1, length, dtype=torch.int32)
-        ones = torch.ones(1, length, dtype=torch.int32)
-        context = torch.ones(1, length, dtype=torch.bool)
-        out, _ = model.eval()(ids, zeros, torch.tensor([length], dtype=torch.int32), context, zeros, ones, zeros,
-                              zeros, torch.zeros(1, 1, dtype=torch.int32), zeros, zeros[0, :1], zeros[0, :1])
+        # One row, every token given, one segment, no ext token (a single zero ext column).
+        inputs = CPMBeeInputs(input=ids, input_sub=zeros, length=torch.tensor([length], dtype=torch.int32),
+                              context=torch.ones(1, length, dtype=torch.bool), sample_ids=zeros,
+                              num_segments=torch.ones(1, length, dtype=torch.int32), segment=zeros,
+                              segment_rel_offset=zeros, segment_rel=torch.zeros(1, 1, dtype=torch.int32),
+                              span=zeros, ext_table_ids=zeros[0, :1], ext_table_sub=zeros[0, :1])
+        out, _ = model.eval()(**inputs.forward_kwargs())
         logits.append(out.float())
     return float((logits[1] - logits[0]).norm() / logits[0].norm())
 
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     from cpm_live.delta.adapter_files import AdapterError
 
     try:
-        config = CPMBeeConfig.from_json_file(args.model_config, **({"int4": True} if args.int4 else {}))
+        config = CPMBeeConfig.from_cli(args.model_config, args.int4)
         if args.delta is not None:
             summary = merge_adapter(config, args.load, args.delta, args.output, args.dtype, force=args.force)
         else:
