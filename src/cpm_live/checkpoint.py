@@ -119,7 +119,8 @@ class CheckpointReader:
                         raise
                     state = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy non-zip file
         except pickle.UnpicklingError as e:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            # torch names the refused class or function as "[Uu]nsupported global: GLOBAL x" or "GLOBAL x whose module".
+            found = re.search(r"[Uu]nsupported GLOBAL:? ?(?:GLOBAL )?(\S+)", str(e), re.IGNORECASE)
             if found is None:
                 raise CheckpointError(f"cannot read {self.path}: it is not a torch.save state dict; the file is "
                                       f"truncated or corrupt: re-download or re-create it") from None
