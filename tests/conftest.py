@@ -43,8 +43,9 @@ def tiny(tmp_path_factory):
 
 def base_args(tiny: Path, save: Path, steps: int, *extra: str) -> list[str]:
     return ["--vocab", str(tiny / "vocab.txt"), "--dataset", str(DATA / "train.jsonl"), "--save", str(save),
-            "--train-iters", str(steps), "--epoch", "50", "--max-length", "64", "--batch-size", "8",
-            "--engine", "torch", "--device", "cpu", "--lr-decay-style", "constant", "--warmup-iters", "2",
-            "--weight-decay", "0", "--inspect-iters", "0", "--no-activation-checkpointing", *extra]
+            "--train-iters", str(steps), "--stop-at-train-iters", "--epoch", "50", "--max-length", "64",
+            "--batch-size", "8", "--engine", "torch", "--device", "cpu", "--lr-decay-style", "constant",
+            "--warmup-iters", "2", "--weight-decay", "0", "--inspect-iters", "0", "--no-activation-checkpointing",
+            *extra]
 
 

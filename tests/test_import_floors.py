@@ -18,7 +18,7 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "cpm_live"
 FLOORS: list[list[str]] = [
     ["utils"],
     ["config", "inputs", "quant", "tokenizers"],
-    ["layers", "engine", "dataset"],
+    ["layers", "engine", "dataset", "model_dir"],
     ["models", "training_tasks", "evaluation"],
     ["checkpoint", "delta"],
     ["convert", "generation"],

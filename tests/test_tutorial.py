@@ -44,8 +44,11 @@ SCALE_QLORA = {
     "--lr 1e-4": "--lr 1e-2",
 }
 SCALE_PLAIN = {
-    "--epoch 5 --batch-size 5 --max-length 2048": f"--epoch 3 --train-iters 4 --batch-size 4 --max-length {MAX_LENGTH}",
-    "--epoch 5 --batch-size 1 --max-length 2048": f"--epoch 3 --train-iters 4 --batch-size 2 --max-length {MAX_LENGTH}",
+    # finetune_cpm_bee.py trains every --epoch (CPM-Bee's meaning); the test stops it after 4 steps.
+    "--epoch 5 --batch-size 5 --max-length 2048":
+        f"--epoch 3 --train-iters 4 --stop-at-train-iters --batch-size 4 --max-length {MAX_LENGTH}",
+    "--epoch 5 --batch-size 1 --max-length 2048":
+        f"--epoch 3 --train-iters 4 --stop-at-train-iters --batch-size 2 --max-length {MAX_LENGTH}",
     "--nproc_per_node 8": "--nproc_per_node 2",
     "--eval-interval 50": "--eval-interval 2",
     "--save-iters 50": "--save-iters 2",

@@ -1,9 +1,13 @@
 """Read CPM-Bee checkpoints safely and load them into a model.
 
-Formats: ``.pt`` (a ``torch.save``d dict of tensors, read with ``weights_only=True``, memory-mapped)
-and ``.safetensors`` (dense, or int4-compressed by :mod:`cpm_live.quant`). Nothing is unpickled
-beyond tensors. :class:`CheckpointReader` reads one tensor at a time, so tools that stream (the
-quantizer, export) hold one tensor, not the model.
+Formats: ``.pt``/``.bin`` (a ``torch.save``d dict of tensors, read with ``weights_only=True``,
+memory-mapped), safetensors (dense, or int4-compressed by :mod:`cpm_live.quant`; recognised by its
+content whatever the file is called), the pickled int4 checkpoints of CPM-Bee's qlora PR
+(:mod:`cpm_live.quant.pr_checkpoint`: bitsandbytes' ``QuantState`` is the one class allowed besides
+tensors) and Hugging Face model directories (:mod:`cpm_live.model_dir`: single or sharded files,
+``cpmbee.`` key prefix, tied ``lm_head.weight``). Nothing else is unpickled.
+:func:`open_checkpoint` gives a reader of any of them that reads one tensor at a time, so tools
+that stream (the quantizer, export) hold one tensor, not the model.
 
 Loading pairs model and checkpoint as follows (``load_model_weights``):
 
@@ -30,10 +34,12 @@ from itertools import chain
 import torch
 from torch import nn
 
+from cpm_live import model_dir
 from cpm_live.config import CPMBeeConfig
 from cpm_live.layers.linear4bit import Linear4bit
 from cpm_live.models.bee import CPMBee
 from cpm_live.quant import format as qformat
+from cpm_live.quant import pr_checkpoint
 from cpm_live.quant.stream import DTYPE_NAMES, SafetensorsWriter, nbytes
 from cpm_live.utils import atomic_path
 
@@ -59,11 +65,13 @@ class CheckpointReader:
         if not os.path.isfile(self.path):
             raise CheckpointError(f"checkpoint not found: {self.path}")
         self.metadata: dict[str, str] = {}
+        self.origin = "safetensors"
         self._file = None
         self._mapped = False
-        if self.path.endswith(".safetensors"):
+        if self.path.endswith(".safetensors") or is_safetensors(self.path):
             self._open_safetensors()
         else:
+            self.origin = "torch.save"
             self._open_pt()
 
     def _open_safetensors(self) -> None:
@@ -101,28 +109,34 @@ class CheckpointReader:
 
     def _open_pt(self) -> None:
         try:
-            try:
-                state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-                self._mapped = True
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                state = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy non-zip file
+            # QuantState is allowed for the qlora PR's files; it is rebuilt from plain attributes.
+            with torch.serialization.safe_globals(pr_checkpoint.SAFE_GLOBALS):
+                try:
+                    state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+                    self._mapped = True
+                except RuntimeError as e:
+                    if "mmap" not in str(e):
+                        raise
+                    state = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy non-zip file
         except pickle.UnpicklingError as e:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            # torch names the refused class or function as "[Uu]nsupported global: GLOBAL x" or "GLOBAL x whose module".
+            found = re.search(r"[Uu]nsupported GLOBAL:? ?(?:GLOBAL )?(\S+)", str(e), re.IGNORECASE)
             if found is None:
                 raise CheckpointError(f"cannot read {self.path}: it is not a torch.save state dict; the file is "
                                       f"truncated or corrupt: re-download or re-create it") from None
             raise CheckpointError(
-                f"{self.path} holds objects other than tensors ({found.group(1).strip()}), which are not loaded "
-                f"(weights_only). Save a plain dict of tensors; for the pickled int4 .pt of CPM-Bee a51dd68, "
-                f"re-quantize the fp16 checkpoint with cpm-bee-quantize"
+                f"{self.path} holds objects other than tensors ({found.group(1).strip()}), which are refused "
+                f"without running any of them: only tensors and bitsandbytes' QuantState (qlora-PR files) are "
+                f"read. Save a plain dict of tensors, or re-create the file from the fp16 checkpoint"
             ) from None
         except Exception as e:  # torch.load reports damage as RuntimeError, EOFError, KeyError, ...
             raise CheckpointError(
                 f"cannot read {self.path} ({type(e).__name__}: {e}); the file is truncated or corrupt: "
                 f"re-download or re-create it"
             ) from None
+        if pr_checkpoint.is_pr_checkpoint(state):
+            self._open_pr(state)
+            return
         if not isinstance(state, Mapping):
             raise CheckpointError(f"{self.path} holds a {type(state).__name__}, not a state dict of tensors")
         bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
@@ -131,6 +145,19 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path} is not a flat dict of tensors{hint}: entries {bad[:5]}")
         self._tensors = dict(state)
         self._infos = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+
+    def _open_pr(self, state: Mapping) -> None:
+        """The qlora PR's pickled int4 checkpoint, presented in this project's compressed layout."""
+        try:
+            tensors, settings, originals = pr_checkpoint.convert(state, self.path)
+        except (pr_checkpoint.PRCheckpointError, qformat.QuantFormatError) as e:
+            raise CheckpointError(str(e)) from None
+        self.origin = "qlora-pr"
+        self.metadata = qformat.checkpoint_metadata(settings, "float32", self.path, originals)
+        # Some entries are new small tensors, not file pages: nothing may be handed back to the kernel.
+        self._mapped = False
+        self._tensors = tensors
+        self._infos = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -189,6 +216,117 @@ class CheckpointReader:
         return qformat.logical_shapes({k: s for k, (s, _) in self._infos.items()}, self.read)
 
 
+class ModelDirReader(CheckpointReader):
+    """A Hugging Face style checkpoint (a model directory, or one file with ``cpmbee.`` keys) seen in
+    CPM-Bee's key layout: the prefix stripped, the tied ``lm_head.weight`` dropped after checking it
+    equals the embedding. Every shard is opened up front (memory-mapped, or its header read); tensors
+    are read one at a time.
+    """
+
+    def __init__(self, path: str | os.PathLike, files: list[str] | None = None):
+        self.path = os.fspath(path)
+        self.origin = "huggingface"
+        self.metadata = {}
+        self._file = None
+        self._mapped = False
+        try:
+            files, index = (files, None) if files is not None else model_dir.weight_files(self.path)
+        except (FileNotFoundError, ValueError) as e:
+            raise CheckpointError(str(e)) from None
+        self._readers: list[CheckpointReader] = []
+        self._source: dict[str, tuple[CheckpointReader, str]] = {}
+        self._owner: dict[int, CheckpointReader] = {}
+        self._infos = {}
+        try:
+            lm_head = self._collect(files)
+            if index is not None:
+                self._check_index(index)
+            if lm_head is not None:
+                self._check_tied(*lm_head)
+        except BaseException:
+            self.close()
+            raise
+
+    def _collect(self, files: list[str]) -> tuple[CheckpointReader, str] | None:
+        """Open every file and map its keys; returns where ``lm_head.weight`` is, if anywhere."""
+        lm_head = None
+        for path in files:
+            reader = CheckpointReader(path)
+            self._readers.append(reader)
+            if reader.is_compressed():
+                raise CheckpointError(f"{reader.path} is int4-compressed; a model directory must hold the dense "
+                                      f"weights (quantize the directory with cpm-bee-quantize instead)")
+            for stored in reader.keys():
+                if stored == model_dir.LM_HEAD:
+                    lm_head = (reader, stored)
+                    continue
+                key = model_dir.original_key(stored)
+                if key in self._source:
+                    raise CheckpointError(f"{self.path}: {key} is stored twice ({stored} in {reader.path})")
+                self._source[key] = (reader, stored)
+                self._infos[key] = reader.info(stored)
+        return lm_head
+
+    def _check_index(self, index: str) -> None:
+        try:
+            listed = {model_dir.original_key(k) for k in model_dir.read_index(index) if k != model_dir.LM_HEAD}
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        if listed != set(self._source):
+            missing, extra = sorted(listed - set(self._source)), sorted(set(self._source) - listed)
+            raise CheckpointError(f"{index} does not match its shards: listed but absent {missing[:3]}, present "
+                                  f"but not listed {extra[:3]}; re-download the directory")
+
+    def _check_tied(self, reader: CheckpointReader, stored: str) -> None:
+        if model_dir.EMBEDDING not in self._source:
+            return  # the key check of the loader names the missing embedding
+        head = reader.read(stored)
+        embedding = self.read(model_dir.EMBEDDING)
+        if head.shape != embedding.shape or not torch.equal(head, embedding):
+            model_dir.warn(f"{reader.path}: lm_head.weight differs from input_embedding.weight; CPM-Bee computes "
+                           f"logits from the embedding (as CpmBeeForCausalLM does), so lm_head.weight is ignored")
+        reader.release(head)
+        self.release(embedding)
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.close()
+
+    def read(self, key: str) -> torch.Tensor:
+        reader, stored = self._source[key]
+        tensor = reader.read(stored)
+        self._owner[tensor.data_ptr()] = reader
+        return tensor
+
+    def release(self, tensor: torch.Tensor) -> None:
+        reader = self._owner.pop(tensor.data_ptr(), None)
+        if reader is not None:
+            reader.release(tensor)
+
+
+def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
+    """A reader for any checkpoint this project loads (see the module docstring), in CPM-Bee's key layout."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return ModelDirReader(path)
+    reader = CheckpointReader(path)
+    if reader.origin == "qlora-pr" or not model_dir.is_hf_key_layout(reader.keys()):
+        return reader
+    reader.close()
+    return ModelDirReader(path, files=[path])
+
+
+def is_safetensors(path: str) -> bool:
+    """True if the file starts like safetensors (8-byte header length, then a JSON object)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = os.path.getsize(path)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8
+
+
 def tensor_view(tensor: torch.Tensor) -> memoryview:
     """Writable byte view of a contiguous CPU tensor (for ``readinto``)."""
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
@@ -213,7 +351,7 @@ def _release_pages(tensor: torch.Tensor) -> None:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a ``.pt`` or ``.safetensors`` checkpoint (``.pt`` stays memory-mapped)."""
-    with CheckpointReader(path) as reader:
+    with open_checkpoint(path) as reader:
         return {key: reader.read(key) for key in reader.keys()}
 
 
@@ -286,7 +424,7 @@ def load_model_weights(model: nn.Module, config: CPMBeeConfig, path: str | os.Pa
     """
     path = os.fspath(path)
     where = config.source or "the model config"
-    with CheckpointReader(path) as reader:
+    with open_checkpoint(path) as reader:
         compressed = reader.is_compressed()
         if compressed and not config.int4:
             raise CheckpointError(

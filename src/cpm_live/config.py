@@ -15,6 +15,10 @@ from typing import Any
 
 import torch
 
+# The fields of CPM-Bee's own CPMBeeConfig (main 95cc575): its constructor accepts exactly these.
+ORIGINAL_FIELDS = ("vocab_size", "dim_model", "num_heads", "dim_head", "dim_ff", "num_layers", "dropout_p",
+                   "position_bias_num_buckets", "position_bias_num_segment_buckets", "position_bias_max_distance",
+                   "eps", "half", "mask_modules")
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _QUANT_TYPES = ("nf4", "fp4")
 
@@ -108,12 +112,6 @@ class CPMBeeConfig:
         return cls.from_dict(values, source=path)
 
     @classmethod
-    def from_cli(cls, path: str | os.PathLike, int4: bool = False) -> CPMBeeConfig:
-        """The config of a ``--model-config PATH [--int4]`` command line: ``--int4`` turns the 4-bit
-        base on; without it the file's own ``int4`` stands."""
-        return cls.from_json_file(path, **({"int4": True} if int4 else {}))
-
-    @classmethod
     def from_dict(cls, values: dict[str, Any], source: str | None = None) -> CPMBeeConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"source"}
         unknown = sorted(set(values) - known)
@@ -128,11 +126,18 @@ class CPMBeeConfig:
         values.pop("source")
         return values
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    def to_original_dict(self) -> dict[str, Any]:
+        """Only the fields CPM-Bee's ``CPMBeeConfig`` accepts (no int4 settings)."""
+        values = self.to_dict()
+        return {name: values[name] for name in ORIGINAL_FIELDS}
 
-    def to_json_file(self, path: str | os.PathLike) -> None:
-        """Write the config as JSON (atomically: temp file, then rename)."""
+    def to_json_string(self, original: bool = False) -> str:
+        values = self.to_original_dict() if original else self.to_dict()
+        return json.dumps(values, indent=2, ensure_ascii=False) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike, original: bool = False) -> None:
+        """Write the config as JSON (atomically: temp file, then rename); ``original``: only the fields
+        CPM-Bee's ``CPMBeeConfig.from_json_file`` reads."""
         from cpm_live.utils import atomic_write_text
 
-        atomic_write_text(path, self.to_json_string())
+        atomic_write_text(path, self.to_json_string(original))

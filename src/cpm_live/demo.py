@@ -69,7 +69,7 @@ def run_demo(out: str, base_steps: int, qlora_steps: int) -> dict:
               "--no-activation-checkpointing", "--lr-decay-style", "constant", "--warmup-iters", "10"]
     finetune_main(["--model-config", os.path.join(out, "config.json"), "--dataset", sum_only,
                    "--save", base_dir, "--save-name", "base", "--epoch", "100", "--train-iters",
-                   str(base_steps), "--lr", "3e-3", "--weight-decay", "0.0"] + common)
+                   str(base_steps), "--stop-at-train-iters", "--lr", "3e-3", "--weight-decay", "0.0"] + common)
     base_ckpt = os.path.join(out, "base.pt")
     shutil.copyfile(os.path.join(base_dir, "base-last.pt"), base_ckpt)
 
@@ -88,7 +88,7 @@ def run_demo(out: str, base_steps: int, qlora_steps: int) -> dict:
                    "--dataset", demo_data_file("train.jsonl"), "--eval_dataset", eval_file,
                    "--eval-interval", str(max(qlora_steps // 4, 1)), "--early-stop-patience", "100",
                    "--save", qlora_dir, "--save-name", "demo", "--save-iters", str(max(qlora_steps // 2, 1)),
-                   "--epoch", "100", "--train-iters", str(qlora_steps), "--lr", "2e-3",
+                   "--epoch", "100", "--train-iters", str(qlora_steps), "--stop-at-train-iters", "--lr", "2e-3",
                    "--weight-decay", "0.0"] + common + ["--log-interval", "5"])
     losses = [r["loss"] for r in read_metrics(os.path.join(qlora_dir, "metrics.jsonl")) if "loss" in r]
     head, tail = sum(losses[:3]) / len(losses[:3]), sum(losses[-3:]) / len(losses[-3:])

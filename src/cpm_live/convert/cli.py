@@ -2,6 +2,11 @@
 
     cpm-bee-quantize --input-path cpm-bee-10b.pt --output-path cpm-bee-10b-nf4.safetensors
     cpm-bee-quantize --input-path model.safetensors --output-path model-fp4.safetensors --quant-type fp4
+    cpm-bee-quantize --input-path cpm-bee-10b/ --output-path cpm-bee-10b-nf4.safetensors   # HF directory
+    cpm-bee-quantize --input-path quantized_model.pt --output-path model-nf4.safetensors   # qlora-PR file
+
+The output is always safetensors, whatever its name. A compressed ``.pt`` of CPM-Bee's qlora PR is
+converted (bytes unchanged); it can also be passed to ``--load`` directly.
 
 Then set ``"int4": true`` (and matching ``int4_*`` settings) in the model config and pass the
 compressed file to ``--load``.
@@ -10,6 +15,7 @@ compressed file to ``--load``.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from cpm_live.checkpoint import CheckpointError
 from cpm_live.convert.compress import quantize_state_dict
@@ -18,8 +24,11 @@ from cpm_live.quant.format import BLOCKSIZES, QUANT_TYPES, QuantFormatError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpm-bee-quantize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input-path", required=True, help="dense checkpoint (.pt or .safetensors)")
-    parser.add_argument("--output-path", required=True, help="compressed checkpoint to write (.safetensors)")
+    parser.add_argument("--input-path", required=True,
+                        help="dense checkpoint (.pt/.bin/.safetensors, Hugging Face model directory) or a qlora-PR "
+                             "compressed .pt to convert")
+    parser.add_argument("--output-path", required=True,
+                        help="compressed checkpoint to write (safetensors format whatever the name)")
     parser.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4", help="4-bit type (default nf4)")
     parser.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                         help="keep per-block absmax in fp32 instead of quantizing it to 8 bits")
@@ -33,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if not args.output_path.endswith(".safetensors"):
+        print(f"note: {args.output_path} will hold safetensors (this project's compressed format), not a "
+              f"pickle; every cpm_live script reads it by its content", file=sys.stderr)
     try:
         summary = quantize_state_dict(args.input_path, args.output_path, quant_type=args.quant_type,
                                       double_quant=args.double_quant, blocksize=args.blocksize,

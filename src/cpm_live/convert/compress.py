@@ -7,10 +7,15 @@ matched on the module name, not a substring) becomes the bitsandbytes packed lay
 (:class:`cpm_live.quant.stream.SafetensorsWriter`), so peak memory is a few times the largest
 tensor. The file is written to a temp path, read back and checked (every key, shape and dtype;
 a ``QuantState.from_dict`` per weight), and only then renamed into place.
+
+The input is anything :func:`cpm_live.checkpoint.open_checkpoint` reads, Hugging Face model
+directories included. A compressed checkpoint of CPM-Bee's qlora PR is converted instead: its packed
+bytes are copied, so the output equals quantizing the fp16 source the PR started from.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -19,7 +24,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from cpm_live.checkpoint import CheckpointError, CheckpointReader
+from cpm_live.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
 from cpm_live.layers.linear_factory import QUANTIZED_PROJECTIONS
 from cpm_live.quant import format as qformat
 from cpm_live.quant.stream import DTYPES, SafetensorsWriter
@@ -64,8 +69,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def check_output_path(input_path: str, output_path: str, force: bool, suffixes: tuple[str, ...]) -> None:
-    if not output_path.endswith(suffixes):
+def check_output_path(input_path: str, output_path: str, force: bool, suffixes: tuple[str, ...] | None) -> None:
+    """Refuse overwriting the input, or an existing file without ``force``; ``suffixes`` (if given) are required."""
+    if suffixes is not None and not output_path.endswith(suffixes):
         raise CheckpointError(f"output path {output_path} must end in {' or '.join(suffixes)}")
     if os.path.exists(output_path):
         if os.path.exists(input_path) and os.path.samefile(input_path, output_path):
@@ -78,16 +84,19 @@ def quantize_state_dict(input_path: str | os.PathLike, output_path: str | os.Pat
                         quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
                         device: str | torch.device | None = None, force: bool = False,
                         compute_dtype: str = "float32", progress: bool = True) -> QuantizeSummary:
-    """Compress ``input_path`` (.pt or .safetensors) into ``output_path`` (.safetensors).
+    """Compress ``input_path`` (any checkpoint or model directory) into ``output_path`` (safetensors,
+    whatever its name), or convert a qlora-PR checkpoint (:func:`convert_compressed`).
 
     ``compute_dtype`` is recorded for readers; the quantized bytes do not depend on it.
     """
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
     settings = qformat.QuantSettings(quant_type, double_quant, blocksize)
     device = resolve_device(device)
-    check_output_path(input_path, output_path, force, (".safetensors",))
+    check_output_path(input_path, output_path, force, None)
     start = time.perf_counter()
-    with CheckpointReader(input_path) as reader:
+    with open_checkpoint(input_path) as reader:
+        if reader.origin == "qlora-pr":
+            return convert_compressed(reader, output_path, settings, compute_dtype, progress, start)
         if reader.is_compressed():
             raise CheckpointError(f"{input_path} is already int4-compressed; quantize the dense checkpoint")
         targets = [k for k in reader.keys() if is_quant_target(k)]
@@ -119,10 +128,41 @@ def quantize_state_dict(input_path: str | os.PathLike, output_path: str | os.Pat
                 writer.abort()
                 raise
             writer.close()
-            verify(tmp, fixed, tails, metadata, reader, targets, settings)
+            verify(tmp, fixed, tails, metadata, {k: reader.info(k)[0] for k in targets}, settings)
             output_bytes = os.path.getsize(tmp)
     return QuantizeSummary(output_path, input_bytes, output_bytes, time.perf_counter() - start, len(targets),
                            len(reader.keys()) - len(targets))
+
+
+def convert_compressed(reader: CheckpointReader, output_path: str, settings: qformat.QuantSettings,
+                       compute_dtype: str, progress: bool, start: float) -> QuantizeSummary:
+    """Write an already-quantized checkpoint (the qlora PR's) in this project's format, bytes unchanged."""
+    found = reader.quant_settings
+    if found != settings:
+        raise CheckpointError(f"{reader.path} is already quantized with {found.describe()}; asking for "
+                              f"{settings.describe()} would need the fp16 weights: drop the --quant-type/"
+                              f"--blocksize/--no-double-quant options to convert it, or export it to fp16 first")
+    originals = {k: (tuple(v["shape"]), getattr(torch, v["dtype"]))
+                 for k, v in json.loads(reader.metadata["weights"]).items()}
+    metadata = qformat.checkpoint_metadata(settings, compute_dtype, reader.path, originals)
+    marker = "." + qformat.BLOB_PREFIX
+    fixed = {k: reader.info(k) for k in reader.keys() if marker not in k}
+    tails = [k for k in reader.keys() if marker in k]
+    input_bytes = sum(reader.nbytes(k) for k in reader.keys())
+    with atomic_path(output_path) as tmp:
+        writer = SafetensorsWriter(tmp, fixed, tails, metadata)
+        try:
+            for key, tensor in tqdm(reader.iter_tensors(), total=len(reader.keys()), desc="convert",
+                                    disable=not progress):
+                writer.write(key, tensor)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        verify(tmp, fixed, tails, metadata, {k: s for k, (s, _) in originals.items()}, settings)
+        output_bytes = os.path.getsize(tmp)
+    return QuantizeSummary(output_path, input_bytes, output_bytes, time.perf_counter() - start, len(originals),
+                           len(reader.logical_shapes()) - len(originals))
 
 
 def plan(reader: CheckpointReader, quantized: set[str], settings: qformat.QuantSettings
@@ -139,9 +179,10 @@ def plan(reader: CheckpointReader, quantized: set[str], settings: qformat.QuantS
     return fixed, tails
 
 
-def verify(path: str, fixed, tails, metadata, reader: CheckpointReader, targets: list[str],
+def verify(path: str, fixed, tails, metadata, shapes: dict[str, tuple[int, ...]],
            settings: qformat.QuantSettings) -> None:
-    """Read the written file back with the safetensors library and check it against the plan."""
+    """Read the written file back with the safetensors library and check it against the plan
+    (``shapes``: the dense shape of each quantized weight)."""
     def fail(message: str) -> CheckpointError:
         return CheckpointError(f"verifying the written file {path} failed: {message}; nothing was replaced")
 
@@ -154,9 +195,9 @@ def verify(path: str, fixed, tails, metadata, reader: CheckpointReader, targets:
             tensor_slice = f.get_slice(key)
             if tuple(tensor_slice.get_shape()) != tuple(shape) or tensor_slice.get_dtype() != DTYPES[dtype]:
                 raise fail(f"{key} has the wrong shape or dtype")
-        for key in targets:
+        for key, shape in shapes.items():
             entries = {k: f.get_tensor(k) for k in qformat.entry_keys(key, settings) if k != key}
             entries[key] = torch.empty(0, dtype=torch.uint8)
             state = qformat.quant_state(key, entries, device="cpu")
-            if tuple(state.shape) != reader.info(key)[0] or state.quant_type != settings.quant_type:
+            if tuple(state.shape) != tuple(shape) or state.quant_type != settings.quant_type:
                 raise fail(f"{key}: QuantState.from_dict gives shape {list(state.shape)}, {state.quant_type}")

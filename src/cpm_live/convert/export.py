@@ -8,13 +8,24 @@ fp16/fp32 output dequantizes every 4-bit weight (exactly: level x absmax in fp32
 casts the other tensors; ``.pt`` output is a ``torch.save``d plain ``OrderedDict`` of tensors (built
 in memory: peak = the exported model), ``.safetensors`` output is streamed one tensor at a time.
 int4 output runs :func:`cpm_live.convert.compress.quantize_state_dict` with the config's settings.
+
+``--format hf`` writes a Hugging Face style model directory instead (:mod:`cpm_live.model_dir`):
+``config.json`` in the HF port's field names, the weights as safetensors shards of at most
+``--max-shard-mb`` with ``model.safetensors.index.json`` and ``cpmbee.``-prefixed keys (the tied
+``lm_head.weight`` is left out: ``CpmBeeForCausalLM`` ties it on load), and ``vocab.txt``. The
+input may be any checkpoint ``--load`` accepts, Hugging Face directories included.
+
+    cpm-bee-export --model-config config/cpm-bee-10b.json --load model.pt --vocab vocab.txt \\
+        --output cpm-bee-10b-hf --format hf
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import shutil
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,7 +34,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from cpm_live.checkpoint import CheckpointError, CheckpointReader, check_keys
+from cpm_live import model_dir
+from cpm_live.checkpoint import CheckpointError, CheckpointReader, check_keys, open_checkpoint
 from cpm_live.config import ConfigError
 from cpm_live.convert.compress import check_output_path, quantize_state_dict
 from cpm_live.inputs import CPMBeeInputs
@@ -33,6 +45,8 @@ from cpm_live.quant.stream import SafetensorsWriter
 from cpm_live.utils import atomic_path
 
 DENSE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+FORMATS = ("original", "hf")
+DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
 
 # Weight-space delta for a key (same shape as the dense weight), or None. A LoRA merge returns
 # ``sqrt(dim_in) * alpha / r * B @ A`` for its targets: CPM-Bee's Linear divides by sqrt(dim_in).
@@ -81,22 +95,38 @@ def merge(key: str, tensor: torch.Tensor, delta_fn: DeltaFn | None) -> tuple[tor
 
 def export_checkpoint(config: CPMBeeConfig, load_path: str | os.PathLike, output_path: str | os.PathLike,
                       dtype: str = "fp16", delta_fn: DeltaFn | None = None, force: bool = False,
-                      progress: bool = True) -> ExportSummary:
+                      progress: bool = True, fmt: str = "original", vocab: str | None = None,
+                      max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportSummary:
     """Export ``load_path`` (dense or int4, checked against ``config``) to ``output_path`` in ``dtype``.
 
     ``delta_fn`` (fp16/fp32 only) is asked for every key and its delta added to the dense weight in
     fp32 before the cast. It is refused for int4 output: that would silently re-quantize the merged
-    weights; export fp16, then run cpm-bee-quantize explicitly.
+    weights; export fp16, then run cpm-bee-quantize explicitly. ``fmt="hf"`` writes a Hugging Face
+    model directory (fp16/fp32 only) with ``vocab`` copied into it.
     """
     load_path, output_path = os.fspath(load_path), os.fspath(output_path)
     if dtype not in (*DENSE_DTYPES, "int4"):
         raise ValueError(f"dtype must be fp16, fp32 or int4, got {dtype!r}")
-    suffixes = (".safetensors",) if dtype == "int4" else (".pt", ".safetensors")
-    check_output_path(load_path, output_path, force, suffixes)
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "hf":
+        if dtype == "int4":
+            raise CheckpointError("--format hf writes the dense weights Hugging Face's CpmBee model reads: use "
+                                  "--dtype fp16 or fp32")
+        if vocab is None:
+            raise CheckpointError("--format hf needs the vocab for the directory's vocab.txt: pass --vocab")
+        if os.path.exists(output_path) and not force:
+            raise CheckpointError(f"{output_path} already exists; pass --force to replace it")
+    else:
+        suffixes = (".safetensors",) if dtype == "int4" else (".pt", ".safetensors")
+        check_output_path(load_path, output_path, force, suffixes)
     where = config.source or "the model config"
     expected = expected_shapes(config)
-    with CheckpointReader(load_path) as reader:
+    with open_checkpoint(load_path) as reader:
         check_keys(reader.logical_shapes(), expected, load_path, where)
+        if fmt == "hf":
+            return _export_hf_dir(reader, expected, output_path, DENSE_DTYPES[dtype], delta_fn, progress,
+                                  config, vocab, max_shard_bytes)
         if dtype == "int4":
             if delta_fn is not None:
                 raise CheckpointError("merging a delta into an int4 export would re-quantize the merged "
@@ -110,6 +140,72 @@ def export_checkpoint(config: CPMBeeConfig, load_path: str | os.PathLike, output
     return ExportSummary(output_path, dtype, len(expected), [])
 
 
+def _dense_tensors(reader: CheckpointReader, keys: list[str], dtype: torch.dtype, delta_fn: DeltaFn | None,
+                   merged: list[str], progress: bool):
+    """Yield ``(key, tensor)`` in ``dtype`` (dequantized, delta merged in fp32), one at a time."""
+    for key in tqdm(keys, desc="export", unit="tensor", disable=not progress):
+        stored = read_dense(reader, key)
+        tensor, changed = merge(key, stored, delta_fn)
+        merged += [key] if changed else []
+        yield key, tensor.to(dtype).contiguous()
+        reader.release(stored)
+
+
+def _export_hf_dir(reader: CheckpointReader, expected: dict[str, tuple[int, ...]], output_dir: str,
+                   dtype: torch.dtype, delta_fn: DeltaFn | None, progress: bool, config: CPMBeeConfig,
+                   vocab: str, max_shard_bytes: int) -> ExportSummary:
+    """A Hugging Face model directory, built beside ``output_dir`` and renamed into place when complete."""
+    size = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, shape in expected.items():
+        nbytes = size * max(1, int(torch.Size(shape).numel()))
+        if shards[-1] and used + nbytes > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += nbytes
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    hf_config = dataclasses.replace(config, half=dtype == torch.float16)
+    merged: list[str] = []
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.", dir=parent)
+    try:
+        weight_map = {}
+        for name, keys in zip(names, shards):
+            layout = {model_dir.HF_PREFIX + k: (expected[k], dtype) for k in keys}
+            writer = SafetensorsWriter(os.path.join(tmp, name), layout, metadata={"format": "pt"})
+            try:
+                for key, tensor in _dense_tensors(reader, keys, dtype, delta_fn, merged, progress):
+                    writer.write(model_dir.HF_PREFIX + key, tensor)
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+            weight_map.update({k: name for k in layout})
+        index = {"metadata": {"total_size": sum(size * torch.Size(s).numel() for s in expected.values())},
+                 "weight_map": weight_map}
+        _write_json(os.path.join(tmp, model_dir.WEIGHT_FILES[0][0]), index)
+        _write_json(os.path.join(tmp, model_dir.CONFIG_FILE), model_dir.hf_config(hf_config))
+        shutil.copyfile(vocab, os.path.join(tmp, model_dir.VOCAB_FILE))
+        if os.path.isdir(output_dir):
+            shutil.rmtree(output_dir)
+        elif os.path.exists(output_dir):
+            os.remove(output_dir)
+        os.replace(tmp, output_dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return ExportSummary(output_dir, str(dtype).removeprefix("torch."), len(expected), merged)
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
 def _export_dense(reader: CheckpointReader, expected: dict[str, tuple[int, ...]], output_path: str,
                   dtype: torch.dtype, delta_fn: DeltaFn | None, progress: bool) -> ExportSummary:
     merged: list[str] = []
@@ -121,18 +217,13 @@ def _export_dense(reader: CheckpointReader, expected: dict[str, tuple[int, ...]]
         layout = {k: (shape, dtype) for k, shape in expected.items()}
         writer = None if as_pt else SafetensorsWriter(tmp, layout, metadata=metadata)
         try:
-            for key in tqdm(expected, desc="export", unit="tensor", disable=not progress):
-                stored = read_dense(reader, key)
-                tensor, changed = merge(key, stored, delta_fn)
-                merged += [key] if changed else []
-                tensor = tensor.to(dtype).contiguous()
+            for key, tensor in _dense_tensors(reader, list(expected), dtype, delta_fn, merged, progress):
                 if as_pt:
                     # A view into the memory-mapped input would make torch.save write its whole storage.
                     view = tensor.untyped_storage().nbytes() > tensor.nbytes
                     state[key] = tensor.clone() if view else tensor
                 else:
                     writer.write(key, tensor)
-                reader.release(stored)
         except BaseException:
             if writer is not None:
                 writer.abort()
@@ -145,7 +236,8 @@ def _export_dense(reader: CheckpointReader, expected: dict[str, tuple[int, ...]]
 
 
 def merge_adapter(config: CPMBeeConfig, load_path: str, adapter_path: str, output_path: str, dtype: str,
-                  force: bool = False, progress: bool = True) -> ExportSummary:
+                  force: bool = False, progress: bool = True, fmt: str = "original", vocab: str | None = None,
+                  max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportSummary:
     """Merge a LoRA adapter into the base and export it; the merge always happens in fp32.
 
     fp16/fp32: dequantize (if int4), add the adapter's weight-space delta in fp32, cast once.
@@ -158,9 +250,9 @@ def merge_adapter(config: CPMBeeConfig, load_path: str, adapter_path: str, outpu
 
     settings, state = read_adapter(adapter_path)
     delta = LoraDelta(state, settings, source=adapter_path)
-    if dtype != "int4":
+    if dtype != "int4" or fmt == "hf":
         summary = export_checkpoint(config, load_path, output_path, dtype, delta_fn=delta, force=force,
-                                    progress=progress)
+                                    progress=progress, fmt=fmt, vocab=vocab, max_shard_bytes=max_shard_bytes)
         _check_merged(summary, delta, adapter_path)
         return summary
     check_output_path(load_path, output_path, force, (".safetensors",))
@@ -209,22 +301,37 @@ def logits_drift(dense_config: CPMBeeConfig, dense_path: str, int4_path: str, le
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cpm-bee-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-config", required=True, help="CPM-Bee JSON config the checkpoint belongs to")
+    parser.add_argument("--model-config", default=None,
+                        help="CPM-Bee JSON config of the checkpoint (default: config.json of a --load directory)")
     parser.add_argument("--int4", action="store_true", help="the --load checkpoint is int4 (sets the config's int4)")
-    parser.add_argument("--load", required=True, help="checkpoint (.pt/.safetensors, dense or int4)")
+    parser.add_argument("--load", required=True,
+                        help="checkpoint (.pt/.bin/.safetensors, dense or int4, qlora-PR .pt) or model directory")
     parser.add_argument("--delta", default=None, help="LoRA adapter (peft dir or CPM-Bee *-delta-best.pt) to merge")
-    parser.add_argument("--output", required=True, help="file to write; .pt or .safetensors picks the format")
+    parser.add_argument("--output", required=True,
+                        help="file to write (.pt or .safetensors picks the format), or the directory of --format hf")
     parser.add_argument("--dtype", choices=(*DENSE_DTYPES, "int4"), default="fp16", help="default fp16")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    parser.add_argument("--format", dest="fmt", choices=FORMATS, default="original",
+                        help="original: one file in CPM-Bee's key layout (default); hf: a Hugging Face model directory")
+    parser.add_argument("--vocab", default=None, help="--format hf: vocab.txt to copy (default: beside --load)")
+    parser.add_argument("--max-shard-mb", type=int, default=DEFAULT_SHARD_BYTES // 10**6,
+                        help="--format hf: largest safetensors shard in MB (default 5000)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = parser.parse_args(argv)
     from cpm_live.delta.adapter_files import AdapterError
+    from cpm_live.model_dir import load_config
+    from cpm_live.tokenizers import find_vocab
 
     try:
-        config = CPMBeeConfig.from_cli(args.model_config, args.int4)
+        config = load_config(args.model_config, args.load, int4=args.int4)
+        options = {}
+        if args.fmt == "hf":
+            options = {"fmt": "hf", "vocab": find_vocab(args.vocab, args.load),
+                       "max_shard_bytes": args.max_shard_mb * 10**6}
         if args.delta is not None:
-            summary = merge_adapter(config, args.load, args.delta, args.output, args.dtype, force=args.force)
+            summary = merge_adapter(config, args.load, args.delta, args.output, args.dtype, force=args.force,
+                                    **options)
         else:
-            summary = export_checkpoint(config, args.load, args.output, args.dtype, force=args.force)
+            summary = export_checkpoint(config, args.load, args.output, args.dtype, force=args.force, **options)
     except (ConfigError, CheckpointError, AdapterError, FileNotFoundError, qformat.QuantFormatError) as e:
         raise SystemExit(f"error: {e}") from None
     merged = f", adapter merged into {len(summary.merged)} weights" if summary.merged else ""

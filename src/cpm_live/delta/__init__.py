@@ -11,6 +11,7 @@ from cpm_live.delta.adapter_files import (
     merge_lora_into_state_dict,
     read_adapter,
     save_adapter,
+    save_cpm_bee_delta,
 )
 from cpm_live.delta.layers import LoraLinear, LoraLinear4bit, merged_dense_weight
 from cpm_live.delta.lora import (
@@ -27,6 +28,6 @@ from cpm_live.delta.lora import (
 __all__ = [
     "AdapterError", "LoraDelta", "LoraLinear", "LoraLinear4bit", "LoraSettings", "add_lora", "add_lora_args",
     "freeze_all_but_lora", "load_adapter", "lora_layers", "lora_settings_from_args", "lora_state_dict",
-    "merge_lora_into_state_dict", "merged_dense_weight", "read_adapter", "save_adapter",
+    "merge_lora_into_state_dict", "merged_dense_weight", "read_adapter", "save_adapter", "save_cpm_bee_delta",
     "trainable_parameter_report",
 ]

@@ -138,6 +138,28 @@ def save_adapter(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], se
     atomic_write_text(os.path.join(directory, CONFIG_NAME), text)
 
 
+def save_cpm_bee_delta(state_dict: Mapping[str, torch.Tensor], settings: LoraSettings,
+                       path: str | os.PathLike) -> None:
+    """Write CPM-Bee's ``*-delta-best.pt``: ``<module>.lora.lora_A`` / ``.lora_B``, as OpenDelta saves them.
+
+    The file cannot record alpha (OpenDelta uses 16), so ``alpha / 16`` is folded into ``lora_B``: the
+    file gives the same outputs when read with alpha 16 (by CPM-Bee's scripts or :func:`read_adapter`).
+    """
+    state = {_without_adapter_name(key): value for key, value in state_dict.items()}
+    _check_pairs(state, os.fspath(path), r=settings.r)
+    fold = settings.alpha / CPM_BEE_DELTA_ALPHA
+    out = {}
+    for key, value in sorted(state.items()):
+        module = _module_of(key, os.fspath(path))
+        value = value.detach().to("cpu", torch.float32)
+        if key.endswith(_B):
+            out[module + ".lora.lora_B"] = (value * fold).contiguous()
+        else:
+            out[module + ".lora.lora_A"] = value.contiguous()
+    with atomic_path(path) as tmp:
+        torch.save(out, tmp)
+
+
 def _torch_load(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

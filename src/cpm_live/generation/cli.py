@@ -2,13 +2,17 @@
 
     python src/text_generation.py --model-config src/config/cpm-bee-10b.json --load cpm-bee-10b.pt \\
         --input in.jsonl --output out.jsonl --beam-size 3 --max-length 100 --repetition-penalty 1.1
+    # a Hugging Face model directory (config.json, weights, vocab.txt): no --model-config / --vocab
+    python src/text_generation.py --load cpm-bee-10b/ --input in.jsonl --output out.jsonl
     # LoRA adapter (peft directory or CPM-Bee *-delta-best.pt), 4-bit base from an int4 config:
     python src/text_generation.py --model-config cpm-bee-10b-int4.json --load model-int4.safetensors \\
         --delta results/adapter --input in.jsonl --output out.jsonl
     # sampling instead of beam search (or --greedy):
     ... --sampling --top-k 0 --top-p 0.9 --temperature 0.9 --seed 1234
 
-The vocab is ``--vocab`` or ``vocab.txt`` beside the checkpoint. Every input line must be a JSON
+The config is ``--model-config`` or the ``config.json`` of a ``--load`` directory; the vocab is
+``--vocab`` or ``vocab.txt`` beside (or inside) ``--load``. CPM-Bee's ``--use-bminf`` and
+``--memory-limit`` are accepted and ignored with a warning (BMInf is not used). Every input line must be a JSON
 object with an ``"<ans>"`` key; all lines are checked (and tokenized) before the model is loaded, and
 a bad one stops the run with its file and line number.
 
@@ -21,6 +25,7 @@ as the original did.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -36,7 +41,8 @@ from cpm_live.dataset.jsonl import answered_records
 from cpm_live.delta import AdapterError, load_adapter
 from cpm_live.generation.bee import CPMBeeBeamSearch, CPMBeeGeneration, CPMBeeGreedy, CPMBeeSampling
 from cpm_live.generation.prompt import build_prompt
-from cpm_live.models import ConfigError, CPMBee, CPMBeeConfig
+from cpm_live.model_dir import load_config
+from cpm_live.models import ConfigError, CPMBee
 from cpm_live.tokenizers import CPMBeeTokenizer, find_vocab
 
 
@@ -59,17 +65,34 @@ def _float_in(low: float, high: float, low_open: bool = False):
     return parse
 
 
+def device_name(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` (CPM-Bee's default is ``cuda:0``)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate the <ans> of CPM-Bee jsonl records.")
-    p.add_argument("--model-config", required=True, help="model config JSON")
-    p.add_argument("--load", required=True, help="checkpoint (.pt / .safetensors, dense or int4)")
+    p.add_argument("--model-config", default=None,
+                   help="model config JSON (default: config.json of a --load directory)")
+    p.add_argument("--load", required=True,
+                   help="checkpoint (.pt / .bin / .safetensors, dense or int4, qlora-PR .pt) or a Hugging Face "
+                        "model directory")
     p.add_argument("--int4", action="store_true", help="the checkpoint is int4-compressed (sets the config's int4)")
     p.add_argument("--delta", default=None, help="LoRA adapter: peft directory or CPM-Bee *-delta-best.pt")
     p.add_argument("--vocab", default=None, help="vocab file (default: vocab.txt beside --load)")
     p.add_argument("--input", required=True, help="jsonl, one CPM-Bee sample with an <ans> key per line")
     p.add_argument("--output", required=True, help="jsonl to write, the input records with <ans> filled in")
     p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="records decoded together")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--device", type=device_name, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--use-bminf", action="store_true", help="CPM-Bee's BMInf switch: accepted, BMInf is not used")
+    p.add_argument("--memory-limit", type=int, default=None, help="CPM-Bee's BMInf memory limit (GB): ignored")
     p.add_argument("--max-length", type=_int_at_least(0), default=100, help="tokens per answer (plus eos)")
     p.add_argument("--repetition-penalty", type=_float_in(1.0, float("inf")), default=1.1,
                    help="divide (multiply) positive (negative) logits of generated tokens; 1 = off")
@@ -103,10 +126,10 @@ def _check_prompts(tokenizer: CPMBeeTokenizer, records: list[tuple[str, dict[str
 
 def load_model(args: argparse.Namespace, device: torch.device) -> CPMBee:
     """Build the model on ``device`` from the config, load the checkpoint, then the adapter."""
-    config = CPMBeeConfig.from_cli(args.model_config, args.int4)
+    config = load_config(args.model_config, args.load, int4=args.int4)
     if device.type == "cpu" and config.half:
         print("--device cpu: running the fp16 config in fp32", file=sys.stderr)
-        config = CPMBeeConfig.from_json_file(args.model_config, half=False, int4=config.int4)
+        config = dataclasses.replace(config, half=False)
     model = build_model(config, args.load, device=device)
     if args.delta is not None:
         load_adapter(model, args.delta)
@@ -158,8 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.path.exists(args.output) and os.path.exists(args.input) \
             and os.path.samefile(args.input, args.output):
         parser.error(f"--output {args.output} is the input file; write the answers to another file")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available; use --device cpu")
+    if args.device and args.device.startswith("cuda"):
+        index = torch.device(args.device).index or 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            parser.error(f"--device {args.device} but torch sees {torch.cuda.device_count()} CUDA device(s); "
+                         f"use --device cpu or an existing cuda:N")
+    if args.use_bminf or args.memory_limit is not None:
+        print("warning: --use-bminf/--memory-limit are accepted for CPM-Bee's scripts but BMInf is not used; the "
+              "model runs with plain torch (use an int4 checkpoint to save memory)", file=sys.stderr)
     try:
         count = run(args)
     except (FileNotFoundError, DataFormatError, ConfigError, CheckpointError, AdapterError) as e:

@@ -3,4 +3,7 @@
 from cpm_live.config import ConfigError, CPMBeeConfig
 from cpm_live.models.bee import CPMBee
 
-__all__ = ["CPMBee", "CPMBeeConfig", "ConfigError"]
+# CPM-Bee's plain-torch model class (``text_generation.py`` imports it); here the one model is plain torch.
+CPMBeeTorch = CPMBee
+
+__all__ = ["CPMBee", "CPMBeeConfig", "CPMBeeTorch", "ConfigError"]

@@ -7,7 +7,9 @@ additions are explicit vocab loading with clear errors, `find_vocab`, and `build
 
 from __future__ import annotations
 
+import filecmp
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -84,7 +86,14 @@ class CPMBeeTokenizer:
     line_token = "\n"
     space_token = " "
 
-    def __init__(self, vocab_file: str | os.PathLike) -> None:
+    def __init__(self, vocab_file: str | os.PathLike | None = None) -> None:
+        if vocab_file is None:
+            # The original defaulted to its packaged vocabs/bee.txt, which is not shipped here.
+            raise VocabError(
+                "CPMBeeTokenizer needs a vocab file: pass the model directory's vocab.txt (e.g. "
+                "CPMBeeTokenizer('cpm-bee-10b/vocab.txt')) or CPM-Bee's src/cpm_live/vocabs/bee.txt; this "
+                "package does not ship the vocabulary"
+            )
         self.vocab_file = os.fspath(vocab_file)
         self.encoder = load_vocab(self.vocab_file)
         # The file stores newline and space as </n> and </_>; the keys become the literal characters.
@@ -242,11 +251,18 @@ class CPMBeeTokenizer:
 
 
 def find_vocab(vocab: str | os.PathLike | None, checkpoint: str | os.PathLike | None) -> str:
-    """The vocab to use: `vocab` if given, else `vocab.txt` beside `checkpoint` (inside it if a folder)."""
+    """The vocab to use: `vocab` if given, else `vocab.txt` beside `checkpoint` (inside it if a folder).
+
+    An explicit `vocab` wins; if the checkpoint folder has a `vocab.txt` with other content, a
+    warning says so.
+    """
     if vocab is not None:
         path = os.fspath(vocab)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--vocab {path} does not exist")
+        beside = os.path.join(os.fspath(checkpoint), "vocab.txt") if checkpoint and os.path.isdir(checkpoint) else None
+        if beside and os.path.isfile(beside) and not filecmp.cmp(beside, path, shallow=False):
+            warnings.warn(f"--vocab {path} differs from {beside}; using --vocab {path}", UserWarning, stacklevel=2)
         return path
     if checkpoint is not None:
         ckpt = os.fspath(checkpoint)

@@ -19,8 +19,9 @@ USER_ERRORS = (CheckpointError, ConfigError, DataFormatError, AdapterError, Engi
 def main(argv: Sequence[str] | None = None, qlora: bool = False) -> dict:
     parser = build_parser("Fine-tune CPM-Bee with QLoRA (4-bit base + LoRA)." if qlora else None)
     if qlora:
-        # The only difference from plain fine-tuning: a 4-bit base and LoRA on by default.
-        parser.set_defaults(int4=True, use_delta=True)
+        # The only differences from plain fine-tuning: a 4-bit base and LoRA on by default, and
+        # --train-iters ends training (the qlora PR's meaning; CPM-Bee's finetune only sized the schedule).
+        parser.set_defaults(int4=True, use_delta=True, stop_at_train_iters=True)
     args = parser.parse_args(argv)
     validate(args)
     from cpm_live.training.loop import Trainer, TrainingError

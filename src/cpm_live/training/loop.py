@@ -19,12 +19,21 @@ import torch
 from tqdm import tqdm
 
 from cpm_live.checkpoint import build_model
-from cpm_live.delta import add_lora, lora_settings_from_args, save_adapter, trainable_parameter_report
+from cpm_live.config import CPMBeeConfig
+from cpm_live.delta import (
+    add_lora,
+    lora_settings_from_args,
+    save_adapter,
+    save_cpm_bee_delta,
+    trainable_parameter_report,
+)
 from cpm_live.engine import engine_from_args, format_summary, inspect_model
 from cpm_live.inputs import LabelledInputs
-from cpm_live.models import CPMBee, CPMBeeConfig
+from cpm_live.model_dir import load_config
+from cpm_live.models import CPMBee
 from cpm_live.tokenizers import CPMBeeTokenizer, find_vocab
 from cpm_live.training import state as ckpt
+from cpm_live.training.args import DEFAULT_TRAIN_ITERS, length_note
 from cpm_live.training.metrics import MetricsLogger
 from cpm_live.training.schedulers import LRSchedule
 from cpm_live.training_tasks.bee import FinetuneDataset
@@ -53,8 +62,11 @@ class Trainer:
         self.model = self._build_model()
         self.optimizer = self.engine.optimizer([p for p in self.model.parameters() if p.requires_grad],
                                                lr=args.lr, weight_decay=args.weight_decay)
+        train_iters = args.train_iters or DEFAULT_TRAIN_ITERS
+        # CPM-Bee: --epoch decides the length, --train-iters sizes the schedule; the qlora PR also stops there.
+        self.max_steps = train_iters if args.stop_at_train_iters else None
         self.schedule = LRSchedule(self.optimizer, args.lr_decay_style, args.lr, args.warmup_iters,
-                                   args.lr_decay_iters or args.train_iters)
+                                   args.lr_decay_iters or train_iters)
         self.train_data = self._dataset(args.dataset, args.batch_size, args.drop_last)
         self.step, self.epoch, self.best_eval, self.patience = 0, 0, math.inf, 0
         self._resume()
@@ -69,12 +81,12 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def _load_config(self) -> CPMBeeConfig:
         args = self.args
-        config = CPMBeeConfig.from_cli(args.model_config, args.int4)
+        config = load_config(args.model_config, args.load, int4=args.int4)
         self.engine.check_consistent(config.to_dict(), "model config")
         self.lora = lora_settings_from_args(args)
         if config.int4 and not self.use_lora:
             raise TrainingError(
-                f"{args.model_config} sets int4 but LoRA is off: the 4-bit base is frozen, so nothing "
+                f"{config.source} sets int4 but LoRA is off: the 4-bit base is frozen, so nothing "
                 "would train. Add --use-delta (QLoRA) or set \"int4\": false (full fine-tuning)."
             )
         return config
@@ -83,7 +95,7 @@ class Trainer:
         tokenizer = CPMBeeTokenizer(find_vocab(self.args.vocab, self.args.load))
         if tokenizer.vocab_size != self.config.vocab_size:
             self.engine.print_rank0(
-                f"warning: vocab has {tokenizer.vocab_size} tokens but {self.args.model_config} says "
+                f"warning: vocab has {tokenizer.vocab_size} tokens but {self.config.source} says "
                 f"vocab_size={self.config.vocab_size}; ext-token labels start at the vocab size"
             )
         return tokenizer
@@ -222,6 +234,8 @@ class Trainer:
         if self.use_lora:
             save_adapter(state, self.lora, os.path.join(args.save, f"{args.save_name}-delta-{tag}"),
                          base_config=self.config)
+            if args.delta_format == "opendelta":
+                save_cpm_bee_delta(state, self.lora, os.path.join(args.save, f"{args.save_name}-delta-{tag}.pt"))
         else:
             ckpt.save_weights_pt(state, os.path.join(args.save, f"{args.save_name}-{tag}.pt"))
 
@@ -237,7 +251,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def train(self) -> dict[str, Any]:
-        """Run until --train-iters, --epoch, early stopping or SIGTERM; SIGTERM is only caught meanwhile."""
+        """Run for --epoch epochs (or to --train-iters with --stop-at-train-iters), until early stopping or
+        SIGTERM; SIGTERM is only caught meanwhile."""
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             return self._train()
@@ -246,12 +261,18 @@ class Trainer:
 
     def _train(self) -> dict[str, Any]:
         args, engine = self.args, self.engine
+        note = length_note(args)
+        if note:
+            engine.print_rank0(note)
         if args.save and engine.is_main:
             os.makedirs(args.save, exist_ok=True)
-            self.config.to_json_file(os.path.join(args.save, "model_config.json"))
+            # CPM-Bee's CPMBeeConfig.from_json_file reads model_config.json (it refuses unknown keys);
+            # the int4 settings of this project go beside it in the full config.
+            self.config.to_json_file(os.path.join(args.save, "model_config.json"), original=True)
+            self.config.to_json_file(os.path.join(args.save, "model_config.cpm_live.json"))
         self.model.train()
         # A bar on a terminal; plain log lines (every --log-interval steps) in files and CI logs.
-        self._bar = tqdm(total=args.train_iters, initial=self.step, desc="train", dynamic_ncols=True,
+        self._bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                          disable=None if engine.is_main else True)
         stop_reason, first_epoch, resumed = None, True, self._resumed_from is not None
         while stop_reason is None:
@@ -282,7 +303,7 @@ class Trainer:
     def _step_and_bookkeeping(self, micro: list[dict[str, Any] | None]) -> str | None:
         """Train one step, then log / evaluate / checkpoint; returns why to stop, or None."""
         args, engine = self.args, self.engine
-        if self.step >= args.train_iters:
+        if self.max_steps is not None and self.step >= self.max_steps:
             return "train-iters reached"
         record = self.train_step(micro)
         self.step += 1
@@ -308,7 +329,7 @@ class Trainer:
             if args.save:
                 self.save_checkpoint()
             return "SIGTERM"
-        if self.step >= args.train_iters:
+        if self.max_steps is not None and self.step >= self.max_steps:
             return "train-iters reached"
         return None
 
