@@ -7,7 +7,8 @@
 
 Sections: finetune (QLoRA vs LoRA vs full step time and peak memory), profile (where QLoRA time goes),
 layers (our Linear4bit+LoRA vs bitsandbytes Linear4bit+peft), compression and quantize_streaming
-(bytes/param, checkpoint sizes, quantize_state_dict MB/s and peak memory), scaling (1 vs 2 ranks,
+(bytes/param, checkpoint sizes, quantize_state_dict MB/s and peak memory), quantize_workers
+(quantize_state_dict at 1 vs all cores on a 1 GiB checkpoint of 10B shapes, same bytes), scaling (1 vs 2 ranks,
 FSDP2 on gloo), estimate_10b (CPM-Bee-10B QLoRA peak memory, analytic) and, on CUDA, measured_10b.
 Ratios are measured side by side (interleaved repetitions, medians); see bench_common.
 """
@@ -33,8 +34,8 @@ import torch
 
 from cpm_live.utils import atomic_write_text
 
-SECTIONS = ("finetune", "profile", "layers", "compression", "quantize_streaming", "scaling", "estimate_10b",
-            "measured_10b")
+SECTIONS = ("finetune", "profile", "layers", "compression", "quantize_streaming", "quantize_workers", "scaling",
+            "estimate_10b", "measured_10b")
 
 # What each mode runs. --quick fits in a few minutes on 2 CPU cores; the full sweep takes much longer.
 PLANS: dict[str, dict[str, Any]] = {
@@ -45,6 +46,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "layers": {"shapes": [(1024, 1024), (1024, 2560), (2560, 1024)], "tokens": 1024, "reps": 5},
         "compression": {"bpp_shapes": [(4096, 4096)]},
         "quantize_streaming": {"dim": 1024, "layers": [2, 4, 8], "formats": ["pt", "safetensors"]},
+        "quantize_workers": {"layers": 1, "reps": 2},
         "scaling": {"modes": ["qlora"], "dim": 512, "layers": 2, "tokens": 512, "steps": 3, "reps": 1},
     },
     "full": {
@@ -55,6 +57,7 @@ PLANS: dict[str, dict[str, Any]] = {
                               (10240, 4096)], "tokens": 2048, "reps": 7},
         "compression": {"bpp_shapes": [(4096, 4096), (10240, 4096), (4096, 10240)]},
         "quantize_streaming": {"dim": 2048, "layers": [2, 4, 8, 16], "formats": ["pt", "safetensors"]},
+        "quantize_workers": {"layers": 3, "reps": 2},  # 1.08 GiB of fp16 at CPM-Bee-10B's shapes
         "scaling": {"modes": ["qlora", "full"], "dim": 1024, "layers": 4, "tokens": 1024, "steps": 5, "reps": 3},
     },
     # --device cuda --quick: what fits a few minutes of a lent H100/H200 (tools/gpu_check.sh), at >= 2048
@@ -92,6 +95,10 @@ def run_section(name: str, plan: dict[str, Any], args: argparse.Namespace, workd
     if name == "quantize_streaming":
         p = plan["quantize_streaming"]
         return bench_quantize.run_streaming(workdir, p["dim"], p["layers"], p["formats"], threads, device, log=log)
+    if name == "quantize_workers":
+        p = plan["quantize_workers"]
+        counts = tuple(sorted({1, max(2, os.cpu_count() or 1)}))
+        return bench_quantize.run_workers(workdir, layers=p["layers"], worker_counts=counts, reps=p["reps"], log=log)
     if name == "scaling":
         p = plan["scaling"]
         return {mode: bench_scaling.run_scaling(mode, p["dim"], p["layers"], p["tokens"], p["steps"], p["reps"],
@@ -128,6 +135,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         out["quantize"] = {fmt: {"mb_s": d["throughput_mb_s_median"],
                                  "peak_slope_mib_per_mib": d["peak_slope_mib_per_input_mib"]}
                            for fmt, d in results["quantize_streaming"]["formats"].items()}
+    if "quantize_workers" in results:
+        w = results["quantize_workers"]
+        out["quantize_workers"] = {"mb_per_s": w["mb_per_s_median"], "speedup": w["speedup_over_1"],
+                                   "identical_bytes": w["identical_bytes"]}
     if "scaling" in results:
         out["scaling_2_over_1"] = {mode: {k: v for k, v in s.items() if k.endswith("_2_over_1")}
                                    for mode, s in results["scaling"].items()}

@@ -100,6 +100,40 @@ def test_safetensors_input_gives_the_same_tensors(checkpoint, tmp_path):
         assert all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
 
 
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_output_bytes_do_not_depend_on_workers(checkpoint, tmp_path, fmt):
+    """Threads finish tensors in any order; the file must still be byte-for-byte the same."""
+    sd, path = checkpoint
+    sd["encoder.layers.2.ffn.ffn.w_out.weight"] = torch.randn(48, 4000, generator=torch.Generator().manual_seed(1)
+                                                              ).half()  # one slow tensor among fast ones
+    if fmt == "pt":
+        torch.save(sd, path)
+    else:
+        path = tmp_path / "dense.safetensors"
+        save_file(dict(sd), path)
+    files = {}
+    for workers in (1, 2, 3):
+        out = tmp_path / f"w{workers}.safetensors"
+        summary = quantize_state_dict(path, out, device="cpu", progress=False, workers=workers)
+        assert summary.workers == workers and summary.quantized == 15
+        files[workers] = out.read_bytes()
+    assert files[1] == files[2] == files[3]
+    with safe_open(tmp_path / "w1.safetensors", "pt") as f:  # and it is bnb's quantization of each weight
+        key = "encoder.layers.2.ffn.ffn.w_out.weight"
+        packed, _ = bnbF.quantize_4bit(sd[key], blocksize=64, compress_statistics=True, quant_type="nf4")
+        assert torch.equal(f.get_tensor(key), packed)
+
+
+def test_workers_must_be_positive(checkpoint, tmp_path, capsys):
+    _, path = checkpoint
+    with pytest.raises(CheckpointError, match="workers must be a positive integer, got 0"):
+        quantize_state_dict(path, tmp_path / "o.safetensors", device="cpu", workers=0)
+    with pytest.raises(SystemExit):
+        main(["--input-path", str(path), "--output-path", str(tmp_path / "o.safetensors"), "--workers", "0"])
+    assert "must be a positive integer, got '0'" in capsys.readouterr().err
+    assert torch.get_num_threads() >= 1
+
+
 def test_targets_match_module_names_not_substrings(tmp_path):
     sd = OrderedDict([
         ("encoder.layers.0.ffn.ffn.w_in.w_1.weight", torch.randn(8, 8).half()),  # target
