@@ -8,6 +8,7 @@ should be ~0 MiB per MiB.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -119,11 +120,108 @@ def job_quantize(spec: dict[str, Any]) -> dict[str, Any]:
     qformat.quantize(torch.randn(256, 256, dtype=torch.half), _settings())
     bc.reset_peak_rss()
     baseline = bc.rss_bytes()[0]
-    summary = quantize_state_dict(spec["input"], spec["output"], device=spec["device"], force=True, progress=False)
+    summary = quantize_state_dict(spec["input"], spec["output"], device=spec["device"], force=True,
+                                  progress=spec.get("progress", False), workers=spec.get("workers"))
     peak = bc.rss_bytes()[1]
     return {"input_bytes": summary.input_bytes, "output_bytes": summary.output_bytes, "seconds": summary.seconds,
-            "throughput_mb_s": summary.throughput, "peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
-            "peak_above_baseline_bytes": peak - baseline}
+            "throughput_mb_s": summary.throughput, "workers": summary.workers, "peak_rss_bytes": peak,
+            "baseline_rss_bytes": baseline, "peak_above_baseline_bytes": peak - baseline}
+
+
+def write_random_checkpoint(config, path: str, seed: int = 0, progress: bool = False) -> int:
+    """A random fp16 checkpoint of ``config`` in CPM-Bee's key layout, written tensor by tensor.
+
+    Only one tensor is in memory at a time (generated in fp32 row chunks of <= 64 Mi values, cast to
+    fp16), so a 19 GB CPM-Bee-10B checkpoint can be written on a machine with much less RAM.
+    Returns the file size.
+    """
+    from tqdm import tqdm
+
+    from cpm_live.quant.stream import SafetensorsWriter
+    from cpm_live.utils import atomic_path
+
+    layout = {k: (shape, torch.float16) for k, (shape, _) in _shapes(config).items()}
+    total = sum(math.prod(shape) * 2 for shape, _ in layout.values())
+    g = torch.Generator().manual_seed(seed)
+    with atomic_path(path) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="write fp16",
+                                        disable=not progress) as bar:
+        writer = SafetensorsWriter(tmp, layout)
+        try:
+            for key, (shape, dtype) in layout.items():
+                tensor = torch.empty(shape, dtype=dtype)
+                rows = tensor.view(shape[0], -1)
+                step = max(1, 2**26 // max(1, rows.shape[1]))
+                for start in range(0, rows.shape[0], step):
+                    chunk = rows[start:start + step]
+                    chunk.copy_(torch.randn(chunk.shape, generator=g))
+                writer.write(key, tensor)
+                bar.update(tensor.numel() * 2)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+    return os.path.getsize(path)
+
+
+def job_write_random_checkpoint(spec: dict[str, Any]) -> dict[str, Any]:
+    import time
+
+    from cpm_live.models import CPMBeeConfig
+
+    config = CPMBeeConfig(**spec["config"])
+    start = time.perf_counter()
+    size = write_random_checkpoint(config, spec["path"], spec.get("seed", 0), spec.get("progress", False))
+    return {"bytes": size, "seconds": time.perf_counter() - start, "peak_rss_bytes": bc.rss_bytes()[1]}
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_workers(workdir: str, dim: int = 4096, dim_ff: int = 10240, layers: int = 3,
+                worker_counts: tuple[int, ...] = (1, 2), reps: int = 2, log=print) -> dict[str, Any]:
+    """``quantize_state_dict`` at 1 and N workers on one checkpoint, side by side, same output bytes.
+
+    The checkpoint has CPM-Bee-10B's projection shapes (default 3 layers: 1.08 GiB of fp16 .safetensors,
+    vocabulary 1024). Runs alternate (1, 2, 2, 1, ...), each in a fresh process, and the speed-up is
+    the median of the per-round ratios (a round is one run of each count), which survives the machine
+    slowing down between rounds.
+    """
+    import time
+
+    config = {"vocab_size": 1024, "dim_model": dim, "dim_ff": dim_ff, "num_layers": layers,
+              "num_heads": max(1, dim // 128), "dim_head": 128, "half": True}
+    src = os.path.join(workdir, "workers-fp16.safetensors")
+    written = bc.run_isolated(job_write_random_checkpoint, {"config": config, "path": src})
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in worker_counts}
+    digests = set()
+    for rep in range(reps):
+        order = list(worker_counts) if rep % 2 == 0 else list(reversed(worker_counts))
+        for n in order:
+            dst = os.path.join(workdir, f"workers-{n}.safetensors")
+            result = bc.run_isolated(job_quantize, {"input": src, "output": dst, "device": "cpu", "workers": n})
+            result["load_average_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+            result["finished"] = time.strftime("%H:%M:%S")
+            digests.add(sha256(dst))
+            Path(dst).unlink()
+            runs[n].append(result)
+            log(f"  quantize {written['bytes'] / 2**30:.2f} GiB, {n} worker(s): {result['throughput_mb_s']:.1f} MB/s, "
+                f"peak +{result['peak_above_baseline_bytes'] / bc.MIB:.0f} MiB, load {result['load_average_1m']}")
+    Path(src).unlink()
+    base = worker_counts[0]
+    return {
+        "config": config, "input_bytes": written["bytes"], "input_gib": written["bytes"] / 2**30,
+        "cpu_count": os.cpu_count(), "runs": {str(n): r for n, r in runs.items()},
+        "mb_per_s_median": {str(n): bc.median([r["throughput_mb_s"] for r in rs]) for n, rs in runs.items()},
+        "speedup_over_1": {str(n): bc.paired_ratio([r["throughput_mb_s"] for r in runs[n]],
+                                                   [r["throughput_mb_s"] for r in runs[base]])
+                           for n in worker_counts},
+        "identical_bytes": len(digests) == 1,
+    }
 
 
 def _slope(xs: list[float], ys: list[float]) -> float:

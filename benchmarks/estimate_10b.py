@@ -26,19 +26,22 @@ CONFIG_PATH = bc.REPO_ROOT / "src" / "config" / "cpm-bee-10b.json"
 GIB = 2**30
 
 
-def build_10b(mode: str, device: str, recompute: bool = True):
-    """The CPM-Bee-10B model as trained here: ``qlora`` (nf4 base, bf16 compute and other weights)
-    or ``lora_bf16`` (bf16 base), both with CPM-Bee's LoRA (r=8, q and v); activation checkpointing on."""
+def build_10b(mode: str, device: str, dtype: torch.dtype = torch.bfloat16, config_path=CONFIG_PATH,
+              recompute: bool = True):
+    """The CPM-Bee-10B model as trained here: ``qlora`` (nf4 base, ``dtype`` compute and other weights)
+    or ``lora_bf16`` (``dtype`` base), both with CPM-Bee's LoRA (r=8, q and v); activation checkpointing
+    on. ``dtype`` is bf16 on CUDA, fp32 on a CPU without native bf16 (``scale_10b``)."""
     from cpm_live.delta import LoraSettings, add_lora
     from cpm_live.engine import recompute_activations
     from cpm_live.models import CPMBee, CPMBeeConfig
 
     if mode not in ("qlora", "lora_bf16"):
         raise ValueError(f"10B mode must be qlora or lora_bf16, got {mode!r}")
-    config = CPMBeeConfig.from_json_file(CONFIG_PATH, int4=mode == "qlora", int4_compute_dtype="bfloat16")
+    config = CPMBeeConfig.from_json_file(config_path, int4=mode == "qlora",
+                                         int4_compute_dtype=str(dtype).removeprefix("torch."))
     with torch.device(device):
         model = CPMBee(config)
-    bc.cast_floating(model, torch.bfloat16)
+    bc.cast_floating(model, dtype)
     add_lora(model, LoraSettings())
     if recompute:
         recompute_activations(model.encoder.layers)
@@ -88,15 +91,16 @@ def saved_tensor_bytes(model: torch.nn.Module, config, tokens: int) -> dict[str,
     }
 
 
-def estimate(mode: str, tokens: int = 2048) -> dict[str, Any]:
-    """Estimated peak bytes of one training step of ``mode`` at batch 1 x ``tokens``."""
+def estimate(mode: str, tokens: int = 2048, dtype: torch.dtype = torch.bfloat16, config_path=CONFIG_PATH
+             ) -> dict[str, Any]:
+    """Estimated peak bytes of one training step of ``mode`` at batch 1 x ``tokens``, ``dtype`` activations."""
     from cpm_live.layers import Linear4bit
 
-    model, config = build_10b(mode, "meta", recompute=False)  # saved tensors are counted without it
+    model, config = build_10b(mode, "meta", dtype, config_path, recompute=False)  # saved tensors counted without it
     weights = sum(_nbytes(t) for t in list(model.parameters()) + list(model.buffers()))
     lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     saved = saved_tensor_bytes(model, config, tokens)
-    act_bytes = 2  # bf16 activations
+    act_bytes = dtype.itemsize
     heads_tt = config.num_heads * tokens * tokens * act_bytes  # one (1, H, T, T) tensor
     largest_weight = max((m.dim_in * m.dim_out * act_bytes for m in model.modules() if isinstance(m, Linear4bit)),
                          default=0)
@@ -109,12 +113,13 @@ def estimate(mode: str, tokens: int = 2048) -> dict[str, Any]:
         "saved_outside_blocks": saved["outside_blocks"],
     }
     block_phase = saved["per_block_max"] + 2 * saved["largest_in_block"] + largest_weight
-    # Loss backward: fp32 gradient of the log-softmax and the bf16 gradient of the logits.
+    # Loss backward: fp32 gradient of the log-softmax and the gradient of the logits in their dtype.
     loss_phase = saved["logits_bytes"] // act_bytes * (4 + act_bytes)
     resident = sum(parts.values())
     peak = resident + max(block_phase, loss_phase)
     return {
         "mode": mode, "tokens": tokens, "batch": 1, "activation_checkpointing": True,
+        "dtype": str(dtype).removeprefix("torch."),
         "lora_params": lora_params,
         "parts_gib": {k: v / GIB for k, v in parts.items()},
         "one_block_recompute_gib": block_phase / GIB, "loss_backward_gib": loss_phase / GIB,

@@ -7,8 +7,10 @@
 
 Sections: finetune (QLoRA vs LoRA vs full step time and peak memory), profile (where QLoRA time goes),
 layers (our Linear4bit+LoRA vs bitsandbytes Linear4bit+peft), compression and quantize_streaming
-(bytes/param, checkpoint sizes, quantize_state_dict MB/s and peak memory), scaling (1 vs 2 ranks,
-FSDP2 on gloo), estimate_10b (CPM-Bee-10B QLoRA peak memory, analytic) and, on CUDA, measured_10b.
+(bytes/param, checkpoint sizes, quantize_state_dict MB/s and peak memory), quantize_workers
+(quantize_state_dict at 1 vs all cores on a 1 GiB checkpoint of 10B shapes, same bytes), scaling (1 vs 2 ranks,
+FSDP2 on gloo), estimate_10b (CPM-Bee-10B QLoRA peak memory, analytic), on CUDA, measured_10b, and only
+when named, scale10b (CPM-Bee-10B end to end on CPU; also ``python benchmarks/scale_10b.py``).
 Ratios are measured side by side (interleaved repetitions, medians); see bench_common.
 """
 
@@ -29,12 +31,15 @@ import bench_quantize
 import bench_scaling
 import chart
 import estimate_10b
+import scale_10b
 import torch
 
 from cpm_live.utils import atomic_write_text
 
-SECTIONS = ("finetune", "profile", "layers", "compression", "quantize_streaming", "scaling", "estimate_10b",
-            "measured_10b")
+SECTIONS = ("finetune", "profile", "layers", "compression", "quantize_streaming", "quantize_workers", "scaling",
+            "estimate_10b", "measured_10b", "scale10b")
+# scale10b writes a 19 GB checkpoint and runs for an hour or more: only when asked for by name.
+DEFAULT_SECTIONS = SECTIONS[:-1]
 
 # What each mode runs. --quick fits in a few minutes on 2 CPU cores; the full sweep takes much longer.
 PLANS: dict[str, dict[str, Any]] = {
@@ -45,6 +50,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "layers": {"shapes": [(1024, 1024), (1024, 2560), (2560, 1024)], "tokens": 1024, "reps": 5},
         "compression": {"bpp_shapes": [(4096, 4096)]},
         "quantize_streaming": {"dim": 1024, "layers": [2, 4, 8], "formats": ["pt", "safetensors"]},
+        "quantize_workers": {"layers": 1, "reps": 2},
         "scaling": {"modes": ["qlora"], "dim": 512, "layers": 2, "tokens": 512, "steps": 3, "reps": 1},
     },
     "full": {
@@ -55,6 +61,7 @@ PLANS: dict[str, dict[str, Any]] = {
                               (10240, 4096)], "tokens": 2048, "reps": 7},
         "compression": {"bpp_shapes": [(4096, 4096), (10240, 4096), (4096, 10240)]},
         "quantize_streaming": {"dim": 2048, "layers": [2, 4, 8, 16], "formats": ["pt", "safetensors"]},
+        "quantize_workers": {"layers": 3, "reps": 2},  # 1.08 GiB of fp16 at CPM-Bee-10B's shapes
         "scaling": {"modes": ["qlora", "full"], "dim": 1024, "layers": 4, "tokens": 1024, "steps": 5, "reps": 3},
     },
     # --device cuda --quick: what fits a few minutes of a lent H100/H200 (tools/gpu_check.sh), at >= 2048
@@ -94,6 +101,10 @@ def run_section(name: str, plan: dict[str, Any], args: argparse.Namespace, workd
     if name == "quantize_streaming":
         p = plan["quantize_streaming"]
         return bench_quantize.run_streaming(workdir, p["dim"], p["layers"], p["formats"], threads, device, log=log)
+    if name == "quantize_workers":
+        p = plan["quantize_workers"]
+        counts = tuple(sorted({1, max(2, os.cpu_count() or 1)}))
+        return bench_quantize.run_workers(workdir, layers=p["layers"], worker_counts=counts, reps=p["reps"], log=log)
     if name == "scaling":
         p = plan["scaling"]
         return {mode: bench_scaling.run_scaling(mode, p["dim"], p["layers"], p["tokens"], p["steps"], p["reps"],
@@ -104,6 +115,8 @@ def run_section(name: str, plan: dict[str, Any], args: argparse.Namespace, workd
         if device != "cuda":
             return {"skipped": "needs --device cuda (a CPM-Bee-10B step does not fit this machine's budget)"}
         return estimate_10b.run_measured_10b(log=log)
+    if name == "scale10b":
+        return scale_10b.run_scale(workdir, log=log)
     raise ValueError(f"unknown section {name!r}; choose from {SECTIONS}")
 
 
@@ -130,6 +143,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         out["quantize"] = {fmt: {"mb_s": d["throughput_mb_s_median"],
                                  "peak_slope_mib_per_mib": d["peak_slope_mib_per_input_mib"]}
                            for fmt, d in results["quantize_streaming"]["formats"].items()}
+    if "quantize_workers" in results:
+        w = results["quantize_workers"]
+        out["quantize_workers"] = {"mb_per_s": w["mb_per_s_median"], "speedup": w["speedup_over_1"],
+                                   "identical_bytes": w["identical_bytes"]}
     if "scaling" in results:
         out["scaling_2_over_1"] = {mode: {k: v for k, v in s.items() if k.endswith("_2_over_1")}
                                    for mode, s in results["scaling"].items()}
@@ -154,8 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch threads per process (default 1: on a shared machine multi-threaded CPU "
                              "timings swing with other load; ratios are what we compare)")
     parser.add_argument("--bf16", action="store_true", help="time bf16 LoRA on CPU even without native bf16")
-    parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help="comma-separated subset of: " + ", ".join(SECTIONS))
+    parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                        help="comma-separated subset of: " + ", ".join(SECTIONS) + " (default: all but scale10b)")
     args = parser.parse_args(argv)
     args.sections = [s for s in args.sections.split(",") if s]
     unknown = sorted(set(args.sections) - set(SECTIONS))

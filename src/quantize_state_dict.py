@@ -4,7 +4,7 @@
 
 The input may also be a Hugging Face model directory, or a compressed .pt of CPM-Bee's qlora PR
 (converted, bytes unchanged). The output is safetensors whatever its name.
-Options: --quant-type nf4|fp4, --no-double-quant, --blocksize N, --device cpu|cuda, --force.
+Options: --quant-type nf4|fp4, --no-double-quant, --blocksize N, --device cpu|cuda, --workers N, --force.
 Same as the ``cpm-bee-quantize`` console script (:mod:`cpm_live.convert.cli`).
 """
 

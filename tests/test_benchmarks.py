@@ -22,6 +22,7 @@ import bench_scaling  # noqa: E402
 import chart  # noqa: E402
 import estimate_10b  # noqa: E402
 import run  # noqa: E402
+import scale_10b  # noqa: E402
 
 
 def quiet_log(_message: str) -> None:
@@ -126,6 +127,44 @@ def test_summary_and_chart(results, tmp_path):
     png = tmp_path / "chart.png"
     chart.write_chart(results, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quantize_workers_gives_identical_bytes(tmp_path):
+    w = bench_quantize.run_workers(str(tmp_path), dim=64, dim_ff=160, layers=1, worker_counts=(1, 2), reps=2,
+                                   log=quiet_log)
+    assert w["identical_bytes"] and [len(w["runs"][n]) for n in ("1", "2")] == [2, 2]
+    assert w["speedup_over_1"]["1"] == 1 and positive(w["speedup_over_1"]["2"])
+    assert [r["workers"] for r in w["runs"]["2"]] == [2, 2]
+    assert not list(tmp_path.iterdir())  # the checkpoints are removed
+
+
+def test_scale_10b_stages_at_a_tiny_size(tmp_path):
+    """Every stage of the 10B run on a 1-layer, d=64 model with the real 86,583-entry vocabulary
+    (so generation runs when ../shared has the CPM-Bee vocab)."""
+    config = json.loads((BENCH_DIR.parent / "src" / "config" / "cpm-bee-tiny.json").read_text())
+    config.update(vocab_size=86583, num_layers=1)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    work = tmp_path / "work"
+    work.mkdir()
+    saved = []
+    out = scale_10b.run_scale(str(work), path, tokens=32, generate_tokens=2, progress=False,
+                              on_stage=lambda r: saved.append(sorted(r)), log=quiet_log)
+    assert [s for s in ("write", "quantize", "load", "load_quantize_on_the_fly", "step") if s in saved[-1]] == \
+        ["write", "quantize", "load", "load_quantize_on_the_fly", "step"] and len(saved) == 5
+    q = out["quantize"]
+    assert positive(q["mb_per_s"]) and positive(q["input_gb"]) and q["peak_rss_gib"] * 2**30 >= q["baseline_rss_bytes"]
+    for name in ("load", "load_quantize_on_the_fly"):
+        assert positive(out[name]["seconds"]) and out[name]["peak_rss_gib"] >= out[name]["baseline_rss_gib"]
+    # both loads build the same int4 model
+    assert out["load"]["model_tensors_gib"] == out["load_quantize_on_the_fly"]["model_tensors_gib"]
+    step = out["step"]
+    assert step["loss_finite"] and step["tokens"] == 32 and step["trainable_params"] > 0
+    assert positive(out["estimate_gib"]) and positive(out["step_peak_over_estimate"])
+    assert out["step_within_15pct_of_estimate"] == (abs(out["step_peak_over_estimate"] - 1) <= 0.15)
+    if (BENCH_DIR.parents[1] / "shared" / "cpm-bee" / "vocab" / "bee.txt").is_file():
+        assert isinstance(step["generation"]["answer"], str) and step["generation"]["max_new_tokens"] == 2
+    assert not list(work.iterdir())  # both checkpoints removed
 
 
 def test_main_writes_json_and_png(tmp_path):

@@ -22,6 +22,16 @@ from cpm_live.convert.compress import quantize_state_dict
 from cpm_live.quant.format import BLOCKSIZES, QUANT_TYPES, QuantFormatError
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpm-bee-quantize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input-path", required=True,
@@ -36,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="values per absmax block (default 64)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where to quantize (default: cuda when available, else cpu)")
+    parser.add_argument("--workers", type=positive_int, default=None,
+                        help="threads quantizing tensors at once on CPU (default: the cores available; "
+                             "the output bytes do not depend on it; CUDA uses one)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     return parser
 
@@ -48,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         summary = quantize_state_dict(args.input_path, args.output_path, quant_type=args.quant_type,
                                       double_quant=args.double_quant, blocksize=args.blocksize,
-                                      device=args.device, force=args.force)
+                                      device=args.device, force=args.force, workers=args.workers)
     except (CheckpointError, QuantFormatError) as e:
         raise SystemExit(f"error: {e}") from None
     print(summary)

@@ -11,6 +11,14 @@ a ``QuantState.from_dict`` per weight), and only then renamed into place.
 The input is anything :func:`cpm_live.checkpoint.open_checkpoint` reads, Hugging Face model
 directories included. A compressed checkpoint of CPM-Bee's qlora PR is converted instead: its packed
 bytes are copied, so the output equals quantizing the fp16 source the PR started from.
+
+On CPU, ``workers`` threads quantize different tensors at once while the calling thread reads the
+next tensor and writes finished ones (bitsandbytes' CPU 4-bit path is torch ops plus ctypes calls,
+both of which release the GIL, so threads scale without the copies processes would need; see
+``benchmarks/README.md`` for the measurement). Each tensor is quantized exactly as before, and the
+writer places every tensor at an offset fixed by the plan, so the output bytes do not depend on the
+number of workers. At most ``workers + 1`` input tensors are in flight, so peak memory grows with
+the workers, not with the checkpoint. On CUDA one thread quantizes (the GPU is the parallel part).
 """
 
 from __future__ import annotations
@@ -18,6 +26,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +53,7 @@ class QuantizeSummary:
     seconds: float
     quantized: int
     copied: int
+    workers: int = 1
 
     @property
     def throughput(self) -> float:
@@ -50,7 +63,7 @@ class QuantizeSummary:
         return (f"wrote {self.output_path}: {self.quantized} weights quantized, {self.copied} copied, "
                 f"{self.input_bytes / 1e6:.1f} MB -> {self.output_bytes / 1e6:.1f} MB "
                 f"({self.output_bytes / max(self.input_bytes, 1):.3f}x) in {self.seconds:.1f} s "
-                f"({self.throughput:.1f} MB/s)")
+                f"({self.throughput:.1f} MB/s, {self.workers} worker{'s' if self.workers > 1 else ''})")
 
 
 def is_quant_target(key: str) -> bool:
@@ -69,6 +82,62 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def default_workers() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run torch's CPU ops on ``n`` intra-op threads inside the block, then restore the setting.
+
+    Parallelism comes from quantizing several tensors at once, one core each; intra-op threads on
+    top would only oversubscribe the cores (on one tensor they gave no speed-up: bitsandbytes' CPU
+    path is mostly memory-bound elementwise work).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def convert_tensors(reader: CheckpointReader, quantized: set[str], settings: qformat.QuantSettings,
+                    device: torch.device, workers: int) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """Yield ``(key, output entries)`` for every tensor of ``reader``, in file order.
+
+    ``workers`` threads quantize; this thread reads ahead, so at most ``workers + 1`` input tensors
+    are held at once. A ``.pt`` tensor's mapped pages are released once its job has finished.
+    """
+    def job(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if key not in quantized:
+            return {key: tensor}
+        return qformat.quantize_entries(key, tensor.to(device), settings)
+
+    def finish(item: tuple[str, torch.Tensor, Future]) -> tuple[str, dict[str, torch.Tensor]]:
+        key, tensor, future = item
+        entries = future.result()
+        reader.release(tensor)
+        return key, entries
+
+    pending: deque[tuple[str, torch.Tensor, Future]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quantize") as pool:
+        try:
+            for key in reader.keys():
+                tensor = reader.read(key)
+                pending.append((key, tensor, pool.submit(job, key, tensor)))
+                if len(pending) > workers:
+                    yield finish(pending.popleft())
+            while pending:
+                yield finish(pending.popleft())
+        finally:  # the consumer failed or stopped: drop what has not started
+            for *_, future in pending:
+                future.cancel()
+
+
 def check_output_path(input_path: str, output_path: str, force: bool, suffixes: tuple[str, ...] | None) -> None:
     """Refuse overwriting the input, or an existing file without ``force``; ``suffixes`` (if given) are required."""
     if suffixes is not None and not output_path.endswith(suffixes):
@@ -83,15 +152,20 @@ def check_output_path(input_path: str, output_path: str, force: bool, suffixes: 
 def quantize_state_dict(input_path: str | os.PathLike, output_path: str | os.PathLike,
                         quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
                         device: str | torch.device | None = None, force: bool = False,
-                        compute_dtype: str = "float32", progress: bool = True) -> QuantizeSummary:
+                        compute_dtype: str = "float32", progress: bool = True, workers: int | None = None
+                        ) -> QuantizeSummary:
     """Compress ``input_path`` (any checkpoint or model directory) into ``output_path`` (safetensors,
     whatever its name), or convert a qlora-PR checkpoint (:func:`convert_compressed`).
 
-    ``compute_dtype`` is recorded for readers; the quantized bytes do not depend on it.
+    ``compute_dtype`` is recorded for readers; the quantized bytes do not depend on it, nor on
+    ``workers`` (threads quantizing at once on CPU; default: the cores available; 1 on CUDA).
     """
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
     settings = qformat.QuantSettings(quant_type, double_quant, blocksize)
     device = resolve_device(device)
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise CheckpointError(f"workers must be a positive integer, got {workers!r}; pass --workers 1 or more")
+    workers = 1 if device.type == "cuda" else workers or default_workers()
     check_output_path(input_path, output_path, force, None)
     start = time.perf_counter()
     with open_checkpoint(input_path) as reader:
@@ -115,12 +189,10 @@ def quantize_state_dict(input_path: str | os.PathLike, output_path: str | os.Pat
         with atomic_path(output_path) as tmp:
             writer = SafetensorsWriter(tmp, fixed, tails, metadata)
             try:
+                threads = 1 if device.type == "cpu" else torch.get_num_threads()
                 with tqdm(total=input_bytes, unit="B", unit_scale=True, desc="quantize",
-                          disable=not progress) as bar:
-                    for key, tensor in reader.iter_tensors():
-                        entries = {key: tensor}
-                        if key in quantized:
-                            entries = qformat.quantize_entries(key, tensor.to(device), settings)
+                          disable=not progress) as bar, torch_threads(threads):
+                    for key, entries in convert_tensors(reader, quantized, settings, device, workers):
                         for name, value in entries.items():
                             writer.write(name, value)
                         bar.update(reader.nbytes(key))
@@ -131,7 +203,7 @@ def quantize_state_dict(input_path: str | os.PathLike, output_path: str | os.Pat
             verify(tmp, fixed, tails, metadata, {k: reader.info(k)[0] for k in targets}, settings)
             output_bytes = os.path.getsize(tmp)
     return QuantizeSummary(output_path, input_bytes, output_bytes, time.perf_counter() - start, len(targets),
-                           len(reader.keys()) - len(targets))
+                           len(reader.keys()) - len(targets), workers)
 
 
 def convert_compressed(reader: CheckpointReader, output_path: str, settings: qformat.QuantSettings,
