@@ -19,6 +19,8 @@ import bitsandbytes.functional as bnbF
 import torch
 import torch.nn.functional as F
 
+PROFILER_LABEL = "cpm_live::dequantize_4bit"  # torch.profiler range around the CPU dequantization
+
 
 def _levels_by_byte(code: torch.Tensor) -> torch.Tensor:
     """``[256]`` int64 whose bytes are the two fp32 levels a packed byte stands for (high nibble first).
@@ -52,13 +54,14 @@ def dequantize_cpu(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
     run over the flattened weight, so a block may span rows. Computed in fp32, cast once.
     """
     n = math.prod(shape)
-    pairs = _levels_by_byte(code).index_select(0, packed.reshape(-1).view(torch.uint8).int())
-    values = pairs.view(torch.float32)[:n]  # [n]; an odd n leaves a padding nibble in the last byte
-    full = n - n % blocksize
-    values[:full].view(-1, blocksize).mul_(absmax[:full // blocksize, None])
-    if full < n:
-        values[full:].mul_(absmax[full // blocksize])
-    return values.view(shape).to(dtype)
+    with torch.profiler.record_function(PROFILER_LABEL):
+        pairs = _levels_by_byte(code).index_select(0, packed.reshape(-1).view(torch.uint8).int())
+        values = pairs.view(torch.float32)[:n]  # [n]; an odd n leaves a padding nibble in the last byte
+        full = n - n % blocksize
+        values[:full].view(-1, blocksize).mul_(absmax[:full // blocksize, None])
+        if full < n:
+            values[full:].mul_(absmax[full // blocksize])
+        return values.view(shape).to(dtype)
 
 
 def dequantize_4bit(packed: torch.Tensor, state: bnbF.QuantState, dtype: torch.dtype | None = None
