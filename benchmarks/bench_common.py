@@ -217,7 +217,8 @@ def pin_mmap_threshold(threshold: int = 128 * 1024) -> bool:
 
 # Imported once by the fork server, so each isolated job starts in a few milliseconds instead of
 # re-importing torch + bitsandbytes + peft (20+ s on a loaded 2-core machine).
-PRELOAD = ["torch", "bitsandbytes", "peft", "safetensors.torch", "cpm_live.models", "cpm_live.delta",
+# cpm_live before bitsandbytes: its __init__ filters bnb's kernels-community notice, logged at bnb's import.
+PRELOAD = ["torch", "cpm_live", "bitsandbytes", "peft", "safetensors.torch", "cpm_live.models", "cpm_live.delta",
            "cpm_live.quant.compress", "bench_common"]
 _context = None
 
