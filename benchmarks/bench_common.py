@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import cpm_live  # noqa: F401  first: its __init__ filters bnb's kernels-community notice before bnb loads
+
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -42,12 +44,9 @@ MIB = 2**20
 
 
 def quiet() -> None:
-    """Silence the harmless warnings of the stack (peft's layer-type notice, bnb's optional kernels)."""
+    """Silence peft's harmless layer-type notice (bnb's kernels-community notice: ``cpm_live.__init__``)."""
     warnings.filterwarnings("ignore", message=".*Unsupported layer type.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-    import logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def environment(device: str, threads: int) -> dict[str, Any]:
@@ -218,7 +217,8 @@ def pin_mmap_threshold(threshold: int = 128 * 1024) -> bool:
 
 # Imported once by the fork server, so each isolated job starts in a few milliseconds instead of
 # re-importing torch + bitsandbytes + peft (20+ s on a loaded 2-core machine).
-PRELOAD = ["torch", "bitsandbytes", "peft", "safetensors.torch", "cpm_live.models", "cpm_live.delta",
+# cpm_live before bitsandbytes: its __init__ filters bnb's kernels-community notice, logged at bnb's import.
+PRELOAD = ["torch", "cpm_live", "bitsandbytes", "peft", "safetensors.torch", "cpm_live.models", "cpm_live.delta",
            "cpm_live.convert.compress", "bench_common"]
 _context = None
 

@@ -17,6 +17,8 @@ from typing import Any
 import bench_common as bc
 import torch
 
+from cpm_live.quant.dequant import PROFILER_LABEL
+
 # qlora runs its 4-bit matmul in fp32 on CPU (bnb's CPU path) and in bf16 on CUDA, and is compared
 # with the LoRA variant of the same compute dtype.
 BASELINE = {"cpu": "lora_fp32", "cuda": "lora_bf16"}
@@ -115,7 +117,8 @@ def job_timing(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 CATEGORIES = (  # first match wins; op names are torch.profiler's
-    ("dequantize_4bit", ("bitsandbytes::",)),  # dequantize_4bit and the nested absmax dequantize_blockwise
+    # bnb's dequantize_4bit + nested absmax dequantize_blockwise (CUDA), cpm_live's exact one (CPU)
+    ("dequantize_4bit", ("bitsandbytes::", PROFILER_LABEL)),
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
     ("softmax", ("aten::_softmax",)),
     ("elementwise", ("aten::add", "aten::mul", "aten::div", "aten::sub", "aten::masked_fill", "aten::gelu",
@@ -157,6 +160,22 @@ def _summarize_profiles(steps: list[dict[str, tuple[float, int]]], top: int) -> 
     }
 
 
+def _fold_range(ops: dict[str, tuple[float, int]], events, label: str) -> dict[str, tuple[float, int]]:
+    """Move the self CPU time of every op run inside a ``record_function(label)`` range onto ``label``
+    (cpm_live's CPU dequantization is a few aten ops, which would otherwise count as elementwise)."""
+    ops = {k: list(v) for k, v in ops.items()}
+    for event in events:
+        if event.name != label:
+            continue
+        stack = list(event.cpu_children)
+        while stack:
+            child = stack.pop()
+            stack.extend(child.cpu_children)
+            ops[child.key][0] -= child.self_cpu_time_total / 1e3
+            ops[label][0] += child.self_cpu_time_total / 1e3
+    return {k: (ms, count) for k, (ms, count) in ops.items()}
+
+
 def job_profile(spec: dict[str, Any]) -> dict[str, Any]:
     """Self time per op of each variant over ``spec['reps']`` profiled steps each, interleaved."""
     from torch.autograd import DeviceType
@@ -179,8 +198,9 @@ def job_profile(spec: dict[str, Any]) -> dict[str, Any]:
             bc.sync(device)
         # Op rows only: on CUDA each kernel also has a row of its own, and its time is already in the
         # launching op's self device time. Values: op name -> (self ms, calls).
-        steps[mode].append({e.key: (getattr(e, attr) / 1e3, e.count) for e in prof.key_averages()
-                            if e.device_type == DeviceType.CPU})
+        ops = {e.key: (getattr(e, attr) / 1e3, e.count) for e in prof.key_averages()
+               if e.device_type == DeviceType.CPU}
+        steps[mode].append(_fold_range(ops, prof.events(), PROFILER_LABEL) if device == "cpu" else ops)
 
     bc.interleaved({mode: (lambda m=mode: profiled_step(m)) for mode in spec["modes"]}, reps=spec["reps"],
                    device=device, warmup=0)

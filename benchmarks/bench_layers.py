@@ -6,7 +6,9 @@ The HF stack is what ``transformers`` + ``peft`` build for a 4-bit model: ``bits
 wrapped by ``cpm_live.delta``'s ``LoraLinear4bit``. Both quantize the same dense weight with the same
 settings (nf4, double quant, blocksize 64), use r=8, alpha=16, and compute in the same dtype. A dense
 ``nn.Linear`` + peft LoRA is timed alongside as the no-quantization reference. The only math
-difference is CPM-Bee's output scaling by 1/sqrt(dim_in) (one elementwise op).
+difference is CPM-Bee's output scaling by 1/sqrt(dim_in) (one elementwise op). On CPU ours
+dequantizes in plain torch (``cpm_live.quant.dequant``; bnb's native CPU kernel is wrong for some
+shapes), so ``cpm_live_over_hf_bnb`` and ``dequantize_cpm_live_over_bnb`` are the price of that.
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ def _fwd_bwd(model: nn.Module, x: torch.Tensor) -> None:
 
 def job_layers(spec: dict[str, Any]) -> dict[str, Any]:
     """Interleaved forward+backward times of the three stacks for each ``[dim_in, dim_out]`` shape."""
+    import bitsandbytes.functional as bnbF
+
+    from cpm_live.quant import dequant
+
     device = spec["device"]
     compute_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
@@ -86,6 +92,12 @@ def job_layers(spec: dict[str, Any]) -> dict[str, Any]:
 
         times = bc.interleaved({name: (lambda m=m, x=x: _fwd_bwd(m, x)) for name, m in stacks.items()},
                                reps=spec["reps"], device=device, warmup=1)
+        # The weight's dequantization alone: ours (exact torch on CPU, bnb's kernel on CUDA) vs bnb's.
+        layer = stacks["cpm_live"].proj.get_base_layer()
+        packed, state = layer.weight, layer.quant_state()
+        deq = bc.interleaved({"cpm_live": lambda p=packed, s=state: dequant.dequantize_4bit(p, s),
+                              "bnb": lambda p=packed, s=state: bnbF.dequantize_4bit(p, s)},
+                             reps=spec["reps"], device=device, warmup=1)
         results.append({
             "dim_in": dim_in, "dim_out": dim_out, "tokens": spec["tokens"],
             "seconds_median": {k: bc.median(v) for k, v in times.items()},
@@ -94,6 +106,8 @@ def job_layers(spec: dict[str, Any]) -> dict[str, Any]:
             "hf_bnb_over_dense": bc.paired_ratio(times["hf_bnb"], times["dense"]),
             "cpm_live_over_dense": bc.paired_ratio(times["cpm_live"], times["dense"]),
             "max_abs_diff_vs_hf": diff,
+            "dequantize_seconds_median": {k: bc.median(v) for k, v in deq.items()},
+            "dequantize_cpm_live_over_bnb": bc.paired_ratio(deq["cpm_live"], deq["bnb"]),
         })
     return {"compute_dtype": str(compute_dtype).removeprefix("torch."), "results": results}
 

@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny trained CPM-Bee (fp and int4 checkpoints) for the training tests."""
 
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +16,14 @@ from cpm_live.training.cli import main as finetune
 
 REPO = Path(__file__).parents[1]
 DATA = REPO / "src" / "cpm_live" / "demo_data"
+
+
+@pytest.fixture(autouse=True)
+def _seed_every_test():
+    """Each test starts from the same RNG state whatever ran before it (file-level seed fixtures still apply)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

@@ -84,6 +84,7 @@ def test_profile_sees_dequantize_only_in_qlora(results):
 def test_layers_compare_the_same_quantized_weight(results):
     (row,) = results["layers"]["results"]
     assert row["max_abs_diff_vs_hf"] < 1e-3
+    assert set(row["dequantize_seconds_median"]) == {"cpm_live", "bnb"}
     assert set(row["seconds_median"]) == {"hf_bnb", "cpm_live", "dense"}
     assert positive(row["cpm_live_over_hf_bnb"]) and positive(row["hf_bnb_over_dense"])
 

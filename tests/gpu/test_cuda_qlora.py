@@ -13,7 +13,9 @@ from cpm_live.delta import LoraSettings, add_lora
 from cpm_live.engine import recompute_activations
 from cpm_live.layers import Linear4bit
 from cpm_live.models import CPMBee, CPMBeeConfig
+from cpm_live.quant.format import quant_state
 from cpm_live.training.cli import main as finetune
+from tests import int4_reference as ref
 from tests.conftest import base_args
 from tests.test_model import packed_batch, run
 
@@ -102,3 +104,26 @@ def test_half_int4_model_on_cuda_is_close_to_fp32():
     batch = {k: v.cuda() for k, v in packed_batch(CONFIG.vocab_size).items()}
     a, b = run(fp32, batch), run(half, batch).float()
     assert ((a - b).norm() / a.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 1024])
+@pytest.mark.parametrize("shape", [(2, 48), (48, 96), (33, 70), (64, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)])
+def test_linear4bit_cuda_equals_the_reference_for_rows_that_are_not_whole_blocks(shape, blocksize, quant_type,
+                                                                                 double_quant):
+    """bnb's CUDA kernels (kept on CUDA) against tests/int4_reference.py, where bnb's AVX-512 CPU kernel
+    is wrong (docs/bitsandbytes-cpu-dequantize-bug.md): dequantize(), forward, input gradient, 1e-5."""
+    torch.manual_seed(0)
+    dim_out, dim_in = shape
+    layer = Linear4bit.from_weight(torch.randn(shape, device="cuda"), quant_type=quant_type,
+                                   double_quant=double_quant, blocksize=blocksize)
+    state = {k: v.cpu() for k, v in layer.state_dict().items()}
+    expected = ref.dequantize_state(state["weight"], quant_state("weight", state))
+    torch.testing.assert_close(layer.dequantize().cpu(), expected, rtol=1e-5, atol=1e-6)
+    x = torch.randn(3, dim_in)
+    xg = x.cuda().requires_grad_()
+    out = layer(xg)
+    torch.testing.assert_close(out.cpu(), x @ expected.T / dim_in**0.5, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(3, dim_out)
+    (out * upstream.cuda()).sum().backward()
+    torch.testing.assert_close(xg.grad.cpu(), upstream @ expected / dim_in**0.5, rtol=1e-5, atol=1e-5)

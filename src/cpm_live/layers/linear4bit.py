@@ -1,4 +1,8 @@
-"""CPM-Bee's projection with a frozen 4-bit (NF4/FP4) weight, computed by bitsandbytes.
+"""CPM-Bee's projection with a frozen 4-bit (NF4/FP4) weight in bitsandbytes' format.
+
+Quantization is bitsandbytes' own; the matmul and ``dequantize()`` go through
+:mod:`cpm_live.quant.dequant` (exact torch on CPU, where bnb's native kernel is wrong for some shapes;
+bitsandbytes' kernels on CUDA).
 
 Lifecycle: the weight is quantized exactly once, when the module is built (``reset_parameters``
 quantizes an N(0, 1) CPM-Bee init; ``from_weight`` / ``from_linear`` quantize a given dense weight)
@@ -38,11 +42,11 @@ from __future__ import annotations
 
 import math
 
-import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
 from torch import nn
 
+from cpm_live.quant import dequant
 from cpm_live.quant import format as qformat
 
 _HINT = ("build the model with the checkpoint's int4 settings (int4_quant_type / int4_blocksize / "
@@ -161,13 +165,13 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim_in:
             raise ValueError(f"Linear4bit expects inputs with last dim {self.dim_in}, got {list(x.shape)}")
-        out = bnb.matmul_4bit(x.to(self.compute_dtype), self.weight.t(), quant_state=self.quant_state())
+        out = dequant.matmul_4bit(x.to(self.compute_dtype), self.weight, self.quant_state())
         return out.to(x.dtype) / math.sqrt(self.dim_in)
 
     @torch.no_grad()
     def dequantize(self) -> torch.Tensor:
         """The dense ``[dim_out, dim_in]`` weight in ``self.dtype``."""
-        return bnbF.dequantize_4bit(self.weight, self.quant_state())
+        return dequant.dequantize_4bit(self.weight, self.quant_state())
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         state = self.quant_state()

@@ -27,6 +27,8 @@ import bitsandbytes.functional as bnbF
 import torch
 from bitsandbytes.utils import unpack_tensor_to_dict
 
+from cpm_live.quant.dequant import dequantize_4bit
+
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # quantize_4bit double-quantizes absmax with 8-bit blocks of 256 (fp32 nested absmax); fixed in bnb.
@@ -219,10 +221,7 @@ def dequantize(key: str, entries: Mapping[str, torch.Tensor], dtype: torch.dtype
 
     Values are ``level * absmax`` computed in fp32 and cast once, so fp32 output is exact.
     """
-    state = quant_state(key, entries)
-    if dtype is not None:
-        state.dtype = dtype
-    return bnbF.dequantize_4bit(entries[key], state)
+    return dequantize_4bit(entries[key], quant_state(key, entries), dtype)
 
 
 FORMAT_NAME = "cpm_live.int4"

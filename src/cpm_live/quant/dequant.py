@@ -1,0 +1,102 @@
+"""4-bit dequantization and matmul that are exact on every CPU; bitsandbytes' own kernels elsewhere.
+
+Why not bitsandbytes on CPU: its native CPU ``dequantize_4bit`` (0.50.2, the AVX-512 build, e.g.
+AMD Zen 4 and Intel Xeon with AVX-512/AMX) returns wrong values whenever a row's length is not a
+multiple of the blocksize (a block then spans two rows); see docs/bitsandbytes-cpu-dequantize-bug.md.
+``matmul_4bit`` on CPU is "dequantize, then ``F.linear``" through that kernel, so forward, input
+gradient and ``dequantize()`` were all wrong for such shapes. Here the dequantization is plain torch
+(a byte -> two levels table lookup, then one fp32 multiply by the block's absmax), which gives
+bitsandbytes' documented values bit for bit on any CPU and any shape, at the same cost class as the
+native kernel (benchmarks/bench_layers.py, ``dequantize`` rows). CUDA keeps bitsandbytes' kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import torch
+import torch.nn.functional as F
+
+PROFILER_LABEL = "cpm_live::dequantize_4bit"  # torch.profiler range around the CPU dequantization
+
+
+def _levels_by_byte(code: torch.Tensor) -> torch.Tensor:
+    """``[256]`` int64 whose bytes are the two fp32 levels a packed byte stands for (high nibble first).
+
+    One 8-byte lookup per packed byte: torch's 1-D ``index_select`` is ~4x faster than gathering
+    rows of a ``[256, 2]`` fp32 table (measured on CPU; benchmarks/bench_layers.py).
+    """
+    code = code.float()
+    return torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1).view(torch.int64).view(-1)
+
+
+def absmax_of(state: bnbF.QuantState) -> torch.Tensor:
+    """The fp32 per-block absmax ``[blocks]``, undoing double quantization as bitsandbytes does.
+
+    Nested: ``nested_code[absmax_u8[i]] * nested_absmax[i // 256]`` in fp32, then ``+ offset``.
+    """
+    if not state.nested:
+        return state.absmax.float()
+    nested = state.state2
+    blocks = state.absmax.numel()
+    values = nested.code.float().index_select(0, state.absmax.reshape(-1).int())
+    scale = nested.absmax.float().repeat_interleave(nested.blocksize)[:blocks]
+    return values * scale + state.offset.float()
+
+
+def dequantize_cpu(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                   shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``shape`` tensor in ``dtype`` from packed codes: ``code[nibble] * absmax[i // blocksize]``.
+
+    Value ``i`` of the row-major weight is nibble ``i`` of the packed bytes (high nibble first); blocks
+    run over the flattened weight, so a block may span rows. Computed in fp32, cast once.
+    """
+    n = math.prod(shape)
+    with torch.profiler.record_function(PROFILER_LABEL):
+        pairs = _levels_by_byte(code).index_select(0, packed.reshape(-1).view(torch.uint8).int())
+        values = pairs.view(torch.float32)[:n]  # [n]; an odd n leaves a padding nibble in the last byte
+        full = n - n % blocksize
+        values[:full].view(-1, blocksize).mul_(absmax[:full // blocksize, None])
+        if full < n:
+            values[full:].mul_(absmax[full // blocksize])
+        return values.view(shape).to(dtype)
+
+
+def dequantize_4bit(packed: torch.Tensor, state: bnbF.QuantState, dtype: torch.dtype | None = None
+                    ) -> torch.Tensor:
+    """The dense weight of ``packed`` in ``dtype`` (default ``state.dtype``): exact torch on CPU, bnb elsewhere."""
+    dtype = dtype or state.dtype
+    if packed.device.type != "cpu":
+        if dtype != state.dtype:
+            state = bnbF.QuantState(absmax=state.absmax, shape=state.shape, code=state.code,
+                                    blocksize=state.blocksize, quant_type=state.quant_type, dtype=dtype,
+                                    offset=state.offset, state2=state.state2)
+        return bnbF.dequantize_4bit(packed, state)
+    return dequantize_cpu(packed, absmax_of(state), state.code, state.blocksize, tuple(state.shape), dtype)
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """``x @ deq(W).T`` on CPU, keeping only the packed weight for backward (as bnb's ``MatMul4Bit``).
+
+    Both directions use the weight dequantized in ``x``'s dtype, so the input gradient is the exact
+    gradient of the forward (bnb's backward uses the weight rounded to ``state.dtype`` first).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: bnbF.QuantState) -> torch.Tensor:
+        ctx.packed, ctx.state = packed, state  # kept as attributes, as bnb's MatMul4Bit keeps them
+        return F.linear(x, dequantize_4bit(packed, state, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_x = grad @ dequantize_4bit(ctx.packed, ctx.state, grad.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: bnbF.QuantState) -> torch.Tensor:
+    """``x @ deq(W).T`` for ``W = state.shape = [dim_out, dim_in]``; gradients reach ``x`` only."""
+    if packed.device.type != "cpu":
+        return bnb.matmul_4bit(x, packed.t(), quant_state=state)
+    return _DequantizedLinear.apply(x, packed, state)
