@@ -88,6 +88,14 @@ class CheckpointReader:
             if not isinstance(header, dict):
                 raise ValueError("header is not a JSON object")
             self.metadata = header.pop("__metadata__", None) or {}
+            if not isinstance(self.metadata, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()):
+                raise ValueError("__metadata__ must map strings to strings")
+            for key, entry in header.items():
+                shape = entry.get("shape") if isinstance(entry, dict) else None
+                if not isinstance(shape, list) or not all(
+                        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                    raise ValueError(f"tensor {key} has shape {shape!r}, not a list of non-negative integers")
             self._start = 8 + header_len
             self._infos: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
             self._offsets: dict[str, tuple[int, int]] = {}
@@ -206,14 +214,20 @@ class CheckpointReader:
     @property
     def quant_settings(self) -> qformat.QuantSettings | None:
         """The settings of an int4-compressed checkpoint (from its metadata), else None."""
-        return qformat.settings_from_metadata(self.metadata, self.path)
+        try:
+            return qformat.settings_from_metadata(self.metadata, self.path)
+        except qformat.QuantFormatError as e:
+            raise CheckpointError(str(e)) from None
 
     def is_compressed(self) -> bool:
         return self.quant_settings is not None or any("." + qformat.BLOB_PREFIX in k for k in self._infos)
 
     def logical_shapes(self) -> dict[str, tuple[int, ...]]:
         """Key -> dense shape in CPM-Bee's layout (a quantized weight counts as one key)."""
-        return qformat.logical_shapes({k: s for k, (s, _) in self._infos.items()}, self.read)
+        try:
+            return qformat.logical_shapes({k: s for k, (s, _) in self._infos.items()}, self.read)
+        except qformat.QuantFormatError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
 
 
 class ModelDirReader(CheckpointReader):
@@ -405,6 +419,15 @@ def check_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tupl
     raise CheckpointError("\n".join(lines))
 
 
+def _check_dtype(key: str, stored: torch.dtype, wanted: torch.dtype | None, path: str) -> None:
+    """Only float-to-float casts are conversions; anything else (a packed uint8 weight stored as
+    F8_E4M3 or BOOL, a float where bytes belong) would silently turn the bits into other values."""
+    if wanted is None or stored == wanted or (stored.is_floating_point and wanted.is_floating_point):
+        return
+    raise CheckpointError(f"{path}: {key} is stored as {stored} but the model needs {wanted}; the file is "
+                          f"corrupt or was altered: re-create it (cpm-bee-quantize for 4-bit weights)")
+
+
 def build_model(config: CPMBeeConfig, path: str | os.PathLike, device: torch.device | str = "cpu") -> CPMBee:
     """``CPMBee(config)`` with the weights of ``path``: built on the meta device, then filled by
     :func:`load_model_weights`, so no memory goes to (and no 4-bit quantization to) a random init."""
@@ -456,6 +479,8 @@ def load_model_weights(model: nn.Module, config: CPMBeeConfig, path: str | os.Pa
                 quant_device = device if on_meta else layer.weight.device
                 entries = qformat.quantize_entries(key, tensor.to(device=quant_device, dtype=config.dtype),
                                                    layer.settings)
+            for k, v in entries.items():
+                _check_dtype(k, v.dtype, current[k].dtype if k in current else None, path)
             if on_meta:  # assigned, not copied: own the memory, in the model's dtype
                 entries = {k: v.to(device=device, dtype=current[k].dtype, copy=True) for k, v in entries.items()}
             state_dict.update(entries)

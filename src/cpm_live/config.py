@@ -23,6 +23,14 @@ _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float1
 _QUANT_TYPES = ("nf4", "fp4")
 
 
+_FIELD_TYPES = {
+    "vocab_size": int, "dim_model": int, "num_heads": int, "dim_head": int, "dim_ff": int, "num_layers": int,
+    "dropout_p": (int, float), "position_bias_num_buckets": int, "position_bias_num_segment_buckets": int,
+    "position_bias_max_distance": int, "eps": (int, float), "half": bool, "int4": bool,
+    "int4_quant_type": str, "int4_double_quant": bool, "int4_blocksize": int, "int4_compute_dtype": str,
+}
+
+
 class ConfigError(ValueError):
     """A configuration value (or file) is wrong; the message says which and how to fix it."""
 
@@ -53,6 +61,7 @@ class CPMBeeConfig:
 
     def __post_init__(self) -> None:
         where = f" in {self.source}" if self.source else ""
+        self._check_types(where)
         if self.dim_model % 2:
             raise ConfigError(f"dim_model must be even for the rotary embedding, got {self.dim_model}{where}")
         if self.mask_modules is not None:
@@ -62,7 +71,6 @@ class CPMBeeConfig:
                     f"{self.num_layers}{where}: give one [mask_att, mask_ffn] pair per layer"
                 )
             self.mask_modules = [[bool(a), bool(f)] for a, f in self.mask_modules]
-        self.int4 = bool(self.int4)
         if self.int4_quant_type not in _QUANT_TYPES:
             raise ConfigError(
                 f"int4_quant_type must be one of {_QUANT_TYPES}, got {self.int4_quant_type!r}{where}"
@@ -75,6 +83,33 @@ class CPMBeeConfig:
         self.int4_compute_dtype = self.int4_compute_dtype.removeprefix("torch.")
         if self.int4_blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise ConfigError(f"int4_blocksize must be a power of two in 32..4096, got {self.int4_blocksize}")
+
+    def _check_types(self, where: str) -> None:
+        """JSON types as the original configs use them: a string "false" is not a boolean (it is
+        truthy), "128" is not a size. Sizes are positive, eps positive, dropout in [0, 1)."""
+        for name, wanted in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            ok = (isinstance(value, bool) if wanted is bool else
+                  isinstance(value, wanted) and not isinstance(value, bool))
+            if not ok:
+                example = {bool: "true or false", int: "an integer", str: "a string"}.get(wanted, "a number")
+                raise ConfigError(f"config key {name!r}{where} must be {example} (JSON, unquoted where not a "
+                                  f"string), got {value!r}")
+        for name in ("vocab_size", "dim_model", "num_heads", "dim_head", "dim_ff", "num_layers",
+                     "position_bias_num_buckets", "position_bias_num_segment_buckets",
+                     "position_bias_max_distance"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key {name!r}{where} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.eps < 1:
+            raise ConfigError(f"config key 'eps'{where} must be a small positive number (e.g. 1e-6), got {self.eps}")
+        if not 0 <= self.dropout_p < 1:
+            raise ConfigError(f"config key 'dropout_p'{where} must be in [0, 1), got {self.dropout_p}")
+        masks = self.mask_modules
+        if masks is not None and not (isinstance(masks, (list, tuple)) and all(
+                isinstance(m, (list, tuple)) and len(m) == 2 and all(b in (0, 1) and not isinstance(b, str)
+                                                                     for b in m) for m in masks)):
+            raise ConfigError(f"config key 'mask_modules'{where} must be a list of [mask_att, mask_ffn] "
+                              f"pairs of true/false, got {str(masks)[:200]}")
 
     @property
     def dtype(self) -> torch.dtype:

@@ -81,6 +81,7 @@ def run_demo(out: str, base_steps: int, qlora_steps: int) -> dict:
 
     _banner("4/5 QLoRA fine-tune on both tasks (4-bit frozen base + LoRA)")
     qlora_dir = os.path.join(out, "qlora")
+    shutil.rmtree(qlora_dir, ignore_errors=True)  # a rerun starts over: training refuses to overwrite checkpoints
     eval_file = demo_data_file("eval.jsonl")
     finetune_main(["--model-config", os.path.join(out, "config-int4.json"), "--load", int4_ckpt,
                    "--use-delta", "--lora-r", "16", "--lora-alpha", "32",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
@@ -18,8 +19,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    prefix = f".{os.path.basename(path)}."
+    _remove_stale_temps(directory, prefix)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=directory)
+    # Held while writing: it marks the temp file as live, so a later writer of the same path removes
+    # only the temp files of writers that died (kill -9 skips the cleanup below).
+    fcntl.flock(fd, fcntl.LOCK_EX)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield tmp
@@ -27,6 +32,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        os.close(fd)
+
+
+def _remove_stale_temps(directory: str, prefix: str) -> None:
+    for name in os.listdir(directory):
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        stale = os.path.join(directory, name)
+        try:
+            fd = os.open(stale, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its writer is gone: nobody holds the lock
+            os.remove(stale)
+        except OSError:
+            pass  # locked by a live writer (or already gone)
+        finally:
+            os.close(fd)
 
 
 def _umask() -> int:

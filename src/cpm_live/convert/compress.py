@@ -113,6 +113,9 @@ def convert_tensors(reader: CheckpointReader, quantized: set[str], settings: qfo
     are held at once. A ``.pt`` tensor's mapped pages are released once its job has finished.
     """
     def job(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{reader.path}: {key} holds NaN or inf values; a 4-bit copy would keep them: "
+                                  "fix or re-export the checkpoint")
         if key not in quantized:
             return {key: tensor}
         return qformat.quantize_entries(key, tensor.to(device), settings)

@@ -55,8 +55,8 @@ def read_info_list(meta_path: str) -> list[FileInfo]:
             if not line:
                 continue
             try:
-                info.append(FileInfo(**json.loads(line)))
-            except (ValueError, TypeError) as e:
+                info.append(_checked_info(FileInfo(**json.loads(line)), os.path.dirname(meta_path)))
+            except (ValueError, TypeError, RecursionError) as e:
                 raise DataFormatError(f"{meta_path}:{lineno}: invalid file entry ({e})") from e
     for i, v in enumerate(info):
         expected = 0 if i == 0 else info[i - 1].block_end
@@ -66,6 +66,26 @@ def read_info_list(meta_path: str) -> list[FileInfo]:
                 f"expected them to start at {expected}"
             )
     return info
+
+
+def _checked_info(v: FileInfo, directory: str) -> FileInfo:
+    """Types, a file name inside the dataset directory, and no more blocks than the file can hold
+    (so a forged ``block_end`` cannot make readers build huge block lists)."""
+    if not isinstance(v.file_name, str) or not v.file_name or v.file_name in (".", "..") or "/" in v.file_name \
+            or os.sep in v.file_name or "\0" in v.file_name:
+        raise ValueError(f"file_name must be a file name inside the dataset directory, got {v.file_name!r}")
+    for name in ("block_begin", "block_end", "nbytes", "nlines", "block_size"):
+        value = getattr(v, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if v.block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {v.block_size}")
+    path = os.path.join(directory, v.file_name)
+    size = os.path.getsize(path) if os.path.isfile(path) else v.nbytes
+    if v.block_end - v.block_begin > max(1, -(-size // v.block_size)):
+        raise ValueError(f"{v.file_name} is {size} bytes, room for {-(-size // v.block_size)} block(s) of "
+                         f"{v.block_size} bytes, but claims blocks [{v.block_begin}, {v.block_end})")
+    return v
 
 
 def write_info_list(meta_path: str, info: list[FileInfo]) -> None:
@@ -334,8 +354,15 @@ class DistributedDataset:
                 reason = "unexpected end of file" if not magic else f"invalid magic header {magic!r}"
                 raise DataFormatError(f"{where}: {reason}; the data file is corrupt or not a CPM-Bee dataset")
             header = self._fp.read(_LENGTH.size)
-            payload = self._fp.read(_LENGTH.unpack(header)[0]) if len(header) == _LENGTH.size else b""
-            if len(header) != _LENGTH.size or len(payload) != _LENGTH.unpack(header)[0]:
+            if len(header) != _LENGTH.size:
+                raise DataFormatError(f"{where}: record is truncated")
+            (length,) = _LENGTH.unpack(header)
+            left = os.fstat(self._fp.fileno()).st_size - self._fp.tell()
+            if length > left:  # checked before reading: a forged length must not allocate gigabytes
+                raise DataFormatError(f"{where}: record claims {length} bytes but the file has {left} left; "
+                                      "the record is truncated or corrupt")
+            payload = self._fp.read(length)
+            if len(payload) != length:
                 raise DataFormatError(f"{where}: record is truncated")
             self._location = where
             try:

@@ -61,15 +61,41 @@ class _PlainDataUnpickler(pickle.Unpickler):
         raise UnsafePickleError("refusing a pickle with persistent ids: records must be plain data")
 
 
-def _check_plain(obj: Any) -> None:
-    stack = [obj]
+# A pickle can share one container many times (memo references, 2 bytes each), so a few hundred
+# bytes can stand for 2**60 values ("billion laughs"), or a list can contain itself. Walking the
+# record as the tree that JSON and the tokenizer will see is bounded by this many values per byte.
+_VALUES_PER_BYTE = 4
+_MIN_VALUE_BUDGET = 4096
+
+
+def _check_plain(obj: Any, budget: int | None = None) -> None:
+    """Raise UnsafePickleError unless ``obj`` is a finite tree of plain data of at most ``budget`` values.
+
+    Iterative (no recursion limit); a container that contains itself, or more than ``budget`` values
+    once shared references are expanded, is refused before anything else walks it.
+    """
+    on_path: set[int] = set()  # containers between the root and the current node
+    stack: list[tuple[Any, bool]] = [(obj, False)]
+    seen = 0
     while stack:
-        x = stack.pop()
-        if isinstance(x, dict):
-            stack.extend(x.keys())
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple)):
-            stack.extend(x)
+        x, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(x))
+            continue
+        seen += 1
+        if budget is not None and seen > budget:
+            raise UnsafePickleError(
+                f"record expands to more than {budget} values (shared references repeated over and over); "
+                "dataset records must be plain trees of data"
+            )
+        if isinstance(x, (dict, list, tuple)):
+            if id(x) in on_path:
+                raise UnsafePickleError(f"record contains itself (a {type(x).__name__} inside itself); dataset "
+                                        "records must be plain trees of data")
+            on_path.add(id(x))
+            stack.append((x, True))
+            children = [v for kv in x.items() for v in kv] if isinstance(x, dict) else x
+            stack.extend((c, False) for c in children)
         elif not isinstance(x, _PLAIN_SCALARS):
             raise UnsafePickleError(
                 f"refusing pickled {type(x).__name__}: dataset records may only hold plain data "
@@ -85,7 +111,7 @@ def safe_pickle_loads(data: bytes) -> Any:
         raise
     except Exception as e:  # a truncated pickle raises EOFError, which must not look like end of data
         raise pickle.UnpicklingError(f"corrupt pickle record ({type(e).__name__}: {e})") from e
-    _check_plain(obj)
+    _check_plain(obj, budget=max(_MIN_VALUE_BUDGET, _VALUES_PER_BYTE * len(data)))
     return obj
 
 

@@ -164,7 +164,10 @@ def _torch_load(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refusals and corrupt files surface as several exception types
-        raise AdapterError(f"cannot read {path} with torch.load(weights_only=True): {e}") from e
+        if "Weights only load failed" in str(e):  # torch's advice to retry unsafely is wrong for a hostile file
+            raise AdapterError(f"{path} holds objects other than tensors, which are never unpickled; use an "
+                               "adapter saved as a plain dict of tensors (or peft's safetensors)") from None
+        raise AdapterError(f"cannot read {path} with torch.load(weights_only=True): {e}") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AdapterError(
             f"{path} must hold a dict of tensors (a LoRA state dict), got {type(state).__name__}"
@@ -179,7 +182,7 @@ def _read_peft_dir(directory: str) -> tuple[LoraSettings, dict[str, torch.Tensor
             raw = json.load(f)
     except FileNotFoundError:
         raise AdapterError(f"{directory} is not a peft adapter directory: {CONFIG_NAME} is missing") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise AdapterError(f"{config_path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
         kind = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
@@ -187,7 +190,7 @@ def _read_peft_dir(directory: str) -> tuple[LoraSettings, dict[str, torch.Tensor
     try:
         settings = LoraSettings(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
                                 targets=_targets_of(raw.get("target_modules")))
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError) as e:
         raise AdapterError(f"{config_path}: {e}") from None
     unsupported = {k: raw[k] for k in ("use_dora", "use_rslora", "lora_bias") if raw.get(k)}
     patterns = raw.get("rank_pattern") or raw.get("alpha_pattern")
@@ -273,6 +276,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     path = os.fspath(path)
     settings, state, shape, alpha_known = _read(path)
+    # Before any LoRA layer is built: the claimed rank must be what the weights hold, so a config
+    # claiming a huge r cannot make add_lora allocate r x dim per module.
+    for key, value in state.items():
+        rank = value.shape[0] if key.endswith(_A) else value.shape[-1]
+        if value.dim() != 2 or rank != settings.r or 0 in value.shape:
+            raise AdapterError(f"{key!r} in {path} has shape {list(value.shape)} but the adapter config says "
+                               f"r={settings.r}: expected A [{settings.r}, dim_in], B [dim_out, {settings.r}]")
     config = getattr(model, "config", None)
     if shape is not None and isinstance(config, CPMBeeConfig):
         diffs = {k: (v, getattr(config, k, None)) for k, v in shape.items() if getattr(config, k, None) != v}

@@ -135,9 +135,15 @@ def read_blob(key: str, blob: torch.Tensor) -> dict:
     if blob.dtype != torch.uint8 or blob.dim() != 1:
         raise QuantFormatError(f"{key} must be 1-D uint8 JSON bytes, got {blob.dtype} {list(blob.shape)}")
     try:
-        return unpack_tensor_to_dict(blob)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        state = unpack_tensor_to_dict(blob)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise QuantFormatError(f"{key} is not quant-state JSON ({e}); the checkpoint is corrupt") from None
+    shape = state.get("shape") if isinstance(state, dict) else None
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise QuantFormatError(f"{key} records shape {shape!r}, not a list of non-negative integers; the "
+                               "checkpoint is corrupt: re-create it with cpm-bee-quantize")
+    return state
 
 
 def logical_shape(key: str, entries: Mapping[str, torch.Tensor]) -> tuple[int, ...]:

@@ -87,9 +87,16 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
 def validate(args: argparse.Namespace) -> None:
     """Fail early, before any process group or model is built, on inconsistent options."""
     problems = []
-    for name in ("batch_size", "max_length", "gradient_accumulation_steps", "epoch", "train_iters"):
+    for name in ("batch_size", "max_length", "gradient_accumulation_steps", "epoch", "train_iters", "log_interval",
+                 "eval_interval"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("save_iters", "keep_checkpoints", "inspect_iters", "warmup_iters", "start_step", "clip_grad",
+                 "weight_decay"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not args.lr > 0 or args.lr == float("inf"):
+        problems.append(f"--lr must be a positive number, got {args.lr}")
     if args.save_iters and not args.save:
         problems.append("--save-iters needs --save (where the checkpoints go)")
     if args.resume == "auto" and not args.save:

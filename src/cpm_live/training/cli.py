@@ -31,8 +31,7 @@ def main(argv: Sequence[str] | None = None, qlora: bool = False) -> dict:
         try:
             return trainer.setup().train()
         finally:
-            if hasattr(trainer, "engine"):
-                trainer.engine.close()
+            trainer.close()
     except (*USER_ERRORS, TrainingError) as e:  # a bad file, flag or config: one line saying what to fix, no traceback
         raise SystemExit(f"error: {e}") from e
 

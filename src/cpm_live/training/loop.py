@@ -36,11 +36,8 @@ from cpm_live.training import state as ckpt
 from cpm_live.training.args import DEFAULT_TRAIN_ITERS, length_note
 from cpm_live.training.metrics import MetricsLogger
 from cpm_live.training.schedulers import LRSchedule
+from cpm_live.training.state import TrainingError
 from cpm_live.training_tasks.bee import FinetuneDataset
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot train as asked (the message says what to change); the CLI prints it."""
 
 
 class Trainer:
@@ -51,12 +48,22 @@ class Trainer:
         self._stop_requested = False
         self._saved_step: int | None = None
         self._last_batch: LabelledInputs | None = None
+        self._lock: ckpt.SaveDirLock | None = None
+
+    def close(self) -> None:
+        """Release the save directory and the engine (the process group); safe after a failed setup."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if hasattr(self, "engine"):
+            self.engine.close()
 
     def setup(self) -> Trainer:
         """Engine -> config (same on every rank) -> tokenizer -> model, LoRA, wrap -> optimizer and
         schedule -> data -> resume state -> metrics. Returns ``self``."""
         args = self.args
         self.engine = engine_from_args(args, device=args.device)
+        self._lock = self._lock_save_dir()
         self.config = self._load_config()
         self.tokenizer = self._load_tokenizer()
         self.model = self._build_model()
@@ -79,6 +86,21 @@ class Trainer:
         return self.lora is not None
 
     # ---------------------------------------------------------------- setup
+    def _lock_save_dir(self) -> ckpt.SaveDirLock | None:
+        """Rank 0 takes the save-dir lock; every rank raises if it could not (no rank left waiting)."""
+        if not self.args.save:
+            return None
+        lock, error = None, None
+        if self.engine.is_main:
+            os.makedirs(self.args.save, exist_ok=True)
+            try:
+                lock = ckpt.SaveDirLock(self.args.save)
+            except TrainingError as e:
+                error = e
+        if self.engine.all_reduce_sum(float(error is not None)) > 0:
+            raise error or TrainingError(f"--save {self.args.save} is in use by another run (see rank 0)")
+        return lock
+
     def _load_config(self) -> CPMBeeConfig:
         args = self.args
         config = load_config(args.model_config, args.load, int4=args.int4)
@@ -120,7 +142,8 @@ class Trainer:
 
     def _resume(self) -> None:
         args = self.args
-        path = ckpt.find_checkpoint(args.resume, args.save) if args.resume else None
+        path = ckpt.find_checkpoint(args.resume, args.save, warn=self.engine.print_rank0) if args.resume else None
+        ckpt.check_history(path, args.save)
         self._resumed_from = path
         if path is None:
             self.step = args.start_step
@@ -128,6 +151,7 @@ class Trainer:
                 self.engine.print_rank0(f"no checkpoint under {args.save}; starting from step {self.step}")
             return
         saved = ckpt.load_checkpoint(path, self.engine.rank)
+        ckpt.compare_run(saved["trainer"].get("run"), self._run_settings(), path, self.engine.print_rank0)
         self.engine.load_state_dict(self.model, saved["trainable"], strict=False)
         self.engine.load_training_state(self.optimizer, saved["optimizer"])
         trainer = saved["trainer"]
@@ -137,6 +161,19 @@ class Trainer:
         ckpt.set_rng_state(saved["rng"])
         self.engine.print_rank0(f"resumed from {path} at step {self.step}, epoch {self.epoch}")
 
+    def _run_settings(self) -> dict[str, Any]:
+        """What a resume must continue with (compared by :func:`ckpt.compare_run`)."""
+        args, lora = self.args, self.lora
+        return {
+            "model": {k: v for k, v in self.config.to_dict().items() if not k.startswith("int4_")},
+            "int4": self.config.int4,
+            "lora": None if lora is None else {"r": lora.r, "alpha": lora.alpha, "targets": sorted(lora.targets)},
+            "max_length": args.max_length,
+            "data": ckpt.data_fingerprint(args.dataset),
+            "batch": {"batch_size": args.batch_size, "world_size": self.engine.world_size,
+                      "accumulation": args.gradient_accumulation_steps},
+        }
+
     def _report_skipped(self) -> None:
         skipped = self.train_data.num_skipped
         if skipped:
@@ -144,6 +181,9 @@ class Trainer:
                                     f"--max-length {self.args.max_length} tokens and were skipped")
 
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if self._stop_requested:  # a second SIGTERM: the run is stuck before a step boundary; die now
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
         self._stop_requested = True
 
     # ---------------------------------------------------------------- steps
@@ -185,6 +225,11 @@ class Trainer:
         batches = [self._filled(b) for b in micro]
         local_tokens = sum(b.num_labels for b, real in batches if real)
         global_tokens = engine.all_reduce_sum(float(local_tokens))
+        if global_tokens == 0:
+            raise TrainingError(
+                f"step {self.step + 1}: no record in this step's batches of {self.args.dataset} has an answer "
+                "to learn (an '<ans>' field); check the data's keys (e.g. a misspelt \"<ans>\")"
+            )
         lr = self.schedule.apply(self.step)
         start = time.perf_counter()
         loss_sum = 0.0
@@ -194,18 +239,35 @@ class Trainer:
             engine.backward(loss * weight)
             loss_sum += float(loss.detach()) if real else 0.0
         grad_norm = engine.clip_grad_norm(self.args.clip_grad if self.args.clip_grad > 0 else math.inf)
+        loss = engine.all_reduce_sum(loss_sum) / max(global_tokens, 1.0)
+        self._check_finite(loss, grad_norm)
         stepped = engine.step(self.optimizer)
         engine.zero_grad(self.optimizer)
         elapsed = time.perf_counter() - start
         rows_tokens = sum(int(b.inputs.length.sum()) for b, real in batches if real)
         return {
-            "loss": engine.all_reduce_sum(loss_sum) / max(global_tokens, 1.0),
+            "loss": loss,
             "lr": lr,
             "grad_norm": float(grad_norm),
             "loss_scale": engine.loss_scale,
             "skipped": not stepped,
             "tokens_per_s": engine.all_reduce_sum(float(rows_tokens)) / max(elapsed, 1e-9),
         }
+
+    def _check_finite(self, loss: float, grad_norm: float) -> None:
+        """Stop before the optimizer applies a non-finite update (the same values on every rank).
+
+        A non-finite gradient under a live loss scale (fp16) is an overflow the engine skips and
+        answers by lowering the scale; a non-finite loss, or a non-finite gradient with no scale left
+        to lower, means the weights or data produce NaN/inf and training would only spread it.
+        """
+        if math.isfinite(loss) and (math.isfinite(grad_norm) or self.engine.loss_scale > 1.0):
+            return
+        source = f"--load {self.args.load}" if self.args.load else "the model weights"
+        raise TrainingError(
+            f"step {self.step + 1}: loss {loss} and grad_norm {grad_norm} are not finite; stopped before the "
+            f"update, nothing saved. Check {source} for NaN/inf values, lower --lr, or use fp32 (\"half\": false)"
+        )
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -220,7 +282,14 @@ class Trainer:
                 loss_sum, tokens = loss_sum + float(loss), tokens + n
         self.model.train()
         total_tokens = self.engine.all_reduce_sum(float(tokens))
-        return self.engine.all_reduce_sum(loss_sum) / max(total_tokens, 1.0)
+        if total_tokens == 0:
+            raise TrainingError(f"{self.args.eval_dataset} has no record with an answer ('<ans>') to "
+                                "evaluate; fix its keys or drop --eval_dataset")
+        eval_loss = self.engine.all_reduce_sum(loss_sum) / total_tokens
+        if not math.isfinite(eval_loss):
+            raise TrainingError(f"step {self.step}: eval loss on {self.args.eval_dataset} is {eval_loss}; "
+                                "the weights produce NaN/inf: nothing saved as best")
+        return eval_loss
 
     # ---------------------------------------------------------------- saving
     def save_weights(self, tag: str) -> None:
@@ -243,7 +312,7 @@ class Trainer:
         trainable = self.engine.state_dict(self.model, trainable_only=True)
         optimizer = self.engine.training_state(self.optimizer)
         trainer = {"step": self.step, "epoch": self.epoch, "best_eval": self.best_eval,
-                   "patience": self.patience, "data": self.train_data.state_dict()}
+                   "patience": self.patience, "data": self.train_data.state_dict(), "run": self._run_settings()}
         path = ckpt.save_checkpoint(self.engine, self.args.save, self.step, trainable, optimizer, trainer,
                                     keep=self.args.keep_checkpoints)
         self._saved_step = self.step
@@ -326,7 +395,7 @@ class Trainer:
             self.save_checkpoint()
         # Every rank must agree to stop, or the others would wait in the next collective.
         if engine.all_reduce_sum(float(self._stop_requested)) > 0:
-            if args.save:
+            if args.save and self._saved_step != self.step:
                 self.save_checkpoint()
             return "SIGTERM"
         if self.max_steps is not None and self.step >= self.max_steps:
