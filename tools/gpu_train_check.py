@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda", help="cuda; cpu only to try this script without a GPU")
     args = p.parse_args(argv)
     root = Path(args.workdir)
-    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(root, ignore_errors=True)  # a rerun starts clean (a --save dir with checkpoints is refused)
+    root.mkdir(parents=True)
     vocab, config, ckpt = make_base(root, args.device)
     results: dict = {"model": {"dim_model": 1024, "num_layers": 8, "dim_ff": 2560, "int4": "nf4"},
                      "tokens_per_step": "16 rows x 64 tokens", "engines": {}}
