@@ -58,8 +58,8 @@ def wheel_metadata(path: Path) -> tuple[str, list[str]]:
 
 def third_party_imports() -> dict[str, str]:
     """Top-level import names used by the GPU run's code -> one file that imports it."""
-    local = {"cpm_live", "tests", "bench_common", "bench_finetune", "bench_layers", "bench_quantize",
-             "bench_scaling", "chart", "estimate_10b", "scaling_worker", "run", "gpu_kit", "gpu_train_check"}
+    # The repository's own modules (benchmarks/ and tools/ run as scripts, their siblings on sys.path).
+    local = {"cpm_live", "tests"} | {p.stem for d in ("benchmarks", "tools") for p in (REPO / d).glob("*.py")}
     found: dict[str, str] = {}
     files: list[Path] = []
     for pattern in GPU_CODE:
