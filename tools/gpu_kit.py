@@ -81,6 +81,19 @@ def third_party_imports() -> dict[str, str]:
     return found
 
 
+def planned_wheels() -> set[str]:
+    """Distributions tools/gpu_wheels.sh fetches (its ``name==version`` pins)."""
+    text = (REPO / "tools" / "gpu_wheels.sh").read_text()
+    return {normalize(m) for m in re.findall(r'"([A-Za-z0-9_.-]+)==[0-9][^"]*"', text)}
+
+
+def missing_on_gpu(available: set[str]) -> list[str]:
+    """Third-party imports of the GPU run's code that ``available`` distributions do not provide."""
+    return [f"{where} imports {top} ({normalize(IMPORT_TO_DIST.get(top, top))})"
+            for top, where in sorted(third_party_imports().items())
+            if normalize(IMPORT_TO_DIST.get(top, top)) not in available]
+
+
 def check_wheels(whl_dir: str) -> int:
     """0 when .whl/ holds what the image lacks, within the size limit; else 1 with the reasons."""
     d = Path(whl_dir)
@@ -100,10 +113,7 @@ def check_wheels(whl_dir: str) -> int:
     for name, requires in carried.items():
         problems += [f"{name} needs {r}, which is neither in the image nor in {whl_dir}"
                      for r in requires if r not in available and not r.startswith("nvidia-nccl")]
-    for top, where in sorted(third_party_imports().items()):
-        dist = normalize(IMPORT_TO_DIST.get(top, top))
-        if dist not in available:
-            problems.append(f"{where} imports {top} ({dist}), which is neither in the image nor in {whl_dir}")
+    problems += [f"{m}, which is neither in the image nor in {whl_dir}" for m in missing_on_gpu(available)]
     problems += [f"building bmtrain needs {b}, which the image lacks" for b in BUILD_NEEDS if b not in image]
     if "bmtrain" not in carried:
         problems.append(f"{whl_dir} lacks bmtrain's sdist (bmtrain-1.0.1.tar.gz)")
