@@ -41,7 +41,7 @@ from cpm_live.models.bee import CPMBee
 from cpm_live.quant import format as qformat
 from cpm_live.quant import pr_checkpoint
 from cpm_live.quant.stream import DTYPE_NAMES, SafetensorsWriter, nbytes
-from cpm_live.utils import atomic_path
+from cpm_live.utils import atomic_path, non_plain_tensors
 
 _MAX_HEADER = 100_000_000  # safetensors' own limit
 _MADV_DONTNEED = 4
@@ -379,11 +379,12 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
                     metadata: Mapping[str, str] | None = None) -> None:
     """Write ``state_dict`` as safetensors, atomically (temp file, then rename), one tensor at a time.
 
-    Sharded (DTensor) values must be gathered first (``.full_tensor()``).
+    Values must be plain tensors: gather a sharded model's with ``Engine.state_dict`` first.
     """
-    dtensors = [k for k, v in state_dict.items() if hasattr(v, "full_tensor")]
-    if dtensors:
-        raise CheckpointError(f"{dtensors[:3]} are sharded DTensors: gather them with .full_tensor() first")
+    sharded = non_plain_tensors(state_dict)
+    if sharded:
+        raise CheckpointError(f"{sharded[:3]} are {type(state_dict[sharded[0]]).__name__}s, not plain tensors: "
+                              "gather a sharded model's weights with Engine.state_dict first")
     with atomic_path(path) as tmp:
         writer = SafetensorsWriter(tmp, {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()},
                                    metadata=metadata)

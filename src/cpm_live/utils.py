@@ -1,4 +1,4 @@
-"""Small helpers shared across the package: atomic file writes."""
+"""Small helpers shared across the package: atomic file writes, the plain-tensor check of writers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import contextlib
 import fcntl
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+
+import torch
 
 
 @contextlib.contextmanager
@@ -65,3 +67,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+def non_plain_tensors(state: Mapping[str, object]) -> list[str]:
+    """Keys of ``state`` whose values are not plain ``torch.Tensor``/``Parameter`` objects.
+
+    Writers refuse them: a tensor subclass such as a sharded ``DTensor`` holds only this rank's piece,
+    and what it is made of is the engine's business (``Engine.state_dict`` returns full tensors), so
+    this floor-0 check knows no sharding type, only that the value is not an ordinary tensor.
+    """
+    return [key for key, value in state.items() if type(value) not in (torch.Tensor, torch.nn.Parameter)]

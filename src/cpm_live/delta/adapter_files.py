@@ -24,7 +24,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from cpm_live.config import CPMBeeConfig
 from cpm_live.delta.lora import (
@@ -36,7 +35,7 @@ from cpm_live.delta.lora import (
     lora_state_dict,
     matches_target,
 )
-from cpm_live.utils import atomic_path, atomic_write_text
+from cpm_live.utils import atomic_path, atomic_write_text, non_plain_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -108,12 +107,12 @@ def save_adapter(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], se
         state = {_without_adapter_name(key): value for key, value in model_or_state_dict.items()}
     directory = os.fspath(directory)
     source = f"the adapter being saved to {directory}"
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or isinstance(value, DTensor):
-            raise AdapterError(
-                f"{key!r} in {source} is a {type(value).__name__}, not a full tensor; gather sharded "
-                "weights first (DTensor.full_tensor())"
-            )
+    sharded = non_plain_tensors(state)
+    if sharded:
+        raise AdapterError(
+            f"{sharded[0]!r} in {source} is a {type(state[sharded[0]]).__name__}, not a plain tensor; gather "
+            "a sharded model's weights with Engine.state_dict(model, trainable_only=True) first"
+        )
     _check_pairs(state, source, r=settings.r)
     untargeted = sorted(key for key in state
                         if not any(matches_target(_module_of(key, source), t) for t in settings.targets))

@@ -130,8 +130,6 @@ def blob_key(key: str, entries: Mapping[str, object]) -> str | None:
 
 def read_blob(key: str, blob: torch.Tensor) -> dict:
     """Decode the packed JSON quant-state tensor stored under ``key``."""
-    if hasattr(blob, "full_tensor"):  # a DTensor handed over by a sharded state dict
-        blob = blob.full_tensor()
     if blob.dtype != torch.uint8 or blob.dim() != 1:
         raise QuantFormatError(f"{key} must be 1-D uint8 JSON bytes, got {blob.dtype} {list(blob.shape)}")
     try:
