@@ -15,7 +15,6 @@ OpenDelta's default 16.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -35,6 +34,7 @@ from cpm_live.delta.lora import (
     lora_state_dict,
     matches_target,
 )
+from cpm_live.delta.merge import lora_delta, merge_in_fp32
 from cpm_live.utils import atomic_path, atomic_write_text, non_plain_tensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -343,9 +343,7 @@ class LoraDelta:
         module = key.removesuffix(".weight")
         if module == key or module + _A not in self._state:
             return None
-        a = self._state[module + _A].float()  # (r, dim_in)
-        b = self._state[module + _B].float()  # (dim_out, r)
-        return (b @ a) * (self.settings.scaling * math.sqrt(a.shape[1]))
+        return lora_delta(self._state[module + _A], self._state[module + _B], self.settings.scaling)
 
 
 def merge_lora_into_state_dict(base_state_dict: Mapping[str, torch.Tensor],
@@ -354,8 +352,9 @@ def merge_lora_into_state_dict(base_state_dict: Mapping[str, torch.Tensor],
     """Return a copy of a dense base state dict with the adapter folded in (for export).
 
     ``W' = W + (alpha/r) * sqrt(dim_in) * B @ A`` per adapted module (:class:`LoraDelta`), summed in
-    fp32 and stored in W's dtype. Every adapted module needs a dense ``<module>.weight`` of shape
-    ``[dim_out, dim_in]``; a packed 4-bit weight is refused (dequantize first).
+    fp32 (a non-finite sum raises ``MergeError``) and stored in W's dtype. Every adapted module needs
+    a dense ``<module>.weight`` of shape ``[dim_out, dim_in]``; a packed 4-bit weight is refused
+    (dequantize first).
     """
     delta = LoraDelta(adapter_state_dict, settings)
     merged = dict(base_state_dict)
@@ -368,5 +367,5 @@ def merge_lora_into_state_dict(base_state_dict: Mapping[str, torch.Tensor],
                 f"base weight {key!r} has shape {list(weight.shape)} ({weight.dtype}); the adapter needs a "
                 f"dense {list(update.shape)} weight (dequantize a 4-bit checkpoint first)"
             )
-        merged[key] = (weight.float() + update).to(weight.dtype)
+        merged[key] = merge_in_fp32(weight, update, f"the adapter into {key!r}").to(weight.dtype)
     return merged
