@@ -41,7 +41,7 @@ from cpm_live.models.bee import CPMBee
 from cpm_live.quant import format as qformat
 from cpm_live.quant import pr_checkpoint
 from cpm_live.quant.stream import DTYPE_NAMES, SafetensorsWriter, nbytes
-from cpm_live.utils import atomic_path, non_plain_tensors
+from cpm_live.utils import atomic_path, key_mismatch, non_plain_tensors
 
 _MAX_HEADER = 100_000_000  # safetensors' own limit
 _MADV_DONTNEED = 4
@@ -400,20 +400,10 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
 def check_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], path: str,
                where: str) -> None:
     """Raise :class:`CheckpointError` listing missing, unexpected and mis-shaped keys (dense shapes)."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    mismatched = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
-    if not (missing or unexpected or mismatched):
+    mismatch = key_mismatch(found, expected, found_shapes=found, expected_shapes=expected)
+    if not mismatch:
         return
-    lines = [f"{path} does not match the model built from {where}:"]
-    for title, keys, show in (
-        ("missing from the checkpoint", missing, lambda k: f"{k} (model: {list(expected[k])})"),
-        ("not in the model", unexpected, lambda k: f"{k} (checkpoint: {list(found[k])})"),
-        ("shape mismatch", mismatched, lambda k: f"{k}: checkpoint {list(found[k])} vs {list(expected[k])}"),
-    ):
-        if keys:
-            more = f" ... and {len(keys) - 5} more" if len(keys) > 5 else ""
-            lines.append(f"  {title} ({len(keys)}): " + "; ".join(show(k) for k in keys[:5]) + more)
+    lines = [f"{path} does not match the model built from {where}:", *(f"  {line}" for line in mismatch)]
     lines.append(f"Fix: use the model config this checkpoint was made with (vocab_size, dim_model, "
                  f"num_heads, dim_head, dim_ff, num_layers, mask_modules in {where}), "
                  f"or a checkpoint that fits it.")
