@@ -28,12 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import cpm_live  # noqa: F401  first: its __init__ filters bnb's kernels-community notice before bnb loads
+from cpm_live.inputs import IGNORE_INDEX, CPMBeeInputs
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-MODEL_KEYS = ("input", "input_sub", "length", "context", "sample_ids", "num_segments", "segment",
-              "segment_rel_offset", "segment_rel", "span", "ext_table_ids", "ext_table_sub")
 # Small vocabulary on purpose: in CPM-Bee-10B the embedding and logits are ~4% of a step's FLOPs; with
 # 2-4 layers of d=256..1024 a real 86k vocabulary would dominate and hide the projections we compare.
 BENCH_VOCAB = 1024
@@ -97,32 +96,32 @@ def cast_floating(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def make_batch(rows: int, seqlen: int, vocab: int, device: str, seed: int = 0) -> tuple[dict, torch.Tensor]:
+def make_batch(rows: int, seqlen: int, vocab: int, device: str, seed: int = 0) -> tuple[CPMBeeInputs, torch.Tensor]:
     """Random packed rows in CPM-Bee's training layout: each row is one sample whose first 3/4 is
     context (segment 0) and whose last 1/4 is the predicted answer (segment 1). Returns the model
-    inputs and the targets (-100 on context tokens)."""
+    inputs and the targets (``IGNORE_INDEX`` on context tokens)."""
     g = torch.Generator().manual_seed(seed)
     i32 = torch.int32
     tail = max(1, seqlen // 4)
     context = torch.ones(rows, seqlen, dtype=torch.bool)
     context[:, -tail:] = False
-    batch = {
-        "input": torch.randint(11, vocab, (rows, seqlen), generator=g, dtype=i32),
-        "input_sub": torch.zeros(rows, seqlen, dtype=i32),
-        "length": torch.full((rows,), seqlen, dtype=i32),
-        "context": context,
-        "sample_ids": torch.zeros(rows, seqlen, dtype=i32),
-        "num_segments": torch.full((rows, seqlen), 2, dtype=i32),
-        "segment": (~context).to(i32),
-        "segment_rel_offset": torch.zeros(rows, seqlen, dtype=i32),
-        "segment_rel": torch.tensor([[0, 2, 3, 0]] * rows, dtype=i32),  # 2x2 relation buckets, 0 on the diagonal
-        "span": torch.zeros(rows, seqlen, dtype=i32),
-        "ext_table_ids": torch.tensor([0], dtype=i32),
-        "ext_table_sub": torch.tensor([0], dtype=i32),
-    }
+    batch = CPMBeeInputs(
+        input=torch.randint(11, vocab, (rows, seqlen), generator=g, dtype=i32),
+        input_sub=torch.zeros(rows, seqlen, dtype=i32),
+        length=torch.full((rows,), seqlen, dtype=i32),
+        context=context,
+        sample_ids=torch.zeros(rows, seqlen, dtype=i32),
+        num_segments=torch.full((rows, seqlen), 2, dtype=i32),
+        segment=(~context).to(i32),
+        segment_rel_offset=torch.zeros(rows, seqlen, dtype=i32),
+        segment_rel=torch.tensor([[0, 2, 3, 0]] * rows, dtype=i32),  # 2x2 relation buckets, 0 on the diagonal
+        span=torch.zeros(rows, seqlen, dtype=i32),
+        ext_table_ids=torch.tensor([0], dtype=i32),
+        ext_table_sub=torch.tensor([0], dtype=i32),
+    )
     target = torch.randint(0, vocab, (rows, seqlen), generator=g)
-    target[context] = -100
-    return {k: v.to(device) for k, v in batch.items()}, target.to(device)
+    target[context] = IGNORE_INDEX
+    return batch.to(device), target.to(device)
 
 
 def batch_shape(tokens: int) -> tuple[int, int]:
@@ -131,10 +130,11 @@ def batch_shape(tokens: int) -> tuple[int, int]:
     return max(1, tokens // seqlen), seqlen
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, target: torch.Tensor) -> float:
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: CPMBeeInputs, target: torch.Tensor
+               ) -> float:
     """forward + loss + backward + AdamW step, as the training loop does it (mean over predicted tokens)."""
-    logits, _ = model(*(batch[k] for k in MODEL_KEYS))  # (B, L, V + X)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
+    logits, _ = model(**batch.forward_kwargs())  # (B, L, V + X)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

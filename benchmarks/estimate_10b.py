@@ -22,6 +22,8 @@ from typing import Any
 import bench_common as bc
 import torch
 
+from cpm_live.inputs import IGNORE_INDEX
+
 CONFIG_PATH = bc.REPO_ROOT / "src" / "config" / "cpm-bee-10b.json"
 GIB = 2**30
 
@@ -77,8 +79,8 @@ def saved_tensor_bytes(model: torch.nn.Module, config, tokens: int) -> dict[str,
     batch, target = bc.make_batch(1, tokens, config.vocab_size, "meta")
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits, _ = model(*(batch[k] for k in bc.MODEL_KEYS))
-            torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
+            logits, _ = model(**batch.forward_kwargs())
+            torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
     finally:
         for h in handles:
             h.remove()

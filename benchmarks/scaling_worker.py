@@ -16,6 +16,8 @@ import time
 import bench_common as bc
 import torch
 
+from cpm_live.inputs import IGNORE_INDEX
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,8 +48,9 @@ def main() -> None:
     batch, target = bc.make_batch(rows, seqlen, bc.BENCH_VOCAB, "cpu", seed=engine.rank)
 
     def step() -> None:
-        logits, _ = model(*(batch[k] for k in bc.MODEL_KEYS))
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
+        logits, _ = model(**batch.forward_kwargs())
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
+                                                 ignore_index=IGNORE_INDEX)
         engine.backward(loss)
         engine.step(optimizer)
         engine.zero_grad(optimizer)

@@ -20,6 +20,7 @@ from cpm_live.dataset import (
     shuffle_dataset,
 )
 from cpm_live.dataset.preprocess import main as preprocess_main
+from cpm_live.engine import get_engine
 
 SMALL_BLOCK = 64  # a few records per block, so tests see many blocks
 
@@ -174,10 +175,15 @@ def test_state_redistributes_to_another_world_size(tmp_path):
 def _gather_worker(rank, path, init_file, out_dir):
     torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))  # the engine joins this group
+    engine = get_engine("torch", device="cpu")
     ds = DistributedDataset(path, rank, 2, shuffle=False)
     for _ in range(rank + 1):
         ds.read()
-    torch.save(ds.state_dict(), os.path.join(out_dir, f"state{rank}.pt"))
+    torch.save(ds.state_dict(engine.all_gather_object), os.path.join(out_dir, f"state{rank}.pt"))
+    if rank == 0:
+        with pytest.raises(ValueError, match="all_gather_object=engine.all_gather_object"):
+            ds.state_dict()
     torch.distributed.destroy_process_group()
 
 

@@ -224,9 +224,9 @@ def test_state_dicts_trainable_only_and_key_checks():
     assert not torch.equal(toy.a.detach(), trainable["a"])
     e.load_state_dict(toy, trainable, strict=False)
     assert torch.equal(toy.a.detach(), trainable["a"])
-    with pytest.raises(EngineError, match=r"2 missing key\(s\), e.g. \['b', 'codes'\]"):
+    with pytest.raises(EngineError, match=r"missing from the checkpoint \(2\): b; codes"):
         e.load_state_dict(toy, trainable, strict=True)
-    with pytest.raises(EngineError, match="does not have.*lora_A"):
+    with pytest.raises(EngineError, match=r"not in the model \(1\): lora_A.weight"):
         e.load_state_dict(toy, {"a": trainable["a"], "lora_A.weight": torch.zeros(1)}, strict=False)
 
 
@@ -281,3 +281,27 @@ def test_inspect_model_summarises_integer_tensors_without_statistics():
     assert any(isinstance(m, Linear4bit) for m in model.modules())
     table = format_summary(list(rows.values()))
     assert "project_q.weight" in table and "uint8" in table
+
+
+def test_cpm_bee_blocks_keep_the_block_contract_engines_rely_on():
+    """``Engine.wrap``'s block contract (the bmtrain adapter calls blocks by it; bmtrain is GPU-only)."""
+    import inspect
+
+    from cpm_live.layers.blocks import TransformerBlock
+    from cpm_live.models import CPMBee, CPMBeeConfig
+
+    params = list(inspect.signature(TransformerBlock.forward).parameters.values())[1:]
+    assert [p.name for p in params] == ["h", "attention_mask", "position_bias", "past_kv", "use_cache"]
+    assert [p.default for p in params[3:]] == [None, False]
+    torch.manual_seed(0)
+    model = CPMBee(CPMBeeConfig(vocab_size=64, dim_model=32, dim_ff=48, num_layers=2, num_heads=2, dim_head=16,
+                                half=False))
+    for block in model.encoder.layers:
+        assert not list(block.parameters(recurse=False)) and not list(block.buffers(recurse=False))
+    h = torch.randn(1, 3, 32)
+    mask = torch.ones(1, 3, 3, dtype=torch.bool)
+    bias = torch.zeros(1, 2, 3, 3)
+    out, kv = model.encoder.layers[0](h, mask, bias)
+    assert out.shape == h.shape and kv is None  # no cache unless asked
+    out_cached, kv = model.encoder.layers[0](h, mask, bias, None, True)
+    assert torch.equal(out_cached, out) and kv is not None

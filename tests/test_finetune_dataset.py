@@ -72,6 +72,35 @@ def _make(tok, path, **kw) -> FinetuneDataset:
     return FinetuneDataset(path, kw.pop("batch_size", 3), kw.pop("max_length", 160), tok, **kw)
 
 
+def _reference_targets(batch: dict, tok: CPMBeeTokenizer) -> tuple[np.ndarray, list, list]:
+    """The original CPM-Bee packer's per-token label loop, read from the padded batch arrays: targets,
+    and the ext table (first-seen order of (id, subscript) over rows, then tokens)."""
+    target = np.full(batch["input"].shape, IGNORE_INDEX, dtype=np.int32)
+    ext: dict[tuple[int, int], int] = {}
+    for i, n in enumerate(batch["length"]):
+        for j in range(n):
+            idx, sub = int(batch["input"][i, j]), int(batch["input_sub"][i, j])
+            label = tok.vocab_size + ext.setdefault((idx, sub), len(ext)) if sub > 0 else idx
+            if j > 1 and not batch["context"][i, j - 1]:
+                target[i, j - 1] = label if idx != tok.bos_id else tok.eos_id
+        if not batch["context"][i, n - 1]:
+            target[i, n - 1] = tok.eos_id
+    return target, [k[0] for k in ext] or [0], [k[1] for k in ext] or [1]
+
+
+def test_targets_and_ext_table_match_the_original_per_token_loop(tok, data):
+    sources = [(tok, data["jsonl"], 160)]
+    if CCPM_EVAL.exists() and REAL_VOCAB.exists():  # real data: many subscripted (ext) tokens
+        sources.append((CPMBeeTokenizer(str(REAL_VOCAB)), str(CCPM_EVAL), 512))
+    for tokenizer, path, max_length in sources:
+        batches = list(FinetuneDataset(path, 4, max_length, tokenizer, seed=3))
+        assert len(batches) > 1 and any((b["input_sub"] > 0).any() for b in batches)
+        for batch in batches:
+            target, ext_ids, ext_sub = _reference_targets(batch, tokenizer)
+            assert np.array_equal(batch["target"], target)
+            assert batch["ext_table_ids"].tolist() == ext_ids and batch["ext_table_sub"].tolist() == ext_sub
+
+
 def test_jsonl_and_binary_sources_give_identical_batches(tok, data):
     ref = list(_make(tok, data["jsonl"]))
     assert len(ref) > 3

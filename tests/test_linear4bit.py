@@ -216,6 +216,9 @@ def _fsdp_worker() -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
+    from cpm_live.checkpoint import CheckpointError, save_state_dict
+    from cpm_live.utils import non_plain_tensors
+
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
@@ -240,6 +243,15 @@ def _fsdp_worker() -> None:
     gathered = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in sharded.items()}
     for key, value in full.items():
         assert torch.equal(gathered[key], value), key
+    # Writers know no DTensor, only "not a plain tensor": the shards are refused, the gathered dict is not.
+    assert non_plain_tensors(sharded) == [k for k, v in sharded.items() if isinstance(v, DTensor)] != []
+    assert non_plain_tensors(gathered) == []
+    try:
+        save_state_dict(sharded, f"refused{rank}.safetensors")
+    except CheckpointError as e:
+        assert "DTensor" in str(e) and "Engine.state_dict" in str(e), e
+    else:
+        raise AssertionError("a sharded state dict was written")
     # Loading a sharded state dict back (DTensors in, DTensors on the module).
     model.load_state_dict(sharded)
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
@@ -250,7 +262,8 @@ def _fsdp_worker() -> None:
 
 @pytest.mark.slow
 def test_fully_shard_on_two_gloo_ranks(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")
+    root = Path(__file__).parents[1]  # src first: this checkout's package, not an installed one
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), str(root)]), OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
          "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", __file__],

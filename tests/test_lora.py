@@ -17,6 +17,7 @@ from cpm_live.delta import (
     LoraLinear,
     LoraLinear4bit,
     LoraSettings,
+    MergeError,
     add_lora,
     add_lora_args,
     load_adapter,
@@ -286,6 +287,22 @@ def test_merge_into_state_dict_refuses_packed_4bit_weights():
     packed = {k.replace(".base_layer", ""): v for k, v in make_model("int4").state_dict().items()}
     with pytest.raises(AdapterError, match="dequantize a 4-bit checkpoint first"):
         merge_lora_into_state_dict(packed, lora_state_dict(model), LoraSettings())
+
+
+def test_non_finite_merges_are_refused_before_any_weight_changes():
+    """The layer's safe merge and the state-dict merge share one fp32 merge that checks finiteness."""
+    layer = lora_layer(Linear(64, 48, dtype=torch.float32))
+    weight = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.lora_B["default"].weight[3, 0] = float("inf")
+    with pytest.raises(MergeError, match="LoRA adapter 'default' gives non-finite values"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, weight) and not layer.merged
+    base = {"project_q.weight": weight}
+    adapter = {"project_q.lora_A.weight": layer.lora_A["default"].weight.detach(),
+               "project_q.lora_B.weight": layer.lora_B["default"].weight.detach()}
+    with pytest.raises(MergeError, match="'project_q.weight' gives non-finite values"):
+        merge_lora_into_state_dict(base, adapter, LoraSettings(r=layer.r["default"], targets=("project_q",)))
 
 
 # ---------------------------------------------------------------- adapter files

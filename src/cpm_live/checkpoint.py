@@ -41,7 +41,7 @@ from cpm_live.models.bee import CPMBee
 from cpm_live.quant import format as qformat
 from cpm_live.quant import pr_checkpoint
 from cpm_live.quant.stream import DTYPE_NAMES, SafetensorsWriter, nbytes
-from cpm_live.utils import atomic_path
+from cpm_live.utils import atomic_path, key_mismatch, non_plain_tensors
 
 _MAX_HEADER = 100_000_000  # safetensors' own limit
 _MADV_DONTNEED = 4
@@ -379,11 +379,12 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
                     metadata: Mapping[str, str] | None = None) -> None:
     """Write ``state_dict`` as safetensors, atomically (temp file, then rename), one tensor at a time.
 
-    Sharded (DTensor) values must be gathered first (``.full_tensor()``).
+    Values must be plain tensors: gather a sharded model's with ``Engine.state_dict`` first.
     """
-    dtensors = [k for k, v in state_dict.items() if hasattr(v, "full_tensor")]
-    if dtensors:
-        raise CheckpointError(f"{dtensors[:3]} are sharded DTensors: gather them with .full_tensor() first")
+    sharded = non_plain_tensors(state_dict)
+    if sharded:
+        raise CheckpointError(f"{sharded[:3]} are {type(state_dict[sharded[0]]).__name__}s, not plain tensors: "
+                              "gather a sharded model's weights with Engine.state_dict first")
     with atomic_path(path) as tmp:
         writer = SafetensorsWriter(tmp, {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()},
                                    metadata=metadata)
@@ -399,20 +400,10 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
 def check_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], path: str,
                where: str) -> None:
     """Raise :class:`CheckpointError` listing missing, unexpected and mis-shaped keys (dense shapes)."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    mismatched = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
-    if not (missing or unexpected or mismatched):
+    mismatch = key_mismatch(found, expected, found_shapes=found, expected_shapes=expected)
+    if not mismatch:
         return
-    lines = [f"{path} does not match the model built from {where}:"]
-    for title, keys, show in (
-        ("missing from the checkpoint", missing, lambda k: f"{k} (model: {list(expected[k])})"),
-        ("not in the model", unexpected, lambda k: f"{k} (checkpoint: {list(found[k])})"),
-        ("shape mismatch", mismatched, lambda k: f"{k}: checkpoint {list(found[k])} vs {list(expected[k])}"),
-    ):
-        if keys:
-            more = f" ... and {len(keys) - 5} more" if len(keys) > 5 else ""
-            lines.append(f"  {title} ({len(keys)}): " + "; ".join(show(k) for k in keys[:5]) + more)
+    lines = [f"{path} does not match the model built from {where}:", *(f"  {line}" for line in mismatch)]
     lines.append(f"Fix: use the model config this checkpoint was made with (vocab_size, dim_model, "
                  f"num_heads, dim_head, dim_ff, num_layers, mask_modules in {where}), "
                  f"or a checkpoint that fits it.")

@@ -1,4 +1,5 @@
-"""Small helpers shared across the package: atomic file writes."""
+"""Small helpers shared across the package: atomic file writes, the plain-tensor check of writers,
+the key comparison of state-dict loaders."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import contextlib
 import fcntl
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import torch
 
 
 @contextlib.contextmanager
@@ -65,3 +68,48 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+def non_plain_tensors(state: Mapping[str, object]) -> list[str]:
+    """Keys of ``state`` whose values are not plain ``torch.Tensor``/``Parameter`` objects.
+
+    Writers refuse them: a tensor subclass such as a sharded ``DTensor`` holds only this rank's piece,
+    and what it is made of is the engine's business (``Engine.state_dict`` returns full tensors), so
+    this floor-0 check knows no sharding type, only that the value is not an ordinary tensor.
+    """
+    return [key for key, value in state.items() if type(value) not in (torch.Tensor, torch.nn.Parameter)]
+
+
+def key_mismatch(found: Iterable[str], expected: Iterable[str], *, missing_ok: bool = False,
+                 found_shapes: Mapping[str, Sequence[int]] | None = None,
+                 expected_shapes: Mapping[str, Sequence[int]] | None = None, limit: int = 5) -> list[str]:
+    """One line per kind of difference between loaded keys ``found`` and the model's ``expected``.
+
+    Lines: ``missing from the checkpoint (n): ...`` (skipped with ``missing_ok``), ``not in the model
+    (n): ...`` and, when both shape mappings are given, ``shape mismatch (n): ...``; at most ``limit``
+    keys each, in the order given. Empty when the keys match. Callers add their own header and fix.
+    """
+    found, expected = list(found), list(expected)
+    found_set, expected_set = set(found), set(expected)
+    shapes = found_shapes is not None and expected_shapes is not None
+
+    def model_shape(key: str) -> str:
+        return f" (model: {list(expected_shapes[key])})" if shapes else ""
+
+    def stored_shape(key: str) -> str:
+        return f" (checkpoint: {list(found_shapes[key])})" if shapes else ""
+
+    groups = [
+        ("missing from the checkpoint", [] if missing_ok else [k for k in expected if k not in found_set],
+         lambda k: k + model_shape(k)),
+        ("not in the model", [k for k in found if k not in expected_set], lambda k: k + stored_shape(k)),
+        ("shape mismatch",
+         [k for k in expected if shapes and k in found_set and tuple(found_shapes[k]) != tuple(expected_shapes[k])],
+         lambda k: f"{k}: checkpoint {list(found_shapes[k])} vs {list(expected_shapes[k])}"),
+    ]
+    lines = []
+    for title, keys, show in groups:
+        if keys:
+            more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+            lines.append(f"{title} ({len(keys)}): " + "; ".join(show(k) for k in keys[:limit]) + more)
+    return lines

@@ -38,6 +38,7 @@ from cpm_live import model_dir
 from cpm_live.checkpoint import CheckpointError, CheckpointReader, check_keys, open_checkpoint
 from cpm_live.config import ConfigError
 from cpm_live.convert.compress import check_output_path, quantize_state_dict
+from cpm_live.delta.merge import MergeError, merge_in_fp32
 from cpm_live.inputs import CPMBeeInputs
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.quant import format as qformat
@@ -87,10 +88,10 @@ def merge(key: str, tensor: torch.Tensor, delta_fn: DeltaFn | None) -> tuple[tor
         return tensor, False
     if tuple(delta.shape) != tuple(tensor.shape):
         raise CheckpointError(f"delta for {key} has shape {list(delta.shape)}, weight {list(tensor.shape)}")
-    merged = tensor.float() + delta.to(device=tensor.device, dtype=torch.float32)
-    if not torch.isfinite(merged).all():
-        raise CheckpointError(f"merging the delta into {key} gives non-finite values; the adapter is broken")
-    return merged, True
+    try:
+        return merge_in_fp32(tensor, delta, f"the delta into {key}"), True
+    except MergeError as e:  # the export CLI reports CheckpointErrors
+        raise CheckpointError(str(e)) from None
 
 
 def export_checkpoint(config: CPMBeeConfig, load_path: str | os.PathLike, output_path: str | os.PathLike,

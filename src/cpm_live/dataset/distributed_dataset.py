@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import struct
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -406,19 +407,22 @@ class DistributedDataset:
             merged["rng"] = torch.cat([s["rng"] for s in states], dim=0)
         return merged
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Read position of every rank (gathered with torch.distributed when world_size > 1)."""
+    def state_dict(self, all_gather_object: Callable[[Any], list[Any]] | None = None) -> dict[str, torch.Tensor]:
+        """Read position of every rank; with world_size > 1 every rank must call it (collective).
+
+        ``all_gather_object`` gathers one picklable object from every rank in rank order; pass the
+        engine's (``engine.all_gather_object``): the dataset does not talk to the process group itself.
+        """
         local = self.local_state_dict()
         if self._world_size == 1:
             return local
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise RuntimeError(
-                "DistributedDataset.state_dict with world_size > 1 needs torch.distributed initialized; "
-                "otherwise gather local_state_dict() of every rank and call merge_state_dicts"
+        if all_gather_object is None:
+            raise ValueError(
+                f"DistributedDataset.state_dict with world_size {self._world_size} needs the ranks' rows: pass "
+                "all_gather_object=engine.all_gather_object, or gather local_state_dict() of every rank "
+                "and call merge_state_dicts"
             )
-        gathered: list[Any] = [None] * self._world_size
-        torch.distributed.all_gather_object(gathered, local)
-        return self.merge_state_dicts(gathered)
+        return self.merge_state_dicts(all_gather_object(local))
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore a position. With another world size (`strict=False`) the unused blocks of all ranks

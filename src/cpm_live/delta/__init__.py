@@ -24,10 +24,11 @@ from cpm_live.delta.lora import (
     lora_state_dict,
     trainable_parameter_report,
 )
+from cpm_live.delta.merge import MergeError
 
 __all__ = [
-    "AdapterError", "LoraDelta", "LoraLinear", "LoraLinear4bit", "LoraSettings", "add_lora", "add_lora_args",
-    "freeze_all_but_lora", "load_adapter", "lora_layers", "lora_settings_from_args", "lora_state_dict",
+    "AdapterError", "LoraDelta", "LoraLinear", "LoraLinear4bit", "LoraSettings", "MergeError", "add_lora",
+    "add_lora_args", "freeze_all_but_lora", "load_adapter", "lora_layers", "lora_settings_from_args", "lora_state_dict",
     "merge_lora_into_state_dict", "merged_dense_weight", "read_adapter", "save_adapter", "save_cpm_bee_delta",
     "trainable_parameter_report",
 ]

@@ -15,7 +15,6 @@ OpenDelta's default 16.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +23,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from cpm_live.config import CPMBeeConfig
 from cpm_live.delta.lora import (
@@ -36,7 +34,8 @@ from cpm_live.delta.lora import (
     lora_state_dict,
     matches_target,
 )
-from cpm_live.utils import atomic_path, atomic_write_text
+from cpm_live.delta.merge import lora_delta, merge_in_fp32
+from cpm_live.utils import atomic_path, atomic_write_text, non_plain_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -108,12 +107,12 @@ def save_adapter(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], se
         state = {_without_adapter_name(key): value for key, value in model_or_state_dict.items()}
     directory = os.fspath(directory)
     source = f"the adapter being saved to {directory}"
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or isinstance(value, DTensor):
-            raise AdapterError(
-                f"{key!r} in {source} is a {type(value).__name__}, not a full tensor; gather sharded "
-                "weights first (DTensor.full_tensor())"
-            )
+    sharded = non_plain_tensors(state)
+    if sharded:
+        raise AdapterError(
+            f"{sharded[0]!r} in {source} is a {type(state[sharded[0]]).__name__}, not a plain tensor; gather "
+            "a sharded model's weights with Engine.state_dict(model, trainable_only=True) first"
+        )
     _check_pairs(state, source, r=settings.r)
     untargeted = sorted(key for key in state
                         if not any(matches_target(_module_of(key, source), t) for t in settings.targets))
@@ -344,9 +343,7 @@ class LoraDelta:
         module = key.removesuffix(".weight")
         if module == key or module + _A not in self._state:
             return None
-        a = self._state[module + _A].float()  # (r, dim_in)
-        b = self._state[module + _B].float()  # (dim_out, r)
-        return (b @ a) * (self.settings.scaling * math.sqrt(a.shape[1]))
+        return lora_delta(self._state[module + _A], self._state[module + _B], self.settings.scaling)
 
 
 def merge_lora_into_state_dict(base_state_dict: Mapping[str, torch.Tensor],
@@ -355,8 +352,9 @@ def merge_lora_into_state_dict(base_state_dict: Mapping[str, torch.Tensor],
     """Return a copy of a dense base state dict with the adapter folded in (for export).
 
     ``W' = W + (alpha/r) * sqrt(dim_in) * B @ A`` per adapted module (:class:`LoraDelta`), summed in
-    fp32 and stored in W's dtype. Every adapted module needs a dense ``<module>.weight`` of shape
-    ``[dim_out, dim_in]``; a packed 4-bit weight is refused (dequantize first).
+    fp32 (a non-finite sum raises ``MergeError``) and stored in W's dtype. Every adapted module needs
+    a dense ``<module>.weight`` of shape ``[dim_out, dim_in]``; a packed 4-bit weight is refused
+    (dequantize first).
     """
     delta = LoraDelta(adapter_state_dict, settings)
     merged = dict(base_state_dict)
@@ -369,5 +367,5 @@ def merge_lora_into_state_dict(base_state_dict: Mapping[str, torch.Tensor],
                 f"base weight {key!r} has shape {list(weight.shape)} ({weight.dtype}); the adapter needs a "
                 f"dense {list(update.shape)} weight (dequantize a 4-bit checkpoint first)"
             )
-        merged[key] = (weight.float() + update).to(weight.dtype)
+        merged[key] = merge_in_fp32(weight, update, f"the adapter into {key!r}").to(weight.dtype)
     return merged

@@ -16,13 +16,12 @@ runs in fp32 before its sum with the base output is cast back to the base output
 
 from __future__ import annotations
 
-import math
-
 import torch
 from peft.tuners.lora import LoraConfig, LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from cpm_live.delta.merge import lora_delta, merge_in_fp32
 from cpm_live.layers.linear import Linear
 from cpm_live.layers.linear4bit import Linear4bit
 
@@ -58,9 +57,7 @@ class LoraLinear(nn.Module, LoraLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """fp32 ``[dim_out, dim_in]`` that, added to the dense base weight, reproduces the branch."""
-        weight_a = self.lora_A[adapter].weight.float()  # (r, dim_in)
-        weight_b = self.lora_B[adapter].weight.float()  # (dim_out, r)
-        return (weight_b @ weight_a) * (self.scaling[adapter] * math.sqrt(self.in_features))
+        return lora_delta(self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter])
 
     def dense_base_weight(self) -> torch.Tensor:
         """The base layer's dense ``[dim_out, dim_in]`` weight in its stored dtype."""
@@ -70,17 +67,15 @@ class LoraLinear(nn.Module, LoraLayer):
         """Fold the active (or the named) adapters into the base weight.
 
         The sum is computed in fp32 on a copy and rounded once into the weight; with ``safe_merge``
-        a non-finite result raises (naming the adapter) before the weight is touched.
+        a non-finite result raises :class:`~cpm_live.delta.merge.MergeError` (naming the adapter) before
+        the weight is touched.
         """
         weight = self.get_base_layer().weight
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.lora_A:
                 continue
-            merged = weight.detach().float() + self.get_delta_weight(adapter)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"merging LoRA adapter {adapter!r} gives non-finite weights; the adapter is broken"
-                )
+            merged = merge_in_fp32(weight, self.get_delta_weight(adapter), f"LoRA adapter {adapter!r}",
+                                   check=safe_merge)
             with torch.no_grad():
                 weight.copy_(merged)
             self.merged_adapters.append(adapter)

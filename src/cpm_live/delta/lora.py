@@ -135,8 +135,8 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA weights in peft's key layout (what ``get_peft_model_state_dict`` gives for this model).
 
-    Values are detached views of the live parameters: under FSDP2 they are DTensor shards, and the
-    caller gathers them (``full_tensor()``) before saving.
+    Values are detached views of the live parameters: under FSDP2 they are shards, so a sharded
+    model's adapter is saved from ``Engine.state_dict(model, trainable_only=True)`` instead.
     """
     return {key: p.detach() for key, p in lora_parameters(model).items()}
 

@@ -36,6 +36,7 @@ from torch import nn
 from torch.distributed._composable import checkpoint
 
 from cpm_live.inputs import IGNORE_INDEX
+from cpm_live.utils import key_mismatch
 
 
 class EngineError(RuntimeError):
@@ -66,17 +67,10 @@ def check_state_dict_keys(given: Iterable[str], expected: Iterable[str], strict:
     Unlike ``nn.Module.load_state_dict(strict=False)``, an unknown key is never ignored: loading a
     trainable-only dict whose names do not match the model would otherwise load nothing, silently.
     """
-    given, expected = set(given), set(expected)
-    unexpected = sorted(given - expected)
-    missing = sorted(expected - given) if strict else []
-    if unexpected or missing:
-        parts = []
-        if unexpected:
-            parts.append(f"{len(unexpected)} key(s) the model does not have, e.g. {unexpected[:5]}")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:5]}")
+    mismatch = key_mismatch(given, expected, missing_ok=not strict)
+    if mismatch:
         hint = f". {hint}" if hint else ""
-        raise EngineError("state dict does not match the model: " + "; ".join(parts) + hint)
+        raise EngineError("state dict does not match the model: " + "; ".join(mismatch) + hint)
 
 
 def describe_difference(reference: Any, other: Any) -> str:
@@ -147,6 +141,12 @@ class Engine(abc.ABC):
         never looks inside the model for them. Load weights, inject LoRA and freeze the base
         *before* this call. The parameter names stay those of the unwrapped model, so state-dict
         keys do not change.
+
+        The block contract (the one thing an engine may assume of a block; the bmtrain engine's
+        adapter relies on it, ``tests/test_engine.py`` checks CPM-Bee's ``TransformerBlock`` against
+        it): a block holds no parameters or buffers of its own, only in its children, and is called
+        ``block(h, attention_mask, position_bias, past_kv=None, use_cache=False) -> (h, kv)``, where
+        training passes only the first three and uses only ``h``.
         """
 
     @abc.abstractmethod

@@ -13,11 +13,12 @@ does. How :class:`cpm_live.models.CPMBee` is mapped onto BMTrain by :meth:`BMTra
 - integer tensors (``Linear4bit``'s packed codes and 8-bit absmax) become
   :class:`DistributedParameter4Int8`.
 
-Why each layer is adapted instead of handing the list to ``TransformerBlockList.forward``: our
-``Encoder`` iterates ``self.layers`` and calls ``layer(h, mask, bias, past_kv, use_cache)`` expecting
-``(h, kv)``, whereas ``TransformerBlockList.forward`` feeds every output back as the next block's
-leading inputs; and ``bmt.Block``'s path for a block whose inputs need no grad (the first block under
-LoRA: the frozen embedding's output) runs ``OneStepNoGradFunc``, whose backward takes exactly one
+Why each layer is adapted instead of handing the list to ``TransformerBlockList.forward``: the
+caller iterates the blocks and calls each as the block contract of :meth:`Engine.wrap` says,
+``layer(h, mask, bias, past_kv, use_cache)`` expecting ``(h, kv)``, whereas
+``TransformerBlockList.forward`` feeds every output back as the next block's leading inputs; and
+``bmt.Block``'s path for a block whose inputs need no grad (the first block under LoRA: the frozen
+embedding's output) runs ``OneStepNoGradFunc``, whose backward takes exactly one
 gradient, so a block must return a single tensor. Hence :class:`_HiddenStatesOnly` (the layer as
 ``(h, mask, bias) -> h``, sharing the layer's children so parameter names do not change) inside
 :class:`_EncoderLayerBlock` (a ``bmt.Block`` with the Encoder's call signature). The Encoder iterating

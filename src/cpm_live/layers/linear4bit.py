@@ -30,10 +30,9 @@ uses bitsandbytes' keys instead (``weight.absmax``, ..., ``weight.quant_state.bi
 see :mod:`cpm_live.quant.format`), which is also the compressed checkpoint's layout.
 
 Sharded (FSDP2 ``fully_shard``): ``model.state_dict()`` returns DTensors for the three parameters
-and plain tensors for the rest. Gather a full state dict with
-``{k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}``
-(every rank must take part); load one by ``distribute_tensor``-ing those entries onto the
-parameters' mesh/placements first, or load the full one before ``fully_shard``.
+and plain tensors for the rest. Gather a full state dict with ``Engine.state_dict(model)`` and load
+one with ``Engine.load_state_dict`` (every rank must take part; the engine cuts each entry to the
+parameters' mesh/placements), or load the full one before ``fully_shard``.
 ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` is not supported: it resolves each
 key as an attribute path, and ``weight.absmax`` is not an attribute of the packed parameter.
 """

@@ -130,8 +130,6 @@ def blob_key(key: str, entries: Mapping[str, object]) -> str | None:
 
 def read_blob(key: str, blob: torch.Tensor) -> dict:
     """Decode the packed JSON quant-state tensor stored under ``key``."""
-    if hasattr(blob, "full_tensor"):  # a DTensor handed over by a sharded state dict
-        blob = blob.full_tensor()
     if blob.dtype != torch.uint8 or blob.dim() != 1:
         raise QuantFormatError(f"{key} must be 1-D uint8 JSON bytes, got {blob.dtype} {list(blob.shape)}")
     try:
@@ -201,9 +199,7 @@ def validate(key: str, entries: Mapping[str, torch.Tensor], settings: QuantSetti
     extra = sorted(k for k in entries if k.startswith(key + ".") and k != bkey and k[len(key):] not in layout)
     if extra:
         raise QuantFormatError(f"unexpected entries {extra} for a {settings.describe()} weight {key}; {hint}")
-    quant_map = entries[key + ".quant_map"]
-    if hasattr(quant_map, "full_tensor"):
-        quant_map = quant_map.full_tensor()
+    quant_map = entries[key + ".quant_map"]  # a buffer: never sharded, so a plain tensor here
     reference = bnbF.get_4bit_type(settings.quant_type, device=quant_map.device)
     if quant_map.device.type != "meta" and not torch.equal(quant_map, reference):
         # bnb's 4-bit matmul reads the levels from quant_type, not quant_map; a different map would

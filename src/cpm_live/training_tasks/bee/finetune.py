@@ -97,6 +97,11 @@ class _Row:
         return cls(**values)
 
 
+# _Row field -> batch key of the per-token int32 arrays that are padded into (b, L) as they are.
+_ROW_ARRAYS = {"inputs": "input", "inputs_sub": "input_sub", "sample_ids": "sample_ids",
+               "num_segments": "num_segments", "segments": "segment", "segment_rel_offset": "segment_rel_offset"}
+
+
 def _plain(value: Any) -> Any:
     return value.tolist() if isinstance(value, np.ndarray) else list(value)
 
@@ -104,9 +109,7 @@ def _plain(value: Any) -> Any:
 class BatchPacker:
     """Best-fit packing of converted samples into `batch_size` rows of at most `max_length` tokens."""
 
-    def __init__(
-        self, batch_size: int, max_length: int, tokenizer: CPMBeeTokenizer, max_depth: int = 16
-    ) -> None:
+    def __init__(self, batch_size: int, max_length: int, tokenizer: CPMBeeTokenizer, max_depth: int = 16) -> None:
         self._batch_size = batch_size
         self._max_length = max_length
         self._max_depth = max_depth
@@ -117,13 +120,10 @@ class BatchPacker:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def _convert(
-        self, source: RecordSource, data: Any, states: ExtTableStates | None, rng: np.random.RandomState
-    ) -> tuple:
+    def _convert(self, source: RecordSource, data: Any, states: ExtTableStates | None,
+                 rng: np.random.RandomState) -> tuple:
         if not isinstance(data, dict):
-            raise DataFormatError(
-                f"{source.location}: a sample must be a JSON object, got {type(data).__name__}"
-            )
+            raise DataFormatError(f"{source.location}: a sample must be a JSON object, got {type(data).__name__}")
         try:
             return convert_data_to_id(self.tokenizer, data, states, True, self._max_depth, rng=rng)
         except DataFormatError:
@@ -131,33 +131,21 @@ class BatchPacker:
         except ValueError as e:
             raise DataFormatError(f"{source.location}: {e}") from e
 
-    def build_instance(
-        self, source: RecordSource, rng: np.random.RandomState, incontext_weight: Sequence[float] = (1.0,)
-    ) -> _Row:
+    def build_instance(self, source: RecordSource, rng: np.random.RandomState,
+                       incontext_weight: Sequence[float] = (1.0,)) -> _Row:
         """Read samples until one fits `max_length`, then append up to k in-context samples (context only)."""
         weight = np.array(incontext_weight, dtype=np.float32)
         num_incontext = rng.choice(weight.shape[0], p=weight / weight.sum())
         while True:
             data = source.read()
-            ids, subs, context, segments, rel, n_segments, table_states = self._convert(
-                source, data, None, rng
-            )
+            ids, subs, context, segments, rel, n_segments, table_states = self._convert(source, data, None, rng)
             if ids.shape[0] <= self._max_length:
                 break
             self.num_skipped += 1
-        inst = _Row(
-            ids,
-            subs,
-            context,
-            np.zeros(ids.shape, dtype=np.int32),
-            segments,
-            np.full(ids.shape, n_segments, dtype=np.int32),
-            np.zeros(ids.shape, dtype=np.int32),
-            rel,
-            [],
-            [],
-            [{"input": data, "samples": []}],
-        )
+        zeros = np.zeros(ids.shape, dtype=np.int32)
+        inst = _Row(inputs=ids, inputs_sub=subs, context=context, sample_ids=zeros, segments=segments,
+                    num_segments=np.full(ids.shape, n_segments, dtype=np.int32), segment_rel_offset=zeros.copy(),
+                    segment_rel=rel, spans=[], task_ids=[], raw_data=[{"input": data, "samples": []}])
         for i in range(num_incontext):
             if inst.inputs.shape[0] >= self._max_length:
                 break
@@ -169,11 +157,8 @@ class BatchPacker:
                 break
             inst.raw_data[0]["samples"].append(sample)
             extra = {
-                "inputs": s_ids,
-                "inputs_sub": s_subs,
-                "context": np.ones(s_ids.shape, dtype=np.int8),
-                "sample_ids": np.full(s_ids.shape, i + 1, dtype=np.int32),
-                "segments": s_segments,
+                "inputs": s_ids, "inputs_sub": s_subs, "context": np.ones(s_ids.shape, dtype=np.int8),
+                "sample_ids": np.full(s_ids.shape, i + 1, dtype=np.int32), "segments": s_segments,
                 "num_segments": np.full(s_ids.shape, n_segments, dtype=np.int32),
                 "segment_rel_offset": np.full(s_ids.shape, inst.segment_rel.shape[0], dtype=np.int32),
                 "segment_rel": s_rel,
@@ -182,13 +167,8 @@ class BatchPacker:
                 setattr(inst, name, np.concatenate([getattr(inst, name), arr], axis=0))
         return inst
 
-    def add_data(
-        self,
-        source: RecordSource,
-        task_name: str,
-        rng: np.random.RandomState,
-        incontext_weight: Sequence[float] = (1.0,),
-    ) -> CPMBeeBatch | None:
+    def add_data(self, source: RecordSource, task_name: str, rng: np.random.RandomState,
+                 incontext_weight: Sequence[float] = (1.0,)) -> CPMBeeBatch | None:
         """Add one instance to the fullest row it fits in (or a new row); returns a batch when ready."""
         inst = self.build_instance(source, rng, incontext_weight)
         inst.task_ids = [task_name]
@@ -212,95 +192,76 @@ class BatchPacker:
             raise RuntimeError("Batch insufficient")
         rows, self._rows = self._rows[: self._batch_size], self._rows[self._batch_size :]
         b, L = len(rows), self._max_length
-        batch = {
-            k: np.zeros((b, L), dtype=np.int32)
-            for k in (
-                "input",
-                "input_sub",
-                "sample_ids",
-                "num_segments",
-                "segment",
-                "segment_rel_offset",
-                "span",
-                "task_ids",
-            )
-        }
+        padded = {key: np.zeros((b, L), dtype=np.int32) for key in (*_ROW_ARRAYS.values(), "span", "task_ids")}
         context = np.zeros((b, L), dtype=np.int8)
         target = np.full((b, L), IGNORE_INDEX, dtype=np.int32)
-        length = np.zeros((b,), dtype=np.int32)
+        length = np.array([row.inputs.shape[0] for row in rows], dtype=np.int32)
         segment_rel = np.zeros((b, max(row.segment_rel.shape[0] for row in rows)), dtype=np.int32)
         # The original used set order (not reproducible across processes); first-seen order is stable.
         task_names = list(dict.fromkeys(name for row in rows for name in row.task_ids))
         task_index = {name: i for i, name in enumerate(task_names)}
-        ext_map: dict[tuple[int, int], int] = {}
+        ext_map: dict[tuple[int, int], int] = {}  # (id, subscript) -> ext column, first-seen order
         raw_data: list[Any] = []
-        vocab_size, bos_id, eos_id = self.tokenizer.vocab_size, self.tokenizer.bos_id, self.tokenizer.eos_id
-        for i, row in enumerate(rows):
-            n = row.inputs.shape[0]
-            for key, arr in (
-                ("input", row.inputs),
-                ("input_sub", row.inputs_sub),
-                ("sample_ids", row.sample_ids),
-                ("num_segments", row.num_segments),
-                ("segment", row.segments),
-                ("segment_rel_offset", row.segment_rel_offset),
-            ):
-                batch[key][i, :n] = arr
+        for i, (row, n) in enumerate(zip(rows, length)):
+            for field_name, key in _ROW_ARRAYS.items():
+                padded[key][i, :n] = getattr(row, field_name)
             context[i, :n] = row.context
             segment_rel[i, : row.segment_rel.shape[0]] = row.segment_rel
             begin = 0
             for span_id, (end, name) in enumerate(zip(row.spans, row.task_ids)):
-                batch["span"][i, begin:end] = span_id
-                batch["task_ids"][i, begin:end] = task_index[name]
+                padded["span"][i, begin:end] = span_id
+                padded["task_ids"][i, begin:end] = task_index[name]
                 begin = end
-            length[i] = n
             raw_data.extend(row.raw_data)
-            for j in range(n):
-                idx, sub = int(row.inputs[j]), int(row.inputs_sub[j])
-                label = idx
-                if sub > 0:
-                    # Subscripted tokens get batch ext ids: their logits come from the ext table.
-                    label = vocab_size + ext_map.setdefault((idx, sub), len(ext_map))
-                if j > 1 and context[i, j - 1] == 0:
-                    target[i, j - 1] = label if idx != bos_id else eos_id
-            if context[i, n - 1] == 0:
-                target[i, n - 1] = eos_id
-        ext_ids = [k[0] for k in ext_map] or [0]  # placeholder entry when the batch has no ext token
-        ext_sub = [k[1] for k in ext_map] or [1]
+            target[i, :n] = self._targets(row, ext_map)
         return {
-            "input": batch["input"],
-            "input_sub": batch["input_sub"],
-            "length": length,
-            "context": context > 0,
-            "sample_ids": batch["sample_ids"],
-            "num_segments": batch["num_segments"],
-            "segment": batch["segment"],
-            "segment_rel_offset": batch["segment_rel_offset"],
-            "segment_rel": segment_rel,
-            "span": batch["span"],
-            "target": target,
-            "ext_table_ids": np.array(ext_ids, dtype=np.int32),
-            "ext_table_sub": np.array(ext_sub, dtype=np.int32),
-            "task_ids": batch["task_ids"],
-            "task_names": task_names,
-            "raw_data": raw_data,
+            "input": padded["input"], "input_sub": padded["input_sub"], "length": length, "context": context > 0,
+            "sample_ids": padded["sample_ids"], "num_segments": padded["num_segments"],
+            "segment": padded["segment"], "segment_rel_offset": padded["segment_rel_offset"],
+            "segment_rel": segment_rel, "span": padded["span"], "target": target,
+            # A placeholder ext column (id 0, subscript 1) when the batch has no subscripted token.
+            "ext_table_ids": np.array([k[0] for k in ext_map] or [0], dtype=np.int32),
+            "ext_table_sub": np.array([k[1] for k in ext_map] or [1], dtype=np.int32),
+            "task_ids": padded["task_ids"], "task_names": task_names, "raw_data": raw_data,
         }
+
+    def _targets(self, row: _Row, ext_map: dict[tuple[int, int], int]) -> NDArray[np.int32]:
+        """Next-token labels ``(n,)`` of one row; new subscripted tokens get ext columns in ``ext_map``.
+
+        The original's rules, per position ``p`` whose token is to be predicted (``context[p] == 0``):
+        the label is token ``p + 1`` (``vocab_size + ext column`` when it has a subscript; ``eos``
+        where it is ``bos``), the last token's label is ``eos``, and position 0 never gets a label
+        (the original's loop starts at ``j = 2``). Every subscripted token gets a column, given or not.
+        """
+        ids, subs, n = row.inputs, row.inputs_sub, row.inputs.shape[0]
+        labels = ids.astype(np.int32)
+        has_sub = subs > 0
+        if has_sub.any():
+            pairs = np.stack([ids[has_sub], subs[has_sub]], axis=1)  # (k, 2) in token order
+            unique, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
+            for u in np.argsort(first, kind="stable"):  # first-seen order, as the per-token loop had it
+                ext_map.setdefault((int(unique[u, 0]), int(unique[u, 1])), len(ext_map))
+            columns = np.array([ext_map[(int(a), int(s))] for a, s in unique], dtype=np.int32)
+            labels[has_sub] = self.tokenizer.vocab_size + columns[inverse.reshape(-1)]
+        labels = np.where(ids == self.tokenizer.bos_id, self.tokenizer.eos_id, labels)
+        target = np.full((n,), IGNORE_INDEX, dtype=np.int32)
+        predicted = np.flatnonzero(row.context[1 : n - 1] == 0) + 1  # positions 1 .. n-2
+        target[predicted] = labels[predicted + 1]
+        if row.context[n - 1] == 0:
+            target[n - 1] = self.tokenizer.eos_id
+        return target
 
     def clear(self) -> None:
         self._rows = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "max_length": self._max_length,
-            "rows": [row.to_state() for row in self._rows],
-            "num_skipped": self.num_skipped,
-        }
+        return {"max_length": self._max_length, "rows": [row.to_state() for row in self._rows],
+                "num_skipped": self.num_skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["max_length"] != self._max_length:
-            raise ValueError(
-                f"data state was saved with max_length {state['max_length']}; this run has {self._max_length}"
-            )
+            raise ValueError(f"data state was saved with max_length {state['max_length']}; "
+                             f"this run has {self._max_length}")
         self._rows = [_Row.from_state(row) for row in state["rows"]]
         self.num_skipped = int(state["num_skipped"])
 
@@ -309,9 +270,7 @@ def open_record_source(path: str) -> JsonlDataset | SimpleDataset:
     """A binary dataset directory (with meta.bin) read in original order, or a .jsonl file."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "meta.bin")):
-            raise FileNotFoundError(
-                f"{path} is a directory without meta.bin; expected a CPM-Bee binary dataset"
-            )
+            raise FileNotFoundError(f"{path} is a directory without meta.bin; expected a CPM-Bee binary dataset")
         return SimpleDataset(path, shuffle=False)
     if os.path.isfile(path):
         return JsonlDataset(path)
@@ -327,19 +286,9 @@ class FinetuneDataset:
     `seed` drives answer shuffling, so batches depend only on the data, the settings and the seed.
     """
 
-    def __init__(
-        self,
-        dataset_path: str,
-        batch_size: int,
-        max_length: int,
-        tokenizer: CPMBeeTokenizer,
-        max_depth: int = 16,
-        task_name: str = "task",
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, dataset_path: str, batch_size: int, max_length: int, tokenizer: CPMBeeTokenizer,
+                 max_depth: int = 16, task_name: str = "task", drop_last: bool = False, rank: int = 0,
+                 world_size: int = 1, seed: int = 0) -> None:
         if batch_size < 1 or max_length < 1:
             raise ValueError(f"batch_size ({batch_size}) and max_length ({max_length}) must be positive")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -407,17 +356,10 @@ class FinetuneDataset:
             source = {"kind": "jsonl", **self._source.state_dict()}
         name, key, pos, has_gauss, gauss = self._rng.get_state()
         return {
-            "version": _STATE_VERSION,
-            "source": source,
-            "rng": {
-                "name": name,
-                "key": key.tolist(),
-                "pos": int(pos),
-                "has_gauss": int(has_gauss),
-                "gauss": float(gauss),
-            },
-            "epoch_done": self._epoch_done,
-            "packer": self._packer.state_dict(),
+            "version": _STATE_VERSION, "source": source,
+            "rng": {"name": name, "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                    "gauss": float(gauss)},
+            "epoch_done": self._epoch_done, "packer": self._packer.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -430,8 +372,6 @@ class FinetuneDataset:
             raise ValueError(f"data state is for a {kind} dataset but {self.dataset_path} is {expected}")
         self._source.load_state_dict(source)
         r = state["rng"]
-        self._rng.set_state(
-            (r["name"], np.array(r["key"], dtype=np.uint32), r["pos"], r["has_gauss"], r["gauss"])
-        )
+        self._rng.set_state((r["name"], np.array(r["key"], dtype=np.uint32), r["pos"], r["has_gauss"], r["gauss"]))
         self._epoch_done = bool(state["epoch_done"])
         self._packer.load_state_dict(state["packer"])
