@@ -21,7 +21,7 @@ def losses(save: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(str(save / "metrics.jsonl")) if "loss" in r]
 
 
-MODES = {  # LoRA modes learn the demo task (count the animals), new to the base
+MODES = {  # LoRA modes learn the option task, new to the base
     "full": ["--model-config", "config.json", "--load", "random.pt", "--lr", "1e-2"],
     "lora": ["--model-config", "config.json", "--load", "base.pt", "--use-delta", "--lora-r", "16",
              "--lora-targets", "project_q,project_v,w_0,w_1,w_out", "--lr", "2e-2"],
@@ -34,6 +34,8 @@ MODES = {  # LoRA modes learn the demo task (count the animals), new to the base
 def test_tiny_model_learns(tiny, tmp_path, mode):
     flags = [str(tiny / f) if f.endswith((".json", ".pt", ".safetensors")) else f for f in MODES[mode]]
     args = base_args(tiny, tmp_path, 120, "--log-interval", "1", *flags)
+    if mode != "full":
+        args[args.index("--dataset") + 1] = str(tiny / "options.jsonl")
     result = finetune(args)
     assert result["step"] == 120
     curve = losses(tmp_path)
