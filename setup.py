@@ -28,9 +28,10 @@ setup(
         "tensorboard>=2.14,<2.22",
         "rouge-score>=0.1.2,<0.2",
         "sacrebleu>=2.3,<2.7",
+        "matplotlib>=3.7,<4",
     ],
     extras_require={
-        "test": ["pytest>=7,<10", "ruff>=0.5", "matplotlib>=3.7,<4"],
+        "test": ["pytest>=7,<10", "ruff>=0.5"],
         "gpu": ["bmtrain>=1.0.1,<1.1"],
     },
     entry_points={
@@ -42,6 +43,7 @@ setup(
             "cpm-bee-preprocess=cpm_live.dataset.preprocess:main",
             "cpm-bee-generate=cpm_live.generation.cli:main",
             "cpm-bee-evaluate=cpm_live.evaluation:main",
+            "cpm-bee-plot=cpm_live.training.plot:main",
             "cpm-bee-demo=cpm_live.demo:main",
         ],
     },

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny trained CPM-Bee (fp and int4 checkpoints) for the training tests."""
 
+import json
 import random
 from pathlib import Path
 
@@ -35,20 +36,30 @@ def tiny(tmp_path_factory):
                           dim_ff=128, num_layers=2, half=False)
     config.to_json_file(root / "config.json")
     CPMBeeConfig.from_dict({**config.to_dict(), "int4": True}).to_json_file(root / "config-int4.json")
-    lines = (DATA / "train.jsonl").read_text().splitlines(keepends=True)
-    (root / "sum.jsonl").write_text("".join(line for line in lines if "What is the sum?" in line))
-    (root / "options.jsonl").write_text("".join(line for line in lines if "What is the sum?" not in line))
+    rng = random.Random(0)
+    (root / "options.jsonl").write_text("".join(json.dumps(option_sample(rng)) + "\n" for _ in range(400)))
     torch.manual_seed(0)
     torch.save(dict(CPMBee(config).state_dict()), root / "random.pt")
-    # A base that knows the data format: a short full fine-tune on the sum task only. LoRA cannot
-    # start from random weights: the frozen N(0, 0.02) embedding caps how confident logits can be.
+    # A base that knows the data format: a short full fine-tune on the demo's base tasks (sum, repeat a
+    # word). LoRA cannot start from random weights: the frozen N(0, 0.02) embedding caps how confident
+    # logits can be.
     args = base_args(root, root / "base_run", 80, "--model-config", str(root / "config.json"),
                      "--load", str(root / "random.pt"), "--lr", "1e-2", "--save-name", "base")
-    args[args.index("--dataset") + 1] = str(root / "sum.jsonl")
+    args[args.index("--dataset") + 1] = str(DATA / "base_train.jsonl")
     finetune(args)
     (root / "base_run" / "base-last.pt").rename(root / "base.pt")
     quantize_state_dict(root / "base.pt", root / "base-int4.safetensors")
     return root
+
+
+def option_sample(rng: random.Random) -> dict:
+    """A CPM-Bee option task new to the tiny base: which option is an animal (answer `<option_k>`)."""
+    animals, others = DEMO_WORDS[:16], DEMO_WORDS[16:40]
+    answer = rng.randrange(4)
+    words = rng.sample(others, 3)
+    words.insert(answer, rng.choice(animals))
+    return {"input": "Pick the animal.", "options": {f"<option_{i}>": w for i, w in enumerate(words)},
+            "question": "Which one is an animal?", "<ans>": f"<option_{answer}>"}
 
 
 def base_args(tiny: Path, save: Path, steps: int, *extra: str) -> list[str]:

@@ -1,7 +1,12 @@
 """Regenerate the bundled demo data (src/cpm_live/demo_data/*.jsonl) deterministically.
 
-Two small tasks in CPM-Bee's JSON format: pick the option that is an animal (an option task, scored
-by accuracy) and add two small numbers (a generation task).
+Two small tasks in CPM-Bee's JSON format, both scored by exact match:
+
+- ``base_train.jsonl``: add two digits, or repeat a word. The demo's stand-in base model is trained on
+  this only: it knows the sample format, how to end an answer and every word, but not which are animals.
+- ``train.jsonl`` / ``eval.jsonl``: name the animal among four comma-separated words. New to the base;
+  QLoRA teaches it. Every eval input is absent from the training file, so a right answer is the skill
+  (find the animal, copy it), not a remembered line.
 """
 
 import json
@@ -14,12 +19,17 @@ OTHERS = ("red blue green apple bread table chair stone river cloud paper glass 
 OUT = Path(__file__).parents[1] / "src" / "cpm_live" / "demo_data"
 
 
-def option_sample(rng: random.Random) -> dict:
-    answer = rng.randrange(4)
-    words = rng.sample(OTHERS, 3)
-    words.insert(answer, rng.choice(ANIMALS))
-    return {"input": "Pick the animal.", "options": {f"<option_{i}>": w for i, w in enumerate(words)},
-            "question": "Which one is an animal?", "<ans>": f"<option_{answer}>"}
+def animal_sample(rng: random.Random) -> dict:
+    count = rng.randrange(5)
+    words = rng.sample(ANIMALS, count) + rng.sample(OTHERS, 4 - count)
+    rng.shuffle(words)
+    # No spaces: each word is one token ("dog", not " dog"), the token the base saw in "Repeat the word".
+    return {"input": ",".join(words), "question": "How many animals?", "<ans>": str(count)}
+
+
+def repeat_sample(rng: random.Random) -> dict:
+    word = rng.choice(ANIMALS + OTHERS)
+    return {"input": word, "question": "Repeat the word.", "<ans>": word}
 
 
 def sum_sample(rng: random.Random) -> dict:
@@ -27,12 +37,27 @@ def sum_sample(rng: random.Random) -> dict:
     return {"input": f"{a} + {b}", "question": "What is the sum?", "<ans>": str(a + b)}
 
 
+def write(name: str, samples: list[dict]) -> None:
+    with open(OUT / name, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+
+
 def main() -> None:
     rng = random.Random(20261122)
-    for name, n in (("train", 800), ("eval", 64)):
-        samples = [option_sample(rng) if i % 2 == 0 else sum_sample(rng) for i in range(n)]
-        with open(OUT / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+    write("base_train.jsonl", [sum_sample(rng) if i % 2 else repeat_sample(rng) for i in range(400)])
+    evals: list[dict] = []
+    while len(evals) < 64:
+        sample = animal_sample(rng)
+        if sample["input"] not in {s["input"] for s in evals}:
+            evals.append(sample)
+    held_out = {s["input"] for s in evals}
+    train: list[dict] = []
+    while len(train) < 800:
+        sample = animal_sample(rng)
+        if sample["input"] not in held_out:
+            train.append(sample)
+    write("train.jsonl", train)
+    write("eval.jsonl", evals)
 
 
 if __name__ == "__main__":
