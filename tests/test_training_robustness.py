@@ -160,7 +160,10 @@ def test_resume_with_other_settings_or_edited_data_is_refused(tiny, tmp_path, ch
     args = qlora_args(tiny, save, 4, "--save-iters", "2", "--resume", "auto")
     args[args.index("--dataset") + 1] = str(data)
     if change[0] == "--dataset":
-        data.write_text(data.read_text().replace("sum", "total", 1))
+        lines = data.read_text().splitlines(keepends=True)
+        first = json.loads(lines[0])
+        first["input"] = first["input"] + " edited"  # still valid, but not the data the run trained on
+        data.write_text(json.dumps(first) + "\n" + "".join(lines[1:]))
     else:
         args += change
     with pytest.raises(SystemExit, match=rf"cannot resume .*step-00000002 with other settings \({message}"):
