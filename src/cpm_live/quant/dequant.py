@@ -27,8 +27,9 @@ class _Scratch(threading.local):
     """Per-thread CPU buffers reused by every dequantization (index, levels, and the matmul's weight).
 
     A fresh multi-MiB tensor per call is a fresh mmap whose pages the kernel faults in and zeroes
-    first: that cost as much as the dequantization itself (bf16 QLoRA step, d=1024, 512 tokens: 1.54x
-    bf16 LoRA's CPU time with fresh buffers, 1.28x with glibc told to keep them). The buffers grow to
+    first: that cost as much as the dequantization itself (bf16 QLoRA step, d=1024, 512 tokens, CPU
+    time: 1.54x bf16 LoRA's with fresh buffers, 1.28x with glibc told to keep them, 1.24x with these
+    buffers). The buffers grow to
     the largest layer and stay (one dense bf16 weight plus 1.5x that in fp32 levels and indices).
     """
 
