@@ -124,7 +124,7 @@ class CPMBeeConfig:
                 f"got {self.int4_compute_dtype!r}{where}"
             )
         if self.precision is not None:
-            if self.precision not in _PRECISIONS:
+            if not isinstance(self.precision, str) or self.precision not in _PRECISIONS:
                 raise ConfigError(f"precision must be one of {sorted(set(_PRECISIONS.values()))} (or null: "
                                   f"from \"half\"), got {self.precision!r}{where}")
             self.precision = _PRECISIONS[self.precision]
