@@ -111,3 +111,16 @@ def test_scratch_buffers_never_alias_a_returned_weight():
         (big(x).sum() + small(x[:, :64]).sum()).backward()
         assert torch.equal(kept, expected)
         torch.testing.assert_close(x.grad[:, 64:], grad, rtol=2e-2, atol=2e-2)
+
+
+def test_dequantization_works_after_inference_mode():
+    """Scratch buffers first made under torch.inference_mode still serve training afterwards."""
+    torch.manual_seed(0)
+    layer = Linear4bit.from_weight(torch.randn(48, 256), compute_dtype=torch.float32)
+    dequant._SCRATCH.buffers.clear()  # so this thread's buffers are first made under inference mode
+    x = torch.randn(2, 256, requires_grad=True)
+    with torch.inference_mode():
+        expected = layer(x.detach())
+    out = layer(x)
+    out.sum().backward()
+    assert torch.equal(out.detach(), expected) and x.grad is not None

@@ -39,7 +39,10 @@ class _Scratch(threading.local):
     def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         buffer = self.buffers.get((name, dtype))
         if buffer is None or buffer.numel() < numel:
-            buffer = self.buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
+            # A normal tensor even when first needed under torch.inference_mode (generation): an
+            # inference tensor could not be written outside it later (training after evaluation).
+            with torch.inference_mode(False):
+                buffer = self.buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
         return buffer[:numel]
 
 
