@@ -48,6 +48,20 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`CPU_FLAGS` this CPU has (Linux ``/proc/cpuinfo``; empty elsewhere): the flags
+    that decide bitsandbytes' CPU kernels and whether bf16 is native."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [flag for flag in CPU_FLAGS if flag in flags]
+
+
 def environment(device: str, threads: int) -> dict[str, Any]:
     import bitsandbytes
     import peft
@@ -58,6 +72,7 @@ def environment(device: str, threads: int) -> dict[str, Any]:
         "torch_threads": threads, "device": device,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "cpu_flags": cpu_flags(),
     }
     if hasattr(os, "getloadavg"):  # other processes on the machine, for judging the noise
         env["load_average_1m_at_start"] = os.getloadavg()[0]
@@ -68,12 +83,12 @@ def environment(device: str, threads: int) -> dict[str, Any]:
 
 
 def model_config(dim: int, layers: int, *, int4: bool = False, compute_dtype: str = "float32",
-                 vocab: int = BENCH_VOCAB):
+                 precision: str = "fp32", vocab: int = BENCH_VOCAB):
     """A CPM-Bee-10B-proportioned config: dim_ff = 2.5 d, heads of 64 (10B: 4096 / 10240 / 32x128)."""
     from cpm_live.models import CPMBeeConfig
 
     return CPMBeeConfig(vocab_size=vocab, dim_model=dim, dim_ff=dim * 5 // 2, num_layers=layers,
-                        num_heads=max(1, dim // 64), dim_head=64, half=False, int4=int4,
+                        num_heads=max(1, dim // 64), dim_head=64, precision=precision, int4=int4,
                         int4_compute_dtype=compute_dtype)
 
 

@@ -1,5 +1,10 @@
 """Fine-tuning step time and peak memory: QLoRA vs LoRA (fp32, bf16) vs full fine-tuning.
 
+QLoRA runs as a user gets it by default: ``int4_compute_dtype: auto``, and a bf16 model where the
+device computes bf16 natively (CUDA sm80+, CPUs with avx512_bf16/AMX), fp32 elsewhere. Its baseline is
+the LoRA of the same model dtype (``lora_bf16`` / ``lora_fp32``); the ratios against both LoRA
+variants are reported when both ran.
+
 One step = CPMBee.forward + cross-entropy over the predicted tail + backward + AdamW over the
 trainable parameters. Step times of all variants of one configuration are measured interleaved in
 one worker process; each variant's peak memory is measured in its own fresh worker (RSS high-water
@@ -17,11 +22,9 @@ from typing import Any
 import bench_common as bc
 import torch
 
+from cpm_live.config import native_bf16
 from cpm_live.quant.dequant import PROFILER_LABEL
 
-# qlora runs its 4-bit matmul in fp32 on CPU (bnb's CPU path) and in bf16 on CUDA, and is compared
-# with the LoRA variant of the same compute dtype.
-BASELINE = {"cpu": "lora_fp32", "cuda": "lora_bf16"}
 MODES = ("full", "lora_fp32", "lora_bf16", "qlora")
 PEAK_METHOD = {
     "cpu": "RSS high-water mark (VmHWM) of a fresh process per variant, forked from a server that only imported "
@@ -32,9 +35,19 @@ PEAK_METHOD = {
 }
 
 
+def qlora_precision(device: str) -> str:
+    """The model dtype QLoRA runs in here: bf16 where the device has it natively, else fp32."""
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def qlora_baseline(device: str) -> str:
+    """The LoRA variant of QLoRA's model dtype (what QLoRA has to match)."""
+    return f"lora_{qlora_precision(device)}"
+
+
 def available_modes(device: str, force_bf16: bool = False) -> tuple[list[str], dict[str, str]]:
     """The variants worth timing here, and why any is skipped."""
-    if device == "cpu" and not force_bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device == "cpu" and not force_bf16 and not native_bf16(device):
         reason = ("this CPU has no native bf16 (avx512_bf16/AMX); emulated bf16 matmuls run ~10x slower than "
                   "fp32 and would not show bf16 LoRA's cost (pass --bf16 to measure anyway)")
         return ["full", "lora_fp32", "qlora"], {"lora_bf16": reason}
@@ -49,13 +62,12 @@ def build_variant(mode: str, dim: int, layers: int, device: str, checkpointing: 
 
     if mode not in MODES:
         raise ValueError(f"unknown fine-tuning mode {mode!r}; choose from {MODES}")
-    low_precision = mode == "lora_bf16" or (mode == "qlora" and device == "cuda")
-    config = bc.model_config(dim, layers, int4=mode == "qlora",
-                             compute_dtype="bfloat16" if low_precision else "float32")
+    precision = {"lora_bf16": "bf16", "qlora": qlora_precision(device)}.get(mode, "fp32")
+    config = bc.model_config(dim, layers, int4=mode == "qlora", compute_dtype="auto", precision=precision)
+    if config.int4:
+        config = config.resolve_compute_dtype(device)
     with torch.device(device):
         model = CPMBee(config)
-    if low_precision:
-        bc.cast_floating(model, torch.bfloat16)
     if mode != "full":
         add_lora(model, LoraSettings())  # CPM-Bee's delta-tuning defaults: r=8, alpha=16, q and v
     if checkpointing:
@@ -215,7 +227,7 @@ def run_finetune(configs: list[dict[str, Any]], device: str, threads: int, reps:
     if only is not None:
         skipped.update({m: "not in this plan" for m in modes if m not in only})
         modes = [m for m in modes if m in only]
-    baseline = BASELINE[device]
+    baseline = qlora_baseline(device)
     results = []
     for cfg in configs:
         rows, seqlen = bc.batch_shape(cfg["tokens"])
@@ -235,8 +247,11 @@ def run_finetune(configs: list[dict[str, Any]], device: str, threads: int, reps:
                 "mmap_threshold_pinned": mem["mmap_threshold_pinned"],
             }
         ratios = {}
-        for mode, name in (("qlora", "qlora_over_lora"), ("full", "full_over_lora")):
-            ref = "lora_fp32" if mode == "full" else baseline
+        # qlora_over_lora_*: against QLoRA's baseline (same model dtype); *_fp32 / *_bf16: against each.
+        for mode, name, ref in (("qlora", "qlora_over_lora", baseline),
+                                ("qlora", "qlora_over_lora_fp32", "lora_fp32"),
+                                ("qlora", "qlora_over_lora_bf16", "lora_bf16"),
+                                ("full", "full_over_lora", "lora_fp32")):
             if mode in entry["modes"] and ref in entry["modes"]:
                 m, r = entry["modes"][mode], entry["modes"][ref]
                 ratios[f"{name}_time"] = bc.paired_ratio(times[mode], times[ref])
@@ -245,8 +260,11 @@ def run_finetune(configs: list[dict[str, Any]], device: str, threads: int, reps:
         entry["ratios"] = ratios
         results.append(entry)
         log(f"    ratios {({k: round(v, 3) for k, v in ratios.items()})}")
+    auto = bc.model_config(64, 1, int4=True, compute_dtype="auto").resolve_compute_dtype(device)
     return {
-        "baseline_for_qlora": baseline, "modes": modes, "skipped": skipped,
+        "baseline_for_qlora": baseline, "qlora_precision": qlora_precision(device),
+        "qlora_compute_dtype": auto.int4_compute_dtype,
+        "modes": modes, "skipped": skipped,
         "peak_memory_method": PEAK_METHOD[device],
         "lora": {"r": 8, "alpha": 16, "targets": ["project_q", "project_v"]},
         "vocab": bc.BENCH_VOCAB, "row_len": bc.ROW_LEN, "configs": results,
@@ -255,7 +273,7 @@ def run_finetune(configs: list[dict[str, Any]], device: str, threads: int, reps:
 
 def run_profile(dim: int, layers: int, tokens: int, device: str, threads: int, reps: int = 3) -> dict[str, Any]:
     """Where a QLoRA step's time goes versus LoRA at the same shape (top ops and categories per step)."""
-    baseline = BASELINE[device]
+    baseline = qlora_baseline(device)
     prof = bc.run_isolated(job_profile, {"dim": dim, "layers": layers, "tokens": tokens, "device": device,
                                          "threads": threads, "modes": ["qlora", baseline], "reps": reps})
     q, b = prof["qlora"], prof[baseline]

@@ -77,7 +77,7 @@ def test_finetune_reports_every_variant(results):
 def test_profile_sees_dequantize_only_in_qlora(results):
     prof = results["profile"]
     assert prof["qlora"]["categories_ms"].get("dequantize_4bit", 0) > 0
-    assert "dequantize_4bit" not in prof["lora_fp32"]["categories_ms"]
+    assert "dequantize_4bit" not in prof[prof["baseline"]]["categories_ms"]
     assert prof["qlora"]["top_ops"] and 0 < prof["dequantize_share_of_qlora"] < 1
 
 

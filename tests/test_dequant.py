@@ -95,3 +95,32 @@ def test_input_gradient_keeps_only_the_packed_weight():
     assert x.grad.shape == (5, 96)
     with torch.no_grad():
         assert layer(x).grad_fn is None
+
+
+def test_scratch_buffers_never_alias_a_returned_weight():
+    """The matmul reuses per-thread buffers; ``dequantize()`` must still return a tensor of its own."""
+    torch.manual_seed(0)
+    big = Linear4bit.from_weight(torch.randn(96, 128), compute_dtype=torch.bfloat16)
+    small = Linear4bit.from_weight(torch.randn(40, 64), compute_dtype=torch.bfloat16)
+    kept = big.dequantize(torch.bfloat16)
+    expected = reference_weight(big).to(torch.bfloat16)
+    x = torch.randn(3, 128, dtype=torch.bfloat16, requires_grad=True)
+    grad = (torch.ones(3, 96) @ reference_weight(big)[:, 64:] / math.sqrt(128)).to(torch.bfloat16)
+    for _ in range(2):  # forward and backward of both layers overwrite the scratch buffers
+        x.grad = None
+        (big(x).sum() + small(x[:, :64]).sum()).backward()
+        assert torch.equal(kept, expected)
+        torch.testing.assert_close(x.grad[:, 64:], grad, rtol=2e-2, atol=2e-2)
+
+
+def test_dequantization_works_after_inference_mode():
+    """Scratch buffers first made under torch.inference_mode still serve training afterwards."""
+    torch.manual_seed(0)
+    layer = Linear4bit.from_weight(torch.randn(48, 256), compute_dtype=torch.float32)
+    dequant._SCRATCH.buffers.clear()  # so this thread's buffers are first made under inference mode
+    x = torch.randn(2, 256, requires_grad=True)
+    with torch.inference_mode():
+        expected = layer(x.detach())
+    out = layer(x)
+    out.sum().backward()
+    assert torch.equal(out.detach(), expected) and x.grad is not None

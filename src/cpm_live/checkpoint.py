@@ -468,7 +468,9 @@ def load_model_weights(model: nn.Module, config: CPMBeeConfig, path: str | os.Pa
                 entries = {key: tensor}
             else:
                 quant_device = device if on_meta else layer.weight.device
-                entries = qformat.quantize_entries(key, tensor.to(device=quant_device, dtype=config.dtype),
+                # Never round the stored weight before quantizing (an fp16 file into a bf16 model: fp32).
+                dtype = torch.promote_types(tensor.dtype, config.dtype)
+                entries = qformat.quantize_entries(key, tensor.to(device=quant_device, dtype=dtype),
                                                    layer.settings)
             for k, v in entries.items():
                 _check_dtype(k, v.dtype, current[k].dtype if k in current else None, path)

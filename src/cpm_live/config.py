@@ -1,8 +1,8 @@
 """CPM-Bee model configuration.
 
 Field names and defaults are the original CPM-Bee ones, so the released JSON configs load
-unchanged. The ``int4_*`` fields are this project's additions; they are read once, by the linear
-factory (:func:`cpm_live.layers.linear_factory`).
+unchanged. The ``int4_*`` fields and ``precision`` are this project's additions; the int4 ones are read once, by
+the linear factory (:func:`cpm_live.layers.linear_factory`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ ORIGINAL_FIELDS = ("vocab_size", "dim_model", "num_heads", "dim_head", "dim_ff",
                    "position_bias_num_buckets", "position_bias_num_segment_buckets", "position_bias_max_distance",
                    "eps", "half", "mask_modules")
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO = "auto"
+# Model dtype names: ``precision`` accepts any key, stores the value.
+_PRECISIONS = {"fp32": "fp32", "float32": "fp32", "fp16": "fp16", "float16": "fp16", "half": "fp16",
+               "bf16": "bf16", "bfloat16": "bf16"}
+_PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _QUANT_TYPES = ("nf4", "fp4")
 
 
@@ -35,6 +40,39 @@ class ConfigError(ValueError):
     """A configuration value (or file) is wrong; the message says which and how to fix it."""
 
 
+def native_bf16(device: torch.device | str, cuda_capability: tuple[int, int] | None = None,
+                cpu_bf16: bool | None = None) -> bool:
+    """Whether ``device`` computes bf16 matmuls natively: CUDA sm80+ (Ampere on), or a CPU whose
+    oneDNN has bf16 kernels (avx512_bf16 or AMX). The hardware facts default to this machine's."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if cuda_capability is None:
+            cuda_capability = torch.cuda.get_device_capability(device)
+        return tuple(cuda_capability) >= (8, 0)
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) if cpu_bf16 is None else cpu_bf16
+    return False
+
+
+def resolve_compute_dtype(setting: str, model_dtype: torch.dtype, device: torch.device | str,
+                          cuda_capability: tuple[int, int] | None = None, cpu_bf16: bool | None = None) -> str:
+    """The compute dtype name a quantized layer uses for ``setting`` (a dtype name or ``"auto"``).
+
+    ``auto``: ``bfloat16`` where the device computes it natively (fp32 GEMMs on a bf16 CPU are ~5x
+    slower, and fp16 QLoRA is unstable on GPUs); otherwise the model dtype on CUDA and ``float32`` on
+    CPU (emulated bf16/fp16 CPU matmuls are slower than fp32). Any other setting is returned as is.
+    """
+    setting = setting.removeprefix("torch.")
+    if setting != AUTO:
+        return setting
+    device = torch.device(device)
+    if native_bf16(device, cuda_capability, cpu_bf16):
+        return "bfloat16"
+    if device.type == "cuda":
+        return {v: k for k, v in _COMPUTE_DTYPES.items()}[model_dtype]
+    return "float32"
+
+
 @dataclass
 class CPMBeeConfig:
     vocab_size: int = 30720
@@ -48,14 +86,19 @@ class CPMBeeConfig:
     position_bias_num_segment_buckets: int = 256
     position_bias_max_distance: int = 2048
     eps: float = 1e-6
-    half: bool = True  # True: fp16 weights and activations; False: fp32
+    half: bool = True  # True: fp16 weights and activations; False: fp32 (``precision``, when set, wins)
     # One (mask_att, mask_ffn) pair per layer; a masked sub-block is not built (compressed models).
     mask_modules: list[list[bool]] | None = None
     int4: bool = False  # base projections become frozen 4-bit Linear4bit layers
     int4_quant_type: str = "nf4"
     int4_double_quant: bool = True
     int4_blocksize: int = 64
-    int4_compute_dtype: str = "float32"
+    # "auto": bf16 where the device computes it natively, else the model dtype (CUDA) or fp32 (CPU);
+    # see resolve_compute_dtype. The training loop records what "auto" chose.
+    int4_compute_dtype: str = AUTO
+    # Model dtype "fp32" / "fp16" / "bf16" (None: from ``half``, as the original). bf16 has no
+    # original spelling: ``to_original_dict`` writes ``half: false`` for it.
+    precision: str | None = None
     # Where this config came from, for error messages; not serialised.
     source: str | None = field(default=None, repr=False, compare=False)
 
@@ -75,11 +118,17 @@ class CPMBeeConfig:
             raise ConfigError(
                 f"int4_quant_type must be one of {_QUANT_TYPES}, got {self.int4_quant_type!r}{where}"
             )
-        if self.int4_compute_dtype.removeprefix("torch.") not in _COMPUTE_DTYPES:
+        if self.int4_compute_dtype.removeprefix("torch.") not in (*_COMPUTE_DTYPES, AUTO):
             raise ConfigError(
-                f"int4_compute_dtype must be one of {sorted(_COMPUTE_DTYPES)}, "
+                f"int4_compute_dtype must be one of {[AUTO, *sorted(_COMPUTE_DTYPES)]}, "
                 f"got {self.int4_compute_dtype!r}{where}"
             )
+        if self.precision is not None:
+            if not isinstance(self.precision, str) or self.precision not in _PRECISIONS:
+                raise ConfigError(f"precision must be one of {sorted(set(_PRECISIONS.values()))} (or null: "
+                                  f"from \"half\"), got {self.precision!r}{where}")
+            self.precision = _PRECISIONS[self.precision]
+            self.half = self.precision == "fp16"  # so the original fields tell CPM-Bee the nearest dtype
         self.int4_compute_dtype = self.int4_compute_dtype.removeprefix("torch.")
         if self.int4_blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise ConfigError(f"int4_blocksize must be a power of two in 32..4096, got {self.int4_blocksize}")
@@ -113,13 +162,31 @@ class CPMBeeConfig:
 
     @property
     def dtype(self) -> torch.dtype:
-        """Dtype of weights and activations (the original derives it from ``half``)."""
+        """Dtype of weights and activations: ``precision``, else from ``half`` as the original."""
+        if self.precision is not None:
+            return _PRECISION_DTYPES[self.precision]
         return torch.half if self.half else torch.float
+
+    def with_dtype(self, dtype: torch.dtype) -> CPMBeeConfig:
+        """A copy whose model dtype is ``dtype`` (fp32, fp16 or bf16); the int4 settings are kept."""
+        names = {v: k for k, v in _PRECISION_DTYPES.items()}
+        if dtype not in names:
+            raise ConfigError(f"model dtype must be one of {list(_PRECISION_DTYPES.values())}, got {dtype}")
+        return dataclasses.replace(self, precision=names[dtype])
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """Dtype the 4-bit matmul runs in."""
-        return _COMPUTE_DTYPES[self.int4_compute_dtype]
+        """Dtype the 4-bit matmul runs in; ``auto`` is resolved for the current default device
+        (the training loop resolves it once, for its device, with :meth:`resolve_compute_dtype`)."""
+        name = self.int4_compute_dtype
+        if name == AUTO:
+            name = resolve_compute_dtype(name, self.dtype, torch.get_default_device())
+        return _COMPUTE_DTYPES[name]
+
+    def resolve_compute_dtype(self, device: torch.device | str) -> CPMBeeConfig:
+        """A copy with ``int4_compute_dtype`` chosen for ``device`` if it was ``auto`` (else unchanged)."""
+        return dataclasses.replace(
+            self, int4_compute_dtype=resolve_compute_dtype(self.int4_compute_dtype, self.dtype, device))
 
     @property
     def quant_settings(self) -> dict[str, Any]:

@@ -182,6 +182,6 @@ def hf_config(config: CPMBeeConfig) -> dict[str, Any]:
     original_to_hf = {v: k for k, v in HF_TO_ORIGINAL.items()}
     for name, value in values.items():
         out[original_to_hf.get(name, name)] = value
-    out.update(distance_scale=DISTANCE_SCALE, torch_dtype="float16" if config.half else "float32",
+    out.update(distance_scale=DISTANCE_SCALE, torch_dtype=str(config.dtype).removeprefix("torch."),
                tie_word_embeddings=True)
     return out

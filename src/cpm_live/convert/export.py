@@ -167,7 +167,7 @@ def _export_hf_dir(reader: CheckpointReader, expected: dict[str, tuple[int, ...]
         shards[-1].append(key)
         used += nbytes
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    hf_config = dataclasses.replace(config, half=dtype == torch.float16)
+    hf_config = config.with_dtype(dtype)
     merged: list[str] = []
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
@@ -259,7 +259,7 @@ def merge_adapter(config: CPMBeeConfig, load_path: str, adapter_path: str, outpu
     check_output_path(load_path, output_path, force, (".safetensors",))
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(output_path))) as tmp:
         dense = os.path.join(tmp, "merged-fp32.safetensors")
-        dense_config = dataclasses.replace(config, int4=False, half=False)
+        dense_config = dataclasses.replace(config.with_dtype(torch.float32), int4=False)
         _check_merged(export_checkpoint(dense_config, load_path, dense, "fp32", delta_fn=delta, progress=progress),
                       delta, adapter_path)
         quantize_state_dict(dense, output_path, **config.quant_settings, force=force,

@@ -119,7 +119,8 @@ class LoraLinear4bit(LoraLinear):
     """
 
     def dense_base_weight(self) -> torch.Tensor:
-        return self.get_base_layer().dequantize()
+        # fp32, not the layer's dtype: a bf16 model's merge must not round the exact 4-bit values first.
+        return self.get_base_layer().dequantize(torch.float32)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise RuntimeError(

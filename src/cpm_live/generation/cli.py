@@ -25,7 +25,6 @@ as the original did.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -127,9 +126,9 @@ def _check_prompts(tokenizer: CPMBeeTokenizer, records: list[tuple[str, dict[str
 def load_model(args: argparse.Namespace, device: torch.device) -> CPMBee:
     """Build the model on ``device`` from the config, load the checkpoint, then the adapter."""
     config = load_config(args.model_config, args.load, int4=args.int4)
-    if device.type == "cpu" and config.half:
+    if device.type == "cpu" and config.dtype == torch.float16:
         print("--device cpu: running the fp16 config in fp32", file=sys.stderr)
-        config = dataclasses.replace(config, half=False)
+        config = config.with_dtype(torch.float32)
     model = build_model(config, args.load, device=device)
     if args.delta is not None:
         load_adapter(model, args.delta)

@@ -168,9 +168,9 @@ class Linear4bit(nn.Module):
         return out.to(x.dtype) / math.sqrt(self.dim_in)
 
     @torch.no_grad()
-    def dequantize(self) -> torch.Tensor:
-        """The dense ``[dim_out, dim_in]`` weight in ``self.dtype``."""
-        return dequant.dequantize_4bit(self.weight, self.quant_state())
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense ``[dim_out, dim_in]`` weight in ``dtype`` (default ``self.dtype``; fp32 is exact)."""
+        return dequant.dequantize_4bit(self.weight, self.quant_state(), dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         state = self.quant_state()

@@ -13,6 +13,7 @@ native kernel (benchmarks/bench_layers.py, ``dequantize`` rows). CUDA keeps bits
 from __future__ import annotations
 
 import math
+import threading
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
@@ -20,6 +21,32 @@ import torch
 import torch.nn.functional as F
 
 PROFILER_LABEL = "cpm_live::dequantize_4bit"  # torch.profiler range around the CPU dequantization
+
+
+class _Scratch(threading.local):
+    """Per-thread CPU buffers reused by every dequantization (index, levels, and the matmul's weight).
+
+    A fresh multi-MiB tensor per call is a fresh mmap whose pages the kernel faults in and zeroes
+    first: that cost as much as the dequantization itself (bf16 QLoRA step, d=1024, 512 tokens, CPU
+    time: 1.54x bf16 LoRA's with fresh buffers, 1.28x with glibc told to keep them, 1.24x with these
+    buffers). The buffers grow to
+    the largest layer and stay (one dense bf16 weight plus 1.5x that in fp32 levels and indices).
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self.buffers.get((name, dtype))
+        if buffer is None or buffer.numel() < numel:
+            # A normal tensor even when first needed under torch.inference_mode (generation): an
+            # inference tensor could not be written outside it later (training after evaluation).
+            with torch.inference_mode(False):
+                buffer = self.buffers[(name, dtype)] = torch.empty(numel, dtype=dtype)
+        return buffer[:numel]
+
+
+_SCRATCH = _Scratch()
 
 
 def _levels_by_byte(code: torch.Tensor) -> torch.Tensor:
@@ -47,26 +74,39 @@ def absmax_of(state: bnbF.QuantState) -> torch.Tensor:
 
 
 def dequantize_cpu(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-                   shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+                   shape: tuple[int, ...], dtype: torch.dtype, transient: bool = False) -> torch.Tensor:
     """Dense ``shape`` tensor in ``dtype`` from packed codes: ``code[nibble] * absmax[i // blocksize]``.
 
     Value ``i`` of the row-major weight is nibble ``i`` of the packed bytes (high nibble first); blocks
-    run over the flattened weight, so a block may span rows. Computed in fp32, cast once.
+    run over the flattened weight, so a block may span rows. Computed in fp32, rounded once: for a
+    16-bit ``dtype`` the multiply writes the rounded product straight into the result (one pass over
+    the levels instead of multiply-then-cast, ~2x faster at bf16 QLoRA's layer sizes).
+
+    ``transient``: the result lives in a per-thread scratch buffer that the next transient call on
+    this thread overwrites (the matmul's weight, used once and dropped); otherwise it is a new tensor.
     """
     n = math.prod(shape)
     with torch.profiler.record_function(PROFILER_LABEL):
-        pairs = _levels_by_byte(code).index_select(0, packed.reshape(-1).view(torch.uint8).int())
+        flat = packed.reshape(-1).view(torch.uint8)
+        index = _SCRATCH.get("index", flat.numel(), torch.int32).copy_(flat)
+        pairs = torch.index_select(_levels_by_byte(code), 0, index,
+                                   out=_SCRATCH.get("levels", flat.numel(), torch.int64))
         values = pairs.view(torch.float32)[:n]  # [n]; an odd n leaves a padding nibble in the last byte
+        out = _SCRATCH.get("weight", n, dtype) if transient else torch.empty(n, dtype=dtype)
         full = n - n % blocksize
-        values[:full].view(-1, blocksize).mul_(absmax[:full // blocksize, None])
+        torch.mul(values[:full].view(-1, blocksize), absmax[:full // blocksize, None],
+                  out=out[:full].view(-1, blocksize))
         if full < n:
-            values[full:].mul_(absmax[full // blocksize])
-        return values.view(shape).to(dtype)
+            torch.mul(values[full:], absmax[full // blocksize], out=out[full:])
+        return out.view(shape)
 
 
-def dequantize_4bit(packed: torch.Tensor, state: bnbF.QuantState, dtype: torch.dtype | None = None
-                    ) -> torch.Tensor:
-    """The dense weight of ``packed`` in ``dtype`` (default ``state.dtype``): exact torch on CPU, bnb elsewhere."""
+def dequantize_4bit(packed: torch.Tensor, state: bnbF.QuantState, dtype: torch.dtype | None = None,
+                    transient: bool = False) -> torch.Tensor:
+    """The dense weight of ``packed`` in ``dtype`` (default ``state.dtype``): exact torch on CPU, bnb elsewhere.
+
+    ``transient`` (CPU): reuse a per-thread buffer that the next transient call overwrites (see
+    :func:`dequantize_cpu`); only for a weight that is dropped before the next dequantization."""
     dtype = dtype or state.dtype
     if packed.device.type != "cpu":
         if dtype != state.dtype:
@@ -74,7 +114,8 @@ def dequantize_4bit(packed: torch.Tensor, state: bnbF.QuantState, dtype: torch.d
                                     blocksize=state.blocksize, quant_type=state.quant_type, dtype=dtype,
                                     offset=state.offset, state2=state.state2)
         return bnbF.dequantize_4bit(packed, state)
-    return dequantize_cpu(packed, absmax_of(state), state.code, state.blocksize, tuple(state.shape), dtype)
+    return dequantize_cpu(packed, absmax_of(state), state.code, state.blocksize, tuple(state.shape), dtype,
+                          transient)
 
 
 class _DequantizedLinear(torch.autograd.Function):
@@ -87,12 +128,13 @@ class _DequantizedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: bnbF.QuantState) -> torch.Tensor:
         ctx.packed, ctx.state = packed, state  # kept as attributes, as bnb's MatMul4Bit keeps them
-        return F.linear(x, dequantize_4bit(packed, state, x.dtype))
+        return F.linear(x, dequantize_4bit(packed, state, x.dtype, transient=True))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad_x = grad @ dequantize_4bit(ctx.packed, ctx.state, grad.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return grad @ dequantize_4bit(ctx.packed, ctx.state, grad.dtype, transient=True), None, None
 
 
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: bnbF.QuantState) -> torch.Tensor:

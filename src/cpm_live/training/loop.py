@@ -111,6 +111,14 @@ class Trainer:
                 f"{config.source} sets int4 but LoRA is off: the 4-bit base is frozen, so nothing "
                 "would train. Add --use-delta (QLoRA) or set \"int4\": false (full fine-tuning)."
             )
+        if config.int4:
+            # Chosen once, here, for this device; the saved model_config.cpm_live.json records it.
+            resolved = config.resolve_compute_dtype(self.engine.device)
+            if config.int4_compute_dtype != resolved.int4_compute_dtype:
+                self.engine.print_rank0(f"int4 compute dtype: {config.int4_compute_dtype} -> "
+                                        f"{resolved.int4_compute_dtype} on {self.engine.device.type} "
+                                        f"(model dtype {str(config.dtype).removeprefix('torch.')})")
+            config = resolved
         return config
 
     def _load_tokenizer(self) -> CPMBeeTokenizer:
