@@ -88,6 +88,14 @@ def validate(key: str, entries: Mapping[str, torch.Tensor], shape: tuple[int, ..
                                f"save the layer with bitsandbytes >= 0.45 or re-quantize the fp16 checkpoint")
 
 
+def logical_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Drop the ``SCB``/``weight_format`` entries beside an int8 weight (its stored shape is its dense
+    shape), so int8, int4 and dense checkpoints compare key for key."""
+    side = {prefix + s for k in shapes if k.endswith("weight") and (prefix := k[:-len("weight")]) + "SCB" in shapes
+            for s in SUFFIXES}
+    return {k: v for k, v in shapes.items() if k not in side}
+
+
 def checkpoint_metadata(threshold: float, source: str,
                         weights: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, str]:
     """``__metadata__`` of an int8 checkpoint: the format, the threshold it was made for, each weight's
