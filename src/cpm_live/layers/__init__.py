@@ -9,7 +9,11 @@ from cpm_live.layers.linear import Linear
 from cpm_live.layers.linear4bit import Linear4bit
 from cpm_live.layers.linear8bit import Linear8bit
 from cpm_live.layers.linear_factory import (
-    PROJECTION_TYPES, QUANTIZED_LAYERS, LinearFactory, is_quantized, make_linear,
+    PROJECTION_TYPES,
+    QUANTIZED_LAYERS,
+    LinearFactory,
+    is_quantized,
+    make_linear,
 )
 from cpm_live.layers.position_embedding import BucketPositionBias
 from cpm_live.layers.transformer import Encoder
