@@ -461,8 +461,8 @@ def load_model_weights(model: nn.Module, config: CPMBeeConfig, path: str | os.Pa
         if kind is not None and kind != wanted_kind:
             now = f'"{wanted_kind}": true' if wanted_kind else "no quantization"
             raise CheckpointError(
-                f'this checkpoint is {kind}-compressed but {where} has {now}: set "{kind}": true in {where} '
-                f"(or pass --{kind}) to use it, or export it first: cpm-bee-export --model-config {where} "
+                f'this checkpoint is {kind}-compressed: set "{kind}": true in {where} (it has {now}; or pass '
+                f"--{kind}) to use it, or export it first: cpm-bee-export --model-config {where} "
                 f"--load {path} --{kind} --output model.pt --dtype fp16"
             )
         settings = reader.quant_settings
