@@ -66,9 +66,14 @@ def test_config_int8_setting_is_one_typed_object():
 def test_config_refuses_int4_with_int8_and_bad_thresholds():
     with pytest.raises(ConfigError, match='"int4" and "int8" are both true in x.json: choose one'):
         CPMBeeConfig(int4=True, int8=True, source="x.json")
-    for bad in (-1.0, float("inf"), "6", True):
+    for bad in (-1.0, float("inf")):
         with pytest.raises(ConfigError, match="int8_threshold must be a finite number >= 0"):
             CPMBeeConfig(int8=True, int8_threshold=bad)
+    for bad in ("6", True):  # JSON types, checked for every key
+        with pytest.raises(ConfigError, match="config key 'int8_threshold' must be a number"):
+            CPMBeeConfig(int8=True, int8_threshold=bad)
+    with pytest.raises(ConfigError, match="config key 'int8' must be true or false"):
+        CPMBeeConfig(int8="false")
 
 
 def test_factory_builds_the_kind_and_lora_dispatch_covers_every_projection():
