@@ -15,7 +15,7 @@ from cpm_live.delta import (
     AdapterError,
     LoraDelta,
     LoraLinear,
-    LoraLinear4bit,
+    LoraQuantized,
     LoraSettings,
     MergeError,
     add_lora,
@@ -99,7 +99,7 @@ def test_injection_wraps_only_targets_with_fp32_lora(variant):
         add_lora(model, LoraSettings(targets=("project_q", "w_out")))
     assert not [w for w in caught if "Unsupported layer type" in str(w.message)]
     base_type = Linear4bit if variant.startswith("int4") else Linear
-    lora_type = LoraLinear4bit if variant.startswith("int4") else LoraLinear
+    lora_type = LoraQuantized if variant.startswith("int4") else LoraLinear
     layers = lora_layers(model)
     assert sorted({name.rsplit(".", 1)[-1] for name in layers}) == ["project_q", "w_out"]
     assert len(layers) == 2 * model.config.num_layers

@@ -134,21 +134,24 @@ def test_workers_must_be_positive(checkpoint, tmp_path, capsys):
     assert torch.get_num_threads() >= 1
 
 
-def test_targets_match_module_names_not_substrings(tmp_path):
+def test_targets_are_the_factory_projections_at_their_model_paths(tmp_path):
+    # Targets are read from a meta-device model built by the linear factory (any layer index), so a
+    # projection name elsewhere in the tree or as a substring is not one.
     sd = OrderedDict([
         ("encoder.layers.0.ffn.ffn.w_in.w_1.weight", torch.randn(8, 8).half()),  # target
         ("encoder.layers.0.ffn.ffn.w_in.w_10.weight", torch.randn(8, 8).half()),  # "w_1" substring
         ("encoder.layers.0.my_project_q.weight", torch.randn(8, 8).half()),
         ("encoder.layers.0.project_q.weight_scale", torch.randn(8, 8).half()),
         ("encoder.layers.0.w_out.bias", torch.randn(8).half()),
-        ("w_0.weight", torch.randn(4, 4).half()),  # top-level module: still a target
+        ("w_0.weight", torch.randn(4, 4).half()),  # top-level module: not at a model path
+        ("encoder.layers.17.self_att.self_attention.project_q.weight", torch.randn(8, 8).half()),  # target
     ])
     torch.save(sd, tmp_path / "in.pt")
     summary = quantize_state_dict(tmp_path / "in.pt", tmp_path / "out.safetensors", device="cpu", progress=False)
-    assert (summary.quantized, summary.copied) == (2, 4)
+    assert (summary.quantized, summary.copied) == (2, 5)
     with safe_open(tmp_path / "out.safetensors", "pt") as f:
-        assert sorted(json.loads(f.metadata()["weights"])) == ["encoder.layers.0.ffn.ffn.w_in.w_1.weight",
-                                                               "w_0.weight"]
+        assert sorted(json.loads(f.metadata()["weights"])) == [
+            "encoder.layers.0.ffn.ffn.w_in.w_1.weight", "encoder.layers.17.self_att.self_attention.project_q.weight"]
         assert f.get_tensor("encoder.layers.0.ffn.ffn.w_in.w_10.weight").dtype == torch.half
 
 
@@ -192,7 +195,7 @@ def test_bad_inputs_raise_clear_errors(checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match="cut.safetensors.*but the file has"):
         run(cut)
     torch.save({"norm.weight": torch.ones(4)}, tmp_path / "nothing.pt")
-    with pytest.raises(CheckpointError, match="no keys ending in .<project_q.*is it CPM-Bee's"):
+    with pytest.raises(CheckpointError, match="none of the projection weights .*project_q.*is it CPM-Bee's"):
         run(tmp_path / "nothing.pt")
     torch.save({"state_dict": sd, "step": 3}, tmp_path / "wrapped.pt")
     with pytest.raises(CheckpointError, match="not a flat dict of tensors .a training checkpoint"):

@@ -27,6 +27,9 @@ MODES = {  # LoRA modes learn the option task, new to the base
              "--lora-targets", "project_q,project_v,w_0,w_1,w_out", "--lr", "2e-2"],
     "qlora": ["--model-config", "config-int4.json", "--load", "base-int4.safetensors", "--use-delta",
               "--lora-r", "16", "--lora-targets", "project_q,project_v,w_0,w_1,w_out", "--lr", "2e-2"],
+    # LLM.int8 base, quantized on load from the fp checkpoint by the --int8 flag
+    "int8-lora": ["--model-config", "config.json", "--int8", "--load", "base.pt", "--use-delta",
+                  "--lora-r", "16", "--lora-targets", "project_q,project_v,w_0,w_1,w_out", "--lr", "2e-2"],
 }
 
 

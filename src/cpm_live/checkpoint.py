@@ -14,8 +14,9 @@ Loading pairs model and checkpoint as follows (``load_model_weights``):
     model   checkpoint   action
     fp      fp           strict load
     int4    int4         check quant settings against the config, strict load
-    int4    fp           quantize each projection on the fly (bit-identical to cpm-bee-quantize), load
-    fp      int4         error: set "int4": true in the config, or export the checkpoint to fp16
+    int8    int8         strict load (bitsandbytes' Linear8bitLt layout: weight, SCB, weight_format)
+    int4/8  fp           quantize each projection on the fly (bit-identical to cpm-bee-quantize), load
+    other   int4/int8    error: set "int4"/"int8": true in the config, or export the checkpoint to fp16
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ from torch import nn
 from cpm_live import model_dir
 from cpm_live.config import CPMBeeConfig
 from cpm_live.layers.linear4bit import Linear4bit
+from cpm_live.layers.linear_factory import is_quantized
 from cpm_live.models.bee import CPMBee
 from cpm_live.quant import format as qformat
+from cpm_live.quant import int8 as qint8
 from cpm_live.quant import pr_checkpoint
 from cpm_live.quant.stream import DTYPE_NAMES, SafetensorsWriter, nbytes
 from cpm_live.utils import atomic_path, key_mismatch, non_plain_tensors
@@ -220,14 +223,27 @@ class CheckpointReader:
             raise CheckpointError(str(e)) from None
 
     def is_compressed(self) -> bool:
+        """True for an int4-compressed checkpoint (see :attr:`quant_kind` for int8 too)."""
         return self.quant_settings is not None or any("." + qformat.BLOB_PREFIX in k for k in self._infos)
+
+    @property
+    def quant_kind(self) -> str | None:
+        """``"int4"``, ``"int8"`` (our metadata, or bitsandbytes' ``SCB`` beside an int8 weight) or None."""
+        if self.is_compressed():
+            return "int4"
+        if qint8.is_int8_metadata(self.metadata, self.path) or any(
+                k.endswith("SCB") and self._infos.get(k[:-3] + "weight", ((), None))[1] == torch.int8
+                for k in self._infos):
+            return "int8"
+        return None
 
     def logical_shapes(self) -> dict[str, tuple[int, ...]]:
         """Key -> dense shape in CPM-Bee's layout (a quantized weight counts as one key)."""
         try:
-            return qformat.logical_shapes({k: s for k, (s, _) in self._infos.items()}, self.read)
+            shapes = qformat.logical_shapes({k: s for k, (s, _) in self._infos.items()}, self.read)
         except qformat.QuantFormatError as e:
             raise CheckpointError(f"{self.path}: {e}") from None
+        return qint8.logical_shapes(shapes)
 
 
 class ModelDirReader(CheckpointReader):
@@ -267,8 +283,9 @@ class ModelDirReader(CheckpointReader):
         for path in files:
             reader = CheckpointReader(path)
             self._readers.append(reader)
-            if reader.is_compressed():
-                raise CheckpointError(f"{reader.path} is int4-compressed; a model directory must hold the dense "
+            if reader.quant_kind is not None:
+                raise CheckpointError(f"{reader.path} is {reader.quant_kind}-compressed; a model directory must "
+                                      f"hold the dense "
                                       f"weights (quantize the directory with cpm-bee-quantize instead)")
             for stored in reader.keys():
                 if stored == model_dir.LM_HEAD:
@@ -439,12 +456,14 @@ def load_model_weights(model: nn.Module, config: CPMBeeConfig, path: str | os.Pa
     path = os.fspath(path)
     where = config.source or "the model config"
     with open_checkpoint(path) as reader:
-        compressed = reader.is_compressed()
-        if compressed and not config.int4:
+        kind = reader.quant_kind
+        wanted_kind = config.quantization.kind if config.quantization is not None else None
+        if kind is not None and kind != wanted_kind:
+            now = f'"{wanted_kind}": true' if wanted_kind else "no quantization"
             raise CheckpointError(
-                f'this checkpoint is int4-compressed: set "int4": true in {where} (or pass --int4) to use it, '
-                f"or export it first: cpm-bee-export --model-config {where} --load {path} --output model.pt "
-                f"--dtype fp16"
+                f'this checkpoint is {kind}-compressed: set "{kind}": true in {where} (it has {now}; or pass '
+                f"--{kind}) to use it, or export it first: cpm-bee-export --model-config {where} "
+                f"--load {path} --{kind} --output model.pt --dtype fp16"
             )
         settings = reader.quant_settings
         wanted = qformat.QuantSettings(**config.quant_settings)
@@ -456,11 +475,11 @@ def load_model_weights(model: nn.Module, config: CPMBeeConfig, path: str | os.Pa
                 f"fp16 checkpoint with those settings"
             )
         current = model.state_dict(keep_vars=True)
-        check_keys(reader.logical_shapes(), qformat.logical_shapes(
-            {k: tuple(v.shape) for k, v in current.items()}, current.__getitem__), path, where)
+        check_keys(reader.logical_shapes(), qint8.logical_shapes(qformat.logical_shapes(
+            {k: tuple(v.shape) for k, v in current.items()}, current.__getitem__)), path, where)
         on_meta = any(t.is_meta for t in current.values())
-        layers = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
-        quantize_now = {} if compressed else layers
+        layers = {f"{name}.weight": m for name, m in model.named_modules() if is_quantized(m)}
+        quantize_now = {} if kind else layers
         state_dict = {}
         for key, tensor in reader.iter_tensors():
             layer = quantize_now.get(key)
@@ -469,9 +488,9 @@ def load_model_weights(model: nn.Module, config: CPMBeeConfig, path: str | os.Pa
             else:
                 quant_device = device if on_meta else layer.weight.device
                 # Never round the stored weight before quantizing (an fp16 file into a bf16 model: fp32).
-                dtype = torch.promote_types(tensor.dtype, config.dtype)
-                entries = qformat.quantize_entries(key, tensor.to(device=quant_device, dtype=dtype),
-                                                   layer.settings)
+                dense = tensor.to(device=quant_device, dtype=torch.promote_types(tensor.dtype, config.dtype))
+                entries = (qformat.quantize_entries(key, dense, layer.settings) if isinstance(layer, Linear4bit)
+                           else qint8.quantize_entries(key, dense))
             for k, v in entries.items():
                 _check_dtype(k, v.dtype, current[k].dtype if k in current else None, path)
             if on_meta:  # assigned, not copied: own the memory, in the model's dtype

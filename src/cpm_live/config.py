@@ -1,8 +1,10 @@
 """CPM-Bee model configuration.
 
 Field names and defaults are the original CPM-Bee ones, so the released JSON configs load
-unchanged. The ``int4_*`` fields and ``precision`` are this project's additions; the int4 ones are read once, by
-the linear factory (:func:`cpm_live.layers.linear_factory`).
+unchanged. The ``int4``/``int4_*`` and ``int8``/``int8_threshold`` fields, and ``precision``, are this project's
+additions; :attr:`CPMBeeConfig.quantization` turns them into one typed setting
+(:class:`Int4Quantization`, :class:`Int8Quantization` or ``None``), which the linear factory, the
+quantizer, the loader, LoRA and export read.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ _FIELD_TYPES = {
     "dropout_p": (int, float), "position_bias_num_buckets": int, "position_bias_num_segment_buckets": int,
     "position_bias_max_distance": int, "eps": (int, float), "half": bool, "int4": bool,
     "int4_quant_type": str, "int4_double_quant": bool, "int4_blocksize": int, "int4_compute_dtype": str,
+    "int8": bool, "int8_threshold": (int, float),
 }
 
 
@@ -73,6 +76,36 @@ def resolve_compute_dtype(setting: str, model_dtype: torch.dtype, device: torch.
     return "float32"
 
 
+@dataclass(frozen=True)
+class Int4Quantization:
+    """Frozen 4-bit (NF4/FP4) base projections in bitsandbytes' blockwise format."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    compute_dtype: torch.dtype = torch.float32  # dtype of the matmul
+
+    kind = "int4"
+
+
+@dataclass(frozen=True)
+class Int8Quantization:
+    """Frozen LLM.int8 base projections: int8 rows with fp32 absmax scales (bitsandbytes' ``SCB``).
+
+    ``threshold``: input features with any ``|x| >= threshold`` take the fp16 path (outlier
+    decomposition); 0 turns it off. ``compute_dtype`` is fixed to fp16: bitsandbytes' int8 kernels
+    quantize fp16 inputs.
+    """
+
+    threshold: float = 6.0
+    compute_dtype: torch.dtype = torch.float16
+
+    kind = "int8"
+
+
+Quantization = Int4Quantization | Int8Quantization
+
+
 @dataclass
 class CPMBeeConfig:
     vocab_size: int = 30720
@@ -99,6 +132,8 @@ class CPMBeeConfig:
     # Model dtype "fp32" / "fp16" / "bf16" (None: from ``half``, as the original). bf16 has no
     # original spelling: ``to_original_dict`` writes ``half: false`` for it.
     precision: str | None = None
+    int8: bool = False  # base projections become frozen LLM.int8 Linear8bit layers
+    int8_threshold: float = 6.0  # LLM.int8 outlier threshold; 0 = no outlier decomposition
     # Where this config came from, for error messages; not serialised.
     source: str | None = field(default=None, repr=False, compare=False)
 
@@ -114,6 +149,13 @@ class CPMBeeConfig:
                     f"{self.num_layers}{where}: give one [mask_att, mask_ffn] pair per layer"
                 )
             self.mask_modules = [[bool(a), bool(f)] for a, f in self.mask_modules]
+        if self.int4 and self.int8:
+            raise ConfigError(f'"int4" and "int8" are both true{where}: choose one base quantization '
+                              f'(set the other to false, or drop --int4/--int8)')
+        if not 0 <= self.int8_threshold < float("inf"):
+            raise ConfigError(f"int8_threshold must be a finite number >= 0 (0: no outlier decomposition), "
+                              f"got {self.int8_threshold!r}{where}")
+        self.int8_threshold = float(self.int8_threshold)
         if self.int4_quant_type not in _QUANT_TYPES:
             raise ConfigError(
                 f"int4_quant_type must be one of {_QUANT_TYPES}, got {self.int4_quant_type!r}{where}"
@@ -187,6 +229,22 @@ class CPMBeeConfig:
         """A copy with ``int4_compute_dtype`` chosen for ``device`` if it was ``auto`` (else unchanged)."""
         return dataclasses.replace(
             self, int4_compute_dtype=resolve_compute_dtype(self.int4_compute_dtype, self.dtype, device))
+
+    @property
+    def quantization(self) -> Quantization | None:
+        """The one quantization setting of the base projections (``None``: dense)."""
+        if self.int4:
+            return Int4Quantization(self.int4_quant_type, self.int4_double_quant, self.int4_blocksize,
+                                    self.compute_dtype)
+        if self.int8:
+            return Int8Quantization(self.int8_threshold)
+        return None
+
+    def with_quantization(self, kind: str | None) -> CPMBeeConfig:
+        """A copy with the base quantization switched to ``kind`` (``"int4"``, ``"int8"`` or ``None``)."""
+        if kind not in (None, "int4", "int8"):
+            raise ConfigError(f"quantization kind must be int4, int8 or None, got {kind!r}")
+        return dataclasses.replace(self, int4=kind == "int4", int8=kind == "int8")
 
     @property
     def quant_settings(self) -> dict[str, Any]:

@@ -149,15 +149,18 @@ def dir_file(load: str | os.PathLike | None, name: str) -> str | None:
 
 
 def load_config(model_config: str | os.PathLike | None, load: str | os.PathLike | None,
-                int4: bool = False, **overrides: Any) -> CPMBeeConfig:
+                int4: bool = False, int8: bool = False, **overrides: Any) -> CPMBeeConfig:
     """The model config of a run: ``--model-config`` if given, else ``config.json`` of the ``--load`` directory.
 
-    ``int4=True`` (the ``--int4`` flag) turns the 4-bit base on; without it the file's own ``int4``
-    stands. When both configs exist and describe different models, the explicit ``--model-config``
-    wins and a :class:`CompatibilityWarning` names the fields that differ.
+    ``int4=True`` / ``int8=True`` (the ``--int4`` / ``--int8`` flags) turn that base quantization on
+    and the other off; without them the file's own ``int4``/``int8`` stand (both flags: an error).
+    When both configs exist and describe different models, the explicit ``--model-config`` wins and a
+    :class:`CompatibilityWarning` names the fields that differ.
     """
-    if int4:
-        overrides["int4"] = True
+    if int4 and int8:
+        raise ConfigError("--int4 and --int8 were both given: choose one base quantization")
+    if int4 or int8:
+        overrides.update(int4=bool(int4), int8=bool(int8))
     beside = dir_file(load, CONFIG_FILE)
     if model_config is None:
         if beside is None:

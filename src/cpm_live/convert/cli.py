@@ -1,15 +1,16 @@
-"""``cpm-bee-quantize``: compress a CPM-Bee checkpoint's projections to 4-bit safetensors.
+"""``cpm-bee-quantize``: compress a CPM-Bee checkpoint's projections to 4-bit (or int8) safetensors.
 
     cpm-bee-quantize --input-path cpm-bee-10b.pt --output-path cpm-bee-10b-nf4.safetensors
     cpm-bee-quantize --input-path model.safetensors --output-path model-fp4.safetensors --quant-type fp4
     cpm-bee-quantize --input-path cpm-bee-10b/ --output-path cpm-bee-10b-nf4.safetensors   # HF directory
     cpm-bee-quantize --input-path quantized_model.pt --output-path model-nf4.safetensors   # qlora-PR file
+    cpm-bee-quantize --input-path cpm-bee-10b.pt --output-path cpm-bee-10b-int8.safetensors --int8
 
 The output is always safetensors, whatever its name. A compressed ``.pt`` of CPM-Bee's qlora PR is
 converted (bytes unchanged); it can also be passed to ``--load`` directly.
 
-Then set ``"int4": true`` (and matching ``int4_*`` settings) in the model config and pass the
-compressed file to ``--load``.
+Then set ``"int4": true`` (and matching ``int4_*`` settings), or ``"int8": true``, in the model
+config (or pass ``--int4``/``--int8``) and pass the compressed file to ``--load``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep per-block absmax in fp32 instead of quantizing it to 8 bits")
     parser.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=64,
                         help="values per absmax block (default 64)")
+    parser.add_argument("--int8", action="store_true",
+                        help="LLM.int8 instead of 4 bit: int8 rows + fp32 SCB scales (bitsandbytes' Linear8bitLt "
+                             "layout); the 4-bit options are then unused")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where to quantize (default: cuda when available, else cpu)")
     parser.add_argument("--workers", type=positive_int, default=None,
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         summary = quantize_state_dict(args.input_path, args.output_path, quant_type=args.quant_type,
                                       double_quant=args.double_quant, blocksize=args.blocksize,
-                                      device=args.device, force=args.force, workers=args.workers)
+                                      device=args.device, force=args.force, workers=args.workers, int8=args.int8)
     except (CheckpointError, QuantFormatError) as e:
         raise SystemExit(f"error: {e}") from None
     print(summary)

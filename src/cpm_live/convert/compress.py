@@ -1,8 +1,9 @@
-"""Compress a dense CPM-Bee checkpoint to the int4 safetensors format, one tensor at a time.
+"""Compress a dense CPM-Bee checkpoint to the int4 or int8 safetensors format, one tensor at a time.
 
-Each projection weight (``*.project_q|project_k|project_v|attention_out|w_0|w_1|w_out.weight``,
-matched on the module name, not a substring) becomes the bitsandbytes packed layout of
-:mod:`cpm_live.quant.format`; every other tensor is copied unchanged. The input is read lazily
+Each weight the linear factory quantizes (read from a model built on the meta device, layer index
+aside: :func:`quant_targets`) becomes the bitsandbytes layout of :mod:`cpm_live.quant.format`
+(int4) or :mod:`cpm_live.quant.int8` (int8, ``Linear8bitLt``'s ``weight``/``SCB``/``weight_format``);
+every other tensor is copied unchanged. The input is read lazily
 (:class:`cpm_live.checkpoint.CheckpointReader`) and the output streamed
 (:class:`cpm_live.quant.stream.SafetensorsWriter`), so peak memory is a few times the largest
 tensor. The file is written to a temp path, read back and checked (every key, shape and dtype;
@@ -23,6 +24,7 @@ the workers, not with the checkpoint. On CUDA one thread quantizes (the GPU is t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -37,8 +39,10 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from cpm_live.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
-from cpm_live.layers.linear_factory import QUANTIZED_PROJECTIONS
+from cpm_live.config import CPMBeeConfig
+from cpm_live.models import quantized_weight_keys
 from cpm_live.quant import format as qformat
+from cpm_live.quant import int8 as qint8
 from cpm_live.quant.stream import DTYPES, SafetensorsWriter
 from cpm_live.utils import atomic_path
 
@@ -66,10 +70,21 @@ class QuantizeSummary:
                 f"({self.throughput:.1f} MB/s, {self.workers} worker{'s' if self.workers > 1 else ''})")
 
 
+def _layer_pattern(key: str) -> str:
+    """``encoder.layers.12.ffn...`` -> ``encoder.layers.#.ffn...``: keys of every layer look alike."""
+    return ".".join("#" if part.isdigit() else part for part in key.split("."))
+
+
+@functools.cache
+def quant_targets() -> frozenset[str]:
+    """Layer-index-free patterns of the keys the factory quantizes (a one-layer meta-device model)."""
+    return frozenset(_layer_pattern(k) for k in quantized_weight_keys(CPMBeeConfig(
+        vocab_size=8, dim_model=8, num_heads=1, dim_head=8, dim_ff=8, num_layers=1, int4=True)))
+
+
 def is_quant_target(key: str) -> bool:
-    """True for ``<...>.<projection>.weight`` with ``projection`` one of CPM-Bee's seven."""
-    parts = key.split(".")
-    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in QUANTIZED_PROJECTIONS
+    """True for the key of a weight the linear factory builds as a quantized layer."""
+    return _layer_pattern(key) in quant_targets()
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -105,12 +120,13 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def convert_tensors(reader: CheckpointReader, quantized: set[str], settings: qformat.QuantSettings,
+def convert_tensors(reader: CheckpointReader, quantized: set[str], settings: qformat.QuantSettings | None,
                     device: torch.device, workers: int) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """Yield ``(key, output entries)`` for every tensor of ``reader``, in file order.
 
     ``workers`` threads quantize; this thread reads ahead, so at most ``workers + 1`` input tensors
     are held at once. A ``.pt`` tensor's mapped pages are released once its job has finished.
+    ``settings`` None: int8.
     """
     def job(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -118,6 +134,8 @@ def convert_tensors(reader: CheckpointReader, quantized: set[str], settings: qfo
                                   "fix or re-export the checkpoint")
         if key not in quantized:
             return {key: tensor}
+        if settings is None:
+            return {k: v.cpu() for k, v in qint8.quantize_entries(key, tensor.to(device)).items()}
         return qformat.quantize_entries(key, tensor.to(device), settings)
 
     def finish(item: tuple[str, torch.Tensor, Future]) -> tuple[str, dict[str, torch.Tensor]]:
@@ -155,11 +173,13 @@ def check_output_path(input_path: str, output_path: str, force: bool, suffixes: 
 def quantize_state_dict(input_path: str | os.PathLike, output_path: str | os.PathLike,
                         quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
                         device: str | torch.device | None = None, force: bool = False,
-                        compute_dtype: str = "float32", progress: bool = True, workers: int | None = None
-                        ) -> QuantizeSummary:
+                        compute_dtype: str = "float32", progress: bool = True, workers: int | None = None,
+                        int8: bool = False, int8_threshold: float = 6.0) -> QuantizeSummary:
     """Compress ``input_path`` (any checkpoint or model directory) into ``output_path`` (safetensors,
     whatever its name), or convert a qlora-PR checkpoint (:func:`convert_compressed`).
 
+    ``int8``: write LLM.int8 weights (bitsandbytes' ``Linear8bitLt`` layout) instead of 4-bit; the
+    int4 options are then unused and ``int8_threshold`` is recorded for readers.
     ``compute_dtype`` is recorded for readers; the quantized bytes do not depend on it, nor on
     ``workers`` (threads quantizing at once on CPU; default: the cores available; 1 on CUDA).
     """
@@ -172,22 +192,24 @@ def quantize_state_dict(input_path: str | os.PathLike, output_path: str | os.Pat
     check_output_path(input_path, output_path, force, None)
     start = time.perf_counter()
     with open_checkpoint(input_path) as reader:
-        if reader.origin == "qlora-pr":
+        if reader.origin == "qlora-pr" and not int8:
             return convert_compressed(reader, output_path, settings, compute_dtype, progress, start)
-        if reader.is_compressed():
-            raise CheckpointError(f"{input_path} is already int4-compressed; quantize the dense checkpoint")
+        if reader.quant_kind is not None:
+            raise CheckpointError(f"{input_path} is already {reader.quant_kind}-compressed; quantize the dense "
+                                  f"checkpoint (cpm-bee-export --dtype fp16 gives one)")
         targets = [k for k in reader.keys() if is_quant_target(k)]
         if not targets:
-            names = "|".join(QUANTIZED_PROJECTIONS)
-            raise CheckpointError(f"{input_path} has no keys ending in .<{names}>.weight: is it CPM-Bee's?")
+            raise CheckpointError(f"{input_path} has none of the projection weights CPM-Bee quantizes (e.g. "
+                                  f"encoder.layers.0.self_att.self_attention.project_q.weight): is it CPM-Bee's?")
         for key in targets:
             shape, dtype = reader.info(key)
             if len(shape) != 2 or not dtype.is_floating_point:
                 raise CheckpointError(f"{input_path}: {key} is {dtype} {list(shape)}, not a 2-D float weight")
         quantized = set(targets)
-        fixed, tails = plan(reader, quantized, settings)
-        metadata = qformat.checkpoint_metadata(settings, compute_dtype, input_path,
-                                               {k: reader.info(k) for k in targets})
+        fixed, tails = plan(reader, quantized, None if int8 else settings)
+        originals = {k: reader.info(k) for k in targets}
+        metadata = (qint8.checkpoint_metadata(int8_threshold, input_path, originals) if int8 else
+                    qformat.checkpoint_metadata(settings, compute_dtype, input_path, originals))
         input_bytes = sum(reader.nbytes(k) for k in reader.keys())
         with atomic_path(output_path) as tmp:
             writer = SafetensorsWriter(tmp, fixed, tails, metadata)
@@ -195,7 +217,8 @@ def quantize_state_dict(input_path: str | os.PathLike, output_path: str | os.Pat
                 threads = 1 if device.type == "cpu" else torch.get_num_threads()
                 with tqdm(total=input_bytes, unit="B", unit_scale=True, desc="quantize",
                           disable=not progress) as bar, torch_threads(threads):
-                    for key, entries in convert_tensors(reader, quantized, settings, device, workers):
+                    for key, entries in convert_tensors(reader, quantized, None if int8 else settings, device,
+                                                        workers):
                         for name, value in entries.items():
                             writer.write(name, value)
                         bar.update(reader.nbytes(key))
@@ -203,7 +226,7 @@ def quantize_state_dict(input_path: str | os.PathLike, output_path: str | os.Pat
                 writer.abort()
                 raise
             writer.close()
-            verify(tmp, fixed, tails, metadata, {k: reader.info(k)[0] for k in targets}, settings)
+            verify(tmp, fixed, tails, metadata, {k: reader.info(k)[0] for k in targets}, None if int8 else settings)
             output_bytes = os.path.getsize(tmp)
     return QuantizeSummary(output_path, input_bytes, output_bytes, time.perf_counter() - start, len(targets),
                            len(reader.keys()) - len(targets), workers)
@@ -240,13 +263,17 @@ def convert_compressed(reader: CheckpointReader, output_path: str, settings: qfo
                            len(reader.logical_shapes()) - len(originals))
 
 
-def plan(reader: CheckpointReader, quantized: set[str], settings: qformat.QuantSettings
+def plan(reader: CheckpointReader, quantized: set[str], settings: qformat.QuantSettings | None
          ) -> tuple[qformat.Layout, list[str]]:
-    """Output layout: fixed-size tensors (shape, dtype) and the variable-length quant-state blobs."""
+    """Output layout: fixed-size tensors (shape, dtype) and the variable-length quant-state blobs
+    (``settings`` None: int8, which has none)."""
     fixed, tails = {}, []
     for key in reader.keys():
         shape, dtype = reader.info(key)
-        if key in quantized:
+        if key in quantized and settings is None:
+            prefix = qint8.module_prefix(key)
+            fixed.update({(prefix + s if s else key): v for s, v in qint8.tensor_layout(shape).items()})
+        elif key in quantized:
             fixed.update({key + suffix: v for suffix, v in qformat.tensor_layout(shape, settings).items()})
             tails.append(f"{key}.{settings.blob_suffix}")
         else:
@@ -255,9 +282,9 @@ def plan(reader: CheckpointReader, quantized: set[str], settings: qformat.QuantS
 
 
 def verify(path: str, fixed, tails, metadata, shapes: dict[str, tuple[int, ...]],
-           settings: qformat.QuantSettings) -> None:
+           settings: qformat.QuantSettings | None) -> None:
     """Read the written file back with the safetensors library and check it against the plan
-    (``shapes``: the dense shape of each quantized weight)."""
+    (``shapes``: the dense shape of each quantized weight; ``settings`` None: int8)."""
     def fail(message: str) -> CheckpointError:
         return CheckpointError(f"verifying the written file {path} failed: {message}; nothing was replaced")
 
@@ -271,6 +298,12 @@ def verify(path: str, fixed, tails, metadata, shapes: dict[str, tuple[int, ...]]
             if tuple(tensor_slice.get_shape()) != tuple(shape) or tensor_slice.get_dtype() != DTYPES[dtype]:
                 raise fail(f"{key} has the wrong shape or dtype")
         for key, shape in shapes.items():
+            if settings is None:
+                try:
+                    qint8.validate(key, {k: f.get_tensor(k) for k in qint8.entry_keys(key)}, shape)
+                except qformat.QuantFormatError as e:
+                    raise fail(str(e)) from None
+                continue
             entries = {k: f.get_tensor(k) for k in qformat.entry_keys(key, settings) if k != key}
             entries[key] = torch.empty(0, dtype=torch.uint8)
             state = qformat.quant_state(key, entries, device="cpu")

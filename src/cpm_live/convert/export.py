@@ -2,12 +2,12 @@
 
     cpm-bee-export --model-config config/cpm-bee-10b.json --load model-nf4.safetensors --output model.pt
     cpm-bee-export --model-config config/cpm-bee-10b.json --load cpm-bee-10b.pt --output model.safetensors \\
-        --dtype int4
+        --dtype int4        # or int8 (LLM.int8, bitsandbytes' Linear8bitLt layout)
 
-fp16/fp32 output dequantizes every 4-bit weight (exactly: level x absmax in fp32, cast once) and
+fp16/fp32 output dequantizes every 4-bit or int8 weight (exactly: level x absmax in fp32, cast once) and
 casts the other tensors; ``.pt`` output is a ``torch.save``d plain ``OrderedDict`` of tensors (built
 in memory: peak = the exported model), ``.safetensors`` output is streamed one tensor at a time.
-int4 output runs :func:`cpm_live.convert.compress.quantize_state_dict` with the config's settings.
+int4/int8 output runs :func:`cpm_live.convert.compress.quantize_state_dict` with the config's settings.
 
 ``--format hf`` writes a Hugging Face style model directory instead (:mod:`cpm_live.model_dir`):
 ``config.json`` in the HF port's field names, the weights as safetensors shards of at most
@@ -22,7 +22,6 @@ input may be any checkpoint ``--load`` accepts, Hugging Face directories include
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -42,10 +41,12 @@ from cpm_live.delta.merge import MergeError, merge_in_fp32
 from cpm_live.inputs import CPMBeeInputs
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.quant import format as qformat
+from cpm_live.quant import int8 as qint8
 from cpm_live.quant.stream import SafetensorsWriter
 from cpm_live.utils import atomic_path
 
 DENSE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+QUANT_DTYPES = ("int4", "int8")
 FORMATS = ("original", "hf")
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
 
@@ -65,13 +66,19 @@ class ExportSummary:
 def expected_shapes(config: CPMBeeConfig) -> dict[str, tuple[int, ...]]:
     """Key -> dense shape of the model ``config`` describes, in the model's order (no memory used)."""
     with torch.device("meta"):
-        model = CPMBee(dataclasses.replace(config, int4=False))
+        model = CPMBee(config.with_quantization(None))
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
 def read_dense(reader: CheckpointReader, key: str) -> torch.Tensor:
-    """Tensor ``key`` as stored, or dequantized to fp32 when it is a 4-bit weight."""
+    """Tensor ``key`` as stored, or dequantized to fp32 when it is a 4-bit or int8 weight."""
     blob = qformat.blob_key(key, reader.keys())
+    if blob is None and key.endswith("weight") and qint8.module_prefix(key) + "SCB" in reader.keys():
+        entries = {k: reader.read(k) for k in qint8.entry_keys(key) if k in reader.keys()}
+        dense = qint8.dequantize(entries[key], entries[qint8.module_prefix(key) + "SCB"], torch.float32)
+        for tensor in entries.values():
+            reader.release(tensor)
+        return dense
     if blob is None:
         return reader.read(key)
     entries = {k: reader.read(k) for k in reader.keys() if k == key or k.startswith(key + ".")}
@@ -98,20 +105,20 @@ def export_checkpoint(config: CPMBeeConfig, load_path: str | os.PathLike, output
                       dtype: str = "fp16", delta_fn: DeltaFn | None = None, force: bool = False,
                       progress: bool = True, fmt: str = "original", vocab: str | None = None,
                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportSummary:
-    """Export ``load_path`` (dense or int4, checked against ``config``) to ``output_path`` in ``dtype``.
+    """Export ``load_path`` (dense, int4 or int8, checked against ``config``) to ``output_path`` in ``dtype``.
 
     ``delta_fn`` (fp16/fp32 only) is asked for every key and its delta added to the dense weight in
-    fp32 before the cast. It is refused for int4 output: that would silently re-quantize the merged
-    weights; export fp16, then run cpm-bee-quantize explicitly. ``fmt="hf"`` writes a Hugging Face
+    fp32 before the cast. It is refused for int4/int8 output: that would silently re-quantize the merged
+    weights; use :func:`merge_adapter`, which reports the drift. ``fmt="hf"`` writes a Hugging Face
     model directory (fp16/fp32 only) with ``vocab`` copied into it.
     """
     load_path, output_path = os.fspath(load_path), os.fspath(output_path)
-    if dtype not in (*DENSE_DTYPES, "int4"):
-        raise ValueError(f"dtype must be fp16, fp32 or int4, got {dtype!r}")
+    if dtype not in (*DENSE_DTYPES, *QUANT_DTYPES):
+        raise ValueError(f"dtype must be fp16, fp32, int4 or int8, got {dtype!r}")
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if fmt == "hf":
-        if dtype == "int4":
+        if dtype in QUANT_DTYPES:
             raise CheckpointError("--format hf writes the dense weights Hugging Face's CpmBee model reads: use "
                                   "--dtype fp16 or fp32")
         if vocab is None:
@@ -119,7 +126,7 @@ def export_checkpoint(config: CPMBeeConfig, load_path: str | os.PathLike, output
         if os.path.exists(output_path) and not force:
             raise CheckpointError(f"{output_path} already exists; pass --force to replace it")
     else:
-        suffixes = (".safetensors",) if dtype == "int4" else (".pt", ".safetensors")
+        suffixes = (".safetensors",) if dtype in QUANT_DTYPES else (".pt", ".safetensors")
         check_output_path(load_path, output_path, force, suffixes)
     where = config.source or "the model config"
     expected = expected_shapes(config)
@@ -128,17 +135,25 @@ def export_checkpoint(config: CPMBeeConfig, load_path: str | os.PathLike, output
         if fmt == "hf":
             return _export_hf_dir(reader, expected, output_path, DENSE_DTYPES[dtype], delta_fn, progress,
                                   config, vocab, max_shard_bytes)
-        if dtype == "int4":
+        if dtype in QUANT_DTYPES:
             if delta_fn is not None:
-                raise CheckpointError("merging a delta into an int4 export would re-quantize the merged "
-                                      "weights: export fp16 with the delta, then run cpm-bee-quantize on it")
-            if reader.is_compressed():
-                raise CheckpointError(f"{load_path} is already int4; export it to fp16 to re-quantize it")
+                raise CheckpointError(f"merging a delta into an {dtype} export would re-quantize the merged "
+                                      f"weights: use merge_adapter (cpm-bee-export --delta), which reports the drift")
+            if reader.quant_kind is not None:
+                raise CheckpointError(f"{load_path} is already {reader.quant_kind}; export it to fp16 to "
+                                      f"re-quantize it")
         else:
             return _export_dense(reader, expected, output_path, DENSE_DTYPES[dtype], delta_fn, progress)
-    quantize_state_dict(load_path, output_path, **config.quant_settings, force=force,
-                        compute_dtype=config.int4_compute_dtype, progress=progress)
+    _quantize(config, load_path, output_path, dtype, force, progress)
     return ExportSummary(output_path, dtype, len(expected), [])
+
+
+def _quantize(config: CPMBeeConfig, dense_path: str, output_path: str, dtype: str, force: bool,
+              progress: bool) -> None:
+    """Compress ``dense_path`` to ``dtype`` (int4 with the config's int4 settings, or int8)."""
+    quantize_state_dict(dense_path, output_path, **config.quant_settings, force=force,
+                        compute_dtype=config.int4_compute_dtype, progress=progress, int8=dtype == "int8",
+                        int8_threshold=config.int8_threshold)
 
 
 def _dense_tensors(reader: CheckpointReader, keys: list[str], dtype: torch.dtype, delta_fn: DeltaFn | None,
@@ -241,17 +256,17 @@ def merge_adapter(config: CPMBeeConfig, load_path: str, adapter_path: str, outpu
                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportSummary:
     """Merge a LoRA adapter into the base and export it; the merge always happens in fp32.
 
-    fp16/fp32: dequantize (if int4), add the adapter's weight-space delta in fp32, cast once.
-    int4: the same merge into a temporary fp32 file, then an explicit re-quantization, whose logits
-    drift against the merged fp32 model is printed: re-quantizing moves every merged weight to the
-    nearest 4-bit level, which is a second rounding the adapter was not trained with.
+    fp16/fp32: dequantize (if int4/int8), add the adapter's weight-space delta in fp32, cast once.
+    int4/int8: the same merge into a temporary fp32 file, then an explicit re-quantization, whose
+    logits drift against the merged fp32 model is printed: re-quantizing moves every merged weight to
+    the nearest 4-bit/int8 level, which is a second rounding the adapter was not trained with.
     """
     from cpm_live.delta import read_adapter
     from cpm_live.delta.adapter_files import LoraDelta
 
     settings, state = read_adapter(adapter_path)
     delta = LoraDelta(state, settings, source=adapter_path)
-    if dtype != "int4" or fmt == "hf":
+    if dtype not in QUANT_DTYPES or fmt == "hf":
         summary = export_checkpoint(config, load_path, output_path, dtype, delta_fn=delta, force=force,
                                     progress=progress, fmt=fmt, vocab=vocab, max_shard_bytes=max_shard_bytes)
         _check_merged(summary, delta, adapter_path)
@@ -259,13 +274,12 @@ def merge_adapter(config: CPMBeeConfig, load_path: str, adapter_path: str, outpu
     check_output_path(load_path, output_path, force, (".safetensors",))
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(output_path))) as tmp:
         dense = os.path.join(tmp, "merged-fp32.safetensors")
-        dense_config = dataclasses.replace(config.with_dtype(torch.float32), int4=False)
+        dense_config = config.with_quantization(None).with_dtype(torch.float32)
         _check_merged(export_checkpoint(dense_config, load_path, dense, "fp32", delta_fn=delta, progress=progress),
                       delta, adapter_path)
-        quantize_state_dict(dense, output_path, **config.quant_settings, force=force,
-                            compute_dtype=config.int4_compute_dtype, progress=progress)
-        drift = logits_drift(dense_config, dense, output_path)
-    print(f"re-quantization drift: relative L2 error of the int4 logits vs the merged fp32 model = {drift:.4f}")
+        _quantize(config, dense, output_path, dtype, force, progress)
+        drift = logits_drift(dense_config, dense, output_path, kind=dtype)
+    print(f"re-quantization drift: relative L2 error of the {dtype} logits vs the merged fp32 model = {drift:.4f}")
     return ExportSummary(output_path, dtype, len(expected_shapes(config)), list(delta.weight_keys))
 
 
@@ -277,14 +291,14 @@ def _check_merged(summary: ExportSummary, delta, adapter_path: str) -> None:
 
 
 @torch.no_grad()
-def logits_drift(dense_config: CPMBeeConfig, dense_path: str, int4_path: str, length: int = 32,
-                 seed: int = 0) -> float:
-    """Relative L2 difference of the logits of an int4 checkpoint vs its dense source on random tokens."""
+def logits_drift(dense_config: CPMBeeConfig, dense_path: str, quant_path: str, length: int = 32,
+                 seed: int = 0, kind: str = "int4") -> float:
+    """Relative L2 difference of the logits of an int4/int8 checkpoint vs its dense source on random tokens."""
     from cpm_live.checkpoint import build_model
 
-    int4_config = dataclasses.replace(dense_config, int4=True)
+    quant_config = dense_config.with_quantization(kind)
     logits = []
-    for config, path in ((dense_config, dense_path), (int4_config, int4_path)):
+    for config, path in ((dense_config, dense_path), (quant_config, quant_path)):
         model = build_model(config, path)
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(11, config.vocab_size, (1, length), generator=g, dtype=torch.int32)
@@ -305,12 +319,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-config", default=None,
                         help="CPM-Bee JSON config of the checkpoint (default: config.json of a --load directory)")
     parser.add_argument("--int4", action="store_true", help="the --load checkpoint is int4 (sets the config's int4)")
+    parser.add_argument("--int8", action="store_true", help="the --load checkpoint is int8 (sets the config's int8)")
     parser.add_argument("--load", required=True,
-                        help="checkpoint (.pt/.bin/.safetensors, dense or int4, qlora-PR .pt) or model directory")
+                        help="checkpoint (.pt/.bin/.safetensors, dense, int4 or int8, qlora-PR .pt) or model directory")
     parser.add_argument("--delta", default=None, help="LoRA adapter (peft dir or CPM-Bee *-delta-best.pt) to merge")
     parser.add_argument("--output", required=True,
                         help="file to write (.pt or .safetensors picks the format), or the directory of --format hf")
-    parser.add_argument("--dtype", choices=(*DENSE_DTYPES, "int4"), default="fp16", help="default fp16")
+    parser.add_argument("--dtype", choices=(*DENSE_DTYPES, *QUANT_DTYPES), default="fp16",
+                        help="default fp16; int4/int8 re-quantize (with --delta: after the fp32 merge)")
     parser.add_argument("--format", dest="fmt", choices=FORMATS, default="original",
                         help="original: one file in CPM-Bee's key layout (default); hf: a Hugging Face model directory")
     parser.add_argument("--vocab", default=None, help="--format hf: vocab.txt to copy (default: beside --load)")
@@ -323,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     from cpm_live.tokenizers import find_vocab
 
     try:
-        config = load_config(args.model_config, args.load, int4=args.int4)
+        config = load_config(args.model_config, args.load, int4=args.int4, int8=args.int8)
         options = {}
         if args.fmt == "hf":
             options = {"fmt": "hf", "vocab": find_vocab(args.vocab, args.load),

@@ -13,7 +13,7 @@ from cpm_live.delta.adapter_files import (
     save_adapter,
     save_cpm_bee_delta,
 )
-from cpm_live.delta.layers import LoraLinear, LoraLinear4bit, merged_dense_weight
+from cpm_live.delta.layers import LoraLinear, LoraQuantized, merged_dense_weight
 from cpm_live.delta.lora import (
     LoraSettings,
     add_lora,
@@ -27,7 +27,7 @@ from cpm_live.delta.lora import (
 from cpm_live.delta.merge import MergeError
 
 __all__ = [
-    "AdapterError", "LoraDelta", "LoraLinear", "LoraLinear4bit", "LoraSettings", "MergeError", "add_lora",
+    "AdapterError", "LoraDelta", "LoraLinear", "LoraQuantized", "LoraSettings", "MergeError", "add_lora",
     "add_lora_args", "freeze_all_but_lora", "load_adapter", "lora_layers", "lora_settings_from_args", "lora_state_dict",
     "merge_lora_into_state_dict", "merged_dense_weight", "read_adapter", "save_adapter", "save_cpm_bee_delta",
     "trainable_parameter_report",

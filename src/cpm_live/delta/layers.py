@@ -1,4 +1,4 @@
-"""LoRA layers for CPM-Bee's ``Linear`` and ``Linear4bit``, plugged into peft as custom modules.
+"""LoRA layers for CPM-Bee's ``Linear``, ``Linear4bit`` and ``Linear8bit``, plugged into peft as custom modules.
 
 Math (CPM-Bee / OpenDelta "parallel" LoRA, spec §4.2 item 2)::
 
@@ -9,7 +9,9 @@ branch does not. Folding the adapter into a dense weight therefore needs the ext
 
     W' = W + scaling * sqrt(dim_in) * B @ A          (because base(x) = x W^T / sqrt(dim_in))
 
-The base forward stays inside the base layer, so a 4-bit base keeps its quantized matmul. LoRA
+The base forward stays inside the base layer, so a 4-bit or int8 base keeps its quantized matmul
+(peft never wraps a quantized layer as a plain Linear over its integer data: every projection class
+the factory builds has an entry in :data:`CUSTOM_MODULES`, a test checks). LoRA
 weights are fp32 whatever the base dtype: AdamW then never updates fp16 parameters, and the branch
 runs in fp32 before its sum with the base output is cast back to the base output dtype.
 """
@@ -24,6 +26,7 @@ from torch import nn
 from cpm_live.delta.merge import lora_delta, merge_in_fp32
 from cpm_live.layers.linear import Linear
 from cpm_live.layers.linear4bit import Linear4bit
+from cpm_live.layers.linear8bit import Linear8bit
 
 
 class LoraLinear(nn.Module, LoraLayer):
@@ -109,10 +112,11 @@ class LoraLinear(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
-class LoraLinear4bit(LoraLinear):
-    """LoRA around a frozen 4-bit :class:`~cpm_live.layers.Linear4bit`.
+class LoraQuantized(LoraLinear):
+    """LoRA around a frozen quantized projection (:class:`~cpm_live.layers.Linear4bit`,
+    :class:`~cpm_live.layers.Linear8bit`).
 
-    Merging in place would re-quantize ``W + delta`` to 4 bits, rounding away most of the adapter
+    Merging in place would re-quantize ``W + delta``, rounding away much of the adapter
     and changing the base for every later step, so it is refused. Export instead: take
     :func:`merged_dense_weight` (dequantized base plus adapter, fp32) or
     :func:`cpm_live.delta.merge_lora_into_state_dict` on a dense checkpoint.
@@ -124,14 +128,19 @@ class LoraLinear4bit(LoraLinear):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise RuntimeError(
-            "cannot merge LoRA into a 4-bit Linear4bit in place (re-quantizing would round the adapter "
-            "away); export a merged dense weight instead with cpm_live.delta.merged_dense_weight(layer) or "
+            f"cannot merge LoRA into a quantized {type(self.get_base_layer()).__name__} in place (re-quantizing "
+            "would round the adapter away); export a merged dense weight instead with "
+            "cpm_live.delta.merged_dense_weight(layer) or "
             "cpm_live.delta.merge_lora_into_state_dict on the dense checkpoint"
         )
 
 
-# Most specific first: peft takes the first isinstance match.
-CUSTOM_MODULES: dict[type[nn.Module], type[LoraLinear]] = {Linear4bit: LoraLinear4bit, Linear: LoraLinear}
+# The one LoRA dispatch table: every projection class the factory builds, most specific first (peft
+# takes the first isinstance match).
+CUSTOM_MODULES: dict[type[nn.Module], type[LoraLinear]] = {
+    Linear4bit: LoraQuantized, Linear8bit: LoraQuantized, Linear: LoraLinear,
+}
+
 
 
 def merged_dense_weight(layer: LoraLinear) -> torch.Tensor:

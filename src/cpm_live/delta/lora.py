@@ -15,8 +15,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from cpm_live.delta.layers import CUSTOM_MODULES, LoraLinear
-from cpm_live.layers.linear import Linear
-from cpm_live.layers.linear4bit import Linear4bit
+from cpm_live.layers.linear_factory import PROJECTION_TYPES, is_quantized
 
 ADAPTER_NAME = "default"  # peft's adapter name; it never appears in saved keys
 
@@ -50,7 +49,7 @@ class LoraSettings:
         return self.alpha / self.r
 
     def to_peft_config(self) -> LoraConfig:
-        """The peft ``LoraConfig`` with CPM-Bee's Linear/Linear4bit LoRA layers registered."""
+        """The peft ``LoraConfig`` with CPM-Bee's projection LoRA layers registered."""
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                             target_modules=list(self.targets), bias="none", init_lora_weights=True)
         config._register_custom_module(CUSTOM_MODULES)
@@ -78,7 +77,7 @@ def matches_target(module_name: str, target: str) -> bool:
 
 
 def _check_targets(model: nn.Module, targets: Iterable[str]) -> None:
-    projections = {name: m for name, m in model.named_modules() if isinstance(m, (Linear, Linear4bit))}
+    projections = {name: m for name, m in model.named_modules() if isinstance(m, PROJECTION_TYPES)}
     available = sorted({name.rsplit(".", 1)[-1] for name in projections})
     for target in targets:
         hits = [name for name, _ in model.named_modules() if name and matches_target(name, target)]
@@ -91,7 +90,7 @@ def _check_targets(model: nn.Module, targets: Iterable[str]) -> None:
                   if name in hits and name not in projections]
         if others:
             raise ValueError(
-                f"LoRA target {target!r} matches modules that are not Linear/Linear4bit projections: "
+                f"LoRA target {target!r} matches modules that are not Linear/Linear4bit/Linear8bit projections: "
                 f"{others[:3]}; available projection names: {available}"
             )
 
@@ -144,14 +143,14 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def trainable_parameter_report(model: nn.Module) -> str:
     """``"trainable params: N || all params: M || trainable%: P"``.
 
-    A 4-bit ``Linear4bit`` counts as its logical ``dim_out * dim_in`` weights (its packed uint8
-    tensor stores two per byte); its quantization statistics (absmax, code tables) are bookkeeping,
-    not weights, and are not counted. Sizes are global (a DTensor shard counts as the whole tensor).
+    A quantized projection counts as its logical ``dim_out * dim_in`` weights (a packed 4-bit uint8
+    tensor stores two per byte); its quantization statistics (absmax, code tables, int8 ``SCB``) are
+    bookkeeping, not weights, and are not counted. Sizes are global (a DTensor shard counts as the whole tensor).
     """
     skipped: set[int] = set()
     total = 0
     for module in model.modules():
-        if isinstance(module, Linear4bit):
+        if is_quantized(module):
             total += module.dim_out * module.dim_in
             skipped.update(id(p) for p in module.parameters(recurse=False))
     trainable = 0

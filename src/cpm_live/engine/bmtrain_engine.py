@@ -10,7 +10,7 @@ does. How :class:`cpm_live.models.CPMBee` is mapped onto BMTrain by :meth:`BMTra
 - parameters outside the blocks (embedding, position bias, final norm) become
   ``bmt.DistributedParameter`` and their modules ``bmt.DistributedModule`` (gathered on attribute
   access), as ``bmt.BMTrainModelWrapper`` does;
-- integer tensors (``Linear4bit``'s packed codes and 8-bit absmax) become
+- integer tensors (``Linear4bit``'s packed codes and 8-bit absmax, ``Linear8bit``'s int8 weight) become
   :class:`DistributedParameter4Int8`.
 
 Why each layer is adapted instead of handing the list to ``TransformerBlockList.forward``: the
@@ -56,7 +56,7 @@ _LOAD_BEFORE_WRAP = ("with --engine bmtrain, load the base checkpoint (4-bit sta
 
 
 class DistributedParameter4Int8(bmt.DistributedParameter):
-    """A ZeRO shard of an integer tensor (packed 4-bit codes, 8-bit absmax) that never trains.
+    """A ZeRO shard of an integer tensor (packed 4-bit codes, 8-bit absmax, int8 weights) that never trains.
 
     BMTrain restores the full packed shape when a block gathers it (``_original_shape``), which is
     all ``Linear4bit`` needs to rebuild its ``QuantState``: the logical weight shape and dtype are

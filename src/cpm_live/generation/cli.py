@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint (.pt / .bin / .safetensors, dense or int4, qlora-PR .pt) or a Hugging Face "
                         "model directory")
     p.add_argument("--int4", action="store_true", help="the checkpoint is int4-compressed (sets the config's int4)")
+    p.add_argument("--int8", action="store_true", help="the checkpoint is int8 (LLM.int8; sets the config's int8)")
     p.add_argument("--delta", default=None, help="LoRA adapter: peft directory or CPM-Bee *-delta-best.pt")
     p.add_argument("--vocab", default=None, help="vocab file (default: vocab.txt beside --load)")
     p.add_argument("--input", required=True, help="jsonl, one CPM-Bee sample with an <ans> key per line")
@@ -125,7 +126,7 @@ def _check_prompts(tokenizer: CPMBeeTokenizer, records: list[tuple[str, dict[str
 
 def load_model(args: argparse.Namespace, device: torch.device) -> CPMBee:
     """Build the model on ``device`` from the config, load the checkpoint, then the adapter."""
-    config = load_config(args.model_config, args.load, int4=args.int4)
+    config = load_config(args.model_config, args.load, int4=args.int4, int8=args.int8)
     if device.type == "cpu" and config.dtype == torch.float16:
         print("--device cpu: running the fp16 config in fp32", file=sys.stderr)
         config = config.with_dtype(torch.float32)

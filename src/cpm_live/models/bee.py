@@ -1,7 +1,7 @@
 """CPM-Bee: embedding with subscript rotary, bucketed position bias, pre-norm encoder, tied logits.
 
 Parameter names and math follow the original checkpoints exactly (see docs/architecture.md), so an
-original state dict loads with ``strict=True``. The int4 switch is read once, by ``make_linear``.
+original state dict loads with ``strict=True``. The quantization setting is read once, by ``make_linear``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 
 from cpm_live.config import CPMBeeConfig
 from cpm_live.layers.embedding import EmbeddingExt
-from cpm_live.layers.linear_factory import make_linear
+from cpm_live.layers.linear_factory import is_quantized, make_linear
 from cpm_live.layers.position_embedding import BucketPositionBias
 from cpm_live.layers.transformer import Encoder
 
@@ -30,6 +30,16 @@ def segment_buckets(segment_rel: torch.Tensor, index: torch.Tensor, same: torch.
     index = index.masked_fill(~same, 0).view(batch, len_q * len_k).long()
     bucket = torch.gather(segment_rel, dim=1, index=index).view(batch, len_q, len_k)
     return bucket.masked_fill(~same, 1)
+
+
+def quantized_weight_keys(config: CPMBeeConfig) -> list[str]:
+    """State-dict keys of the weights the factory quantizes for ``config`` (int4 assumed when the
+    config is dense), read from a model built on the meta device (no memory, no quantization)."""
+    if config.quantization is None:
+        config = config.with_quantization("int4")
+    with torch.device("meta"):
+        model = CPMBee(config)
+    return [f"{name}.weight" for name, module in model.named_modules() if is_quantized(module)]
 
 
 class CPMBee(nn.Module):

@@ -33,6 +33,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     model.add_argument("--vocab", default=None, help="vocab file (default: vocab.txt beside or inside --load)")
     model.add_argument("--int4", action="store_true", default=None,
                        help="quantize the base projections to 4 bit (overrides the config's int4)")
+    model.add_argument("--int8", action="store_true", default=None,
+                       help="quantize the base projections to LLM.int8 (overrides the config's int4/int8)")
 
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default="dataset.json", help="training data: .jsonl or binary dataset dir")

@@ -103,13 +103,15 @@ class Trainer:
 
     def _load_config(self) -> CPMBeeConfig:
         args = self.args
-        config = load_config(args.model_config, args.load, int4=args.int4)
+        int8 = bool(args.int8)  # --int8 also overrides the QLoRA entry point's default int4
+        config = load_config(args.model_config, args.load, int4=bool(args.int4) and not int8, int8=int8)
         self.engine.check_consistent(config.to_dict(), "model config")
         self.lora = lora_settings_from_args(args)
-        if config.int4 and not self.use_lora:
+        if config.quantization is not None and not self.use_lora:
+            kind = config.quantization.kind
             raise TrainingError(
-                f"{config.source} sets int4 but LoRA is off: the 4-bit base is frozen, so nothing "
-                "would train. Add --use-delta (QLoRA) or set \"int4\": false (full fine-tuning)."
+                f"{config.source} sets {kind} but LoRA is off: the quantized base is frozen, so nothing "
+                f"would train. Add --use-delta (QLoRA) or set \"{kind}\": false (full fine-tuning)."
             )
         if config.int4:
             # Chosen once, here, for this device; the saved model_config.cpm_live.json records it.
