@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -15,7 +16,9 @@ from cpm_live.delta import LoraSettings, add_lora
 from cpm_live.engine import get_engine, local_parameter_bytes
 from cpm_live.layers import Linear8bit
 from cpm_live.models import CPMBee, CPMBeeConfig
-from tests.dist_scripts.engine_checks import (
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # torchrun runs this file as a script
+from tests.dist_scripts.engine_checks import (  # noqa: E402
     CONFIG,
     LR,
     WEIGHT_DECAY,
