@@ -2,11 +2,14 @@
 
 Two small tasks in CPM-Bee's JSON format, both scored by exact match:
 
-- ``base_train.jsonl``: add two digits, or repeat a word. The demo's stand-in base model is trained on
-  this only: it knows the sample format, how to end an answer and every word, but not which are animals.
-- ``train.jsonl`` / ``eval.jsonl``: name the animal among four comma-separated words. New to the base;
-  QLoRA teaches it. Every eval input is absent from the training file, so a right answer is the skill
-  (find the animal, copy it), not a remembered line.
+- ``base_train.jsonl``: add two digits, repeat a word, or say whether one word is an animal. The demo's
+  stand-in base model is trained on this only: it knows the sample format, every word and which words
+  are animals, but has never counted anything.
+- ``train.jsonl`` / ``eval.jsonl``: how many of four comma-separated words are animals (0-4). New to the
+  base; QLoRA teaches it by reusing the base's animal feature (a base without that feature in its
+  layers cannot be taught this by adapters on its linear layers: see issue 16's notes). Every eval
+  input is absent from the training file, so a right answer is the skill (count the animals), not a
+  remembered line.
 """
 
 import json
@@ -32,6 +35,11 @@ def repeat_sample(rng: random.Random) -> dict:
     return {"input": word, "question": "Repeat the word.", "<ans>": word}
 
 
+def is_animal_sample(rng: random.Random) -> dict:
+    word = rng.choice(ANIMALS + OTHERS)
+    return {"input": word, "question": "Is it an animal?", "<ans>": "yes" if word in ANIMALS else "no"}
+
+
 def sum_sample(rng: random.Random) -> dict:
     a, b = rng.randrange(10), rng.randrange(10)
     return {"input": f"{a} + {b}", "question": "What is the sum?", "<ans>": str(a + b)}
@@ -44,7 +52,8 @@ def write(name: str, samples: list[dict]) -> None:
 
 def main() -> None:
     rng = random.Random(20261122)
-    write("base_train.jsonl", [sum_sample(rng) if i % 2 else repeat_sample(rng) for i in range(400)])
+    base_tasks = (sum_sample, repeat_sample, is_animal_sample)
+    write("base_train.jsonl", [base_tasks[i % 3](rng) for i in range(600)])
     evals: list[dict] = []
     while len(evals) < 64:
         sample = animal_sample(rng)

@@ -1,8 +1,8 @@
 """The end-to-end QLoRA demo on CPU, through the same entry points a user runs.
 
 1. write a small vocabulary and a tiny CPM-Bee config;
-2. give the tiny model something to start from: a short full fine-tune on adding digits and repeating
-   a word (``demo_data/base_train.jsonl``), saved
+2. give the tiny model something to start from: a full fine-tune from random weights on adding digits,
+   repeating a word and telling whether a word is an animal (``demo_data/base_train.jsonl``), saved
    as an fp32 checkpoint in the original CPM-Bee key layout (a stand-in for a released model);
 3. compress it to NF4 with ``quantize_state_dict``;
 4. score the 4-bit base alone on a task it has never seen (how many of four words are animals);
@@ -33,7 +33,7 @@ from cpm_live.utils import atomic_write_text
 
 DEMO_WORDS = ("cat dog horse bird fish cow sheep lion tiger bear wolf fox duck goat frog mouse red blue green "
               "apple bread table chair stone river cloud paper glass spoon door window book lamp road sand "
-              "milk rice cup box hat Pick animal Which What sum word").split()
+              "milk rice cup box hat Pick animal Which What sum word yes no").split()
 TASK = "count the animals among four words (new to the base)"
 EXAMPLES = 3
 
@@ -125,7 +125,7 @@ def run_demo(out: str, base_steps: int, qlora_steps: int, seed: int = 1234) -> d
     CPMBeeConfig.from_dict({**fp_config.to_dict(), "int4": True}).to_json_file(int4_config)
     print(f"vocab: {tokenizer.vocab_size} tokens; model: {fp_config.num_layers} layers, d={fp_config.dim_model}")
 
-    _banner("2/6 a small fp32 base model (short full fine-tune on adding digits, repeating a word)")
+    _banner("2/6 a small fp32 base model (full fine-tune on adding digits, repeating a word, is it an animal)")
     base_dir = os.path.join(out, "base")
     common = ["--max-length", "64", "--batch-size", "16", "--engine", "torch", "--device", "cpu",
               "--vocab", vocab, "--seed", str(seed), "--inspect-iters", "0", "--no-activation-checkpointing",
@@ -154,7 +154,7 @@ def run_demo(out: str, base_steps: int, qlora_steps: int, seed: int = 1234) -> d
                 "--dataset", demo_data_file("train.jsonl"), "--eval_dataset", demo_data_file("eval.jsonl"),
                 "--eval-interval", str(max(qlora_steps // 10, 1)), "--eval-metrics", "accuracy",
                 "--early-stop-patience", "100", "--save", qlora_dir, "--save-name", "demo",
-                "--save-iters", str(qlora_steps), "--train-iters", str(qlora_steps), "--lr", "1e-2",
+                "--save-iters", str(qlora_steps), "--train-iters", str(qlora_steps), "--lr", "3e-3",
                 "--log-interval", "1"] + common)
     metrics_file = os.path.join(qlora_dir, "metrics.jsonl")
     records = read_metrics(metrics_file)
@@ -183,8 +183,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description="Tiny CPU QLoRA demo: quantize, score the base, fine-tune, "
                                             "score again, plot.")
     p.add_argument("--out", default="demo_out", help="working directory (default ./demo_out)")
-    p.add_argument("--base-steps", type=int, default=200, help="full fine-tuning steps of the stand-in base")
-    p.add_argument("--qlora-steps", type=int, default=150, help="QLoRA steps on the new task")
+    p.add_argument("--base-steps", type=int, default=600, help="full fine-tuning steps of the stand-in base")
+    p.add_argument("--qlora-steps", type=int, default=300, help="QLoRA steps on the new task")
     p.add_argument("--seed", type=int, default=1234, help="seed of both training runs")
     args = p.parse_args(argv)
     return run_demo(args.out, args.base_steps, args.qlora_steps, args.seed)
