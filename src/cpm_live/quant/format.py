@@ -247,14 +247,21 @@ def checkpoint_metadata(settings: QuantSettings, compute_dtype: str, source: str
     }
 
 
+def has_format(metadata: Mapping[str, str], name: str, max_version: int, path: str) -> bool:
+    """Whether ``metadata`` says format ``name``; a version this cpm_live cannot read is an error."""
+    if metadata.get("format") != name:
+        return False
+    version = metadata.get("format_version", "")
+    if not version.isdigit() or int(version) > max_version:
+        raise QuantFormatError(f"{path} has {name} format version {version!r}; this cpm_live reads up to "
+                               f"{max_version}: upgrade cpm_live")
+    return True
+
+
 def settings_from_metadata(metadata: Mapping[str, str], path: str) -> QuantSettings | None:
     """The settings a compressed checkpoint records, or None if ``metadata`` is not ours."""
-    if metadata.get("format") != FORMAT_NAME:
+    if not has_format(metadata, FORMAT_NAME, FORMAT_VERSION, path):
         return None
-    version = metadata.get("format_version", "")
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
-        raise QuantFormatError(f"{path} has compressed-format version {version!r}; this cpm_live reads up to "
-                               f"{FORMAT_VERSION}: upgrade cpm_live")
     try:
         return QuantSettings(metadata["quant_type"], metadata["double_quant"] == "true",
                              int(metadata["blocksize"]))

@@ -22,7 +22,7 @@ import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
 import bitsandbytes.functional as bnbF
 import torch
 
-from cpm_live.quant.format import QuantFormatError
+from cpm_live.quant.format import QuantFormatError, has_format
 
 FORMAT_NAME = "cpm_live.int8"
 FORMAT_VERSION = 1
@@ -107,13 +107,7 @@ def checkpoint_metadata(threshold: float, source: str,
 
 
 def is_int8_metadata(metadata: Mapping[str, str], path: str) -> bool:
-    if metadata.get("format") != FORMAT_NAME:
-        return False
-    version = metadata.get("format_version", "")
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
-        raise QuantFormatError(f"{path} has int8-format version {version!r}; this cpm_live reads up to "
-                               f"{FORMAT_VERSION}: upgrade cpm_live")
-    return True
+    return has_format(metadata, FORMAT_NAME, FORMAT_VERSION, path)
 
 
 class _MatMul8bit(torch.autograd.Function):
