@@ -35,7 +35,11 @@ def seed():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("settings", SETTINGS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16], ids=["fp16", "fp32", "bf16"])
-def test_quantize_is_bit_identical_to_bnb_and_matches_layout(shape, settings, dtype):
+@pytest.mark.parametrize("part_elements", [qformat.PART_ELEMENTS, 200], ids=["whole", "parts"])
+def test_quantize_is_bit_identical_to_bnb_and_matches_layout(shape, settings, dtype, part_elements, monkeypatch):
+    """``quantize`` runs bnb's kernel on parts and joins them; with parts of 200 elements (3-5 blocks
+    of 64, several parts per weight, a partial last block) the bytes must still be quantize_4bit's."""
+    monkeypatch.setattr(qformat, "PART_ELEMENTS", part_elements)
     weight = torch.randn(shape, dtype=dtype) * 3
     entries = qformat.quantize_entries("w", weight, settings)
     packed, state = bnbF.quantize_4bit(weight, blocksize=settings.blocksize,
@@ -165,6 +169,34 @@ def test_stream_writer_matches_safetensors_reader(tmp_path):
             assert torch.equal(f.get_tensor(key), value), key
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     assert (8 + header_len) % 8 == 0
+
+
+def test_stream_writer_takes_parts_from_threads(tmp_path):
+    """write_at: parts of one tensor written from several threads land where they belong; the tensor
+    counts as written only once covered, and a part outside it or of another dtype is refused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    big, small = torch.randn(1000), torch.arange(12, dtype=torch.uint8).reshape(3, 4)
+    path = tmp_path / "x.safetensors"
+    writer = SafetensorsWriter(path, {"big": ((1000,), torch.float32), "small": ((3, 4), torch.uint8)})
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda a: writer.write_at("big", a * 4, big[a:a + 70]), range(0, 1000, 70)))
+    writer.write_at("small", 4, small[1:])
+    with pytest.raises(ValueError, match=r"never written.*\['small'\]"):
+        writer.close()
+    writer = SafetensorsWriter(path, {"big": ((1000,), torch.float32), "small": ((3, 4), torch.uint8)})
+    with pytest.raises(ValueError, match="does not fit tensor big"):
+        writer.write_at("big", 3996, torch.zeros(2))
+    with pytest.raises(ValueError, match="does not fit tensor small"):
+        writer.write_at("small", 0, torch.zeros(2))
+    writer.write_at("big", 0, big[:500])
+    with pytest.raises(ValueError, match="written twice"):
+        writer.write("big", big)
+    writer.write_at("big", 2000, big[500:])
+    writer.write("small", small)
+    writer.close()
+    with safe_open(path, framework="pt") as f:
+        assert torch.equal(f.get_tensor("big"), big) and torch.equal(f.get_tensor("small"), small)
 
 
 def test_stream_writer_rejects_what_was_not_planned(tmp_path):

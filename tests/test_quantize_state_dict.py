@@ -18,6 +18,7 @@ from cpm_live.checkpoint import CheckpointError
 from cpm_live.convert.cli import main
 from cpm_live.convert.compress import is_quant_target, quantize_state_dict
 from cpm_live.quant import format as qformat
+from cpm_live.quant import int8 as qint8
 
 ROOT = Path(__file__).parents[1]
 LAYER = ["self_att.self_attention.project_q", "self_att.self_attention.project_k",
@@ -101,8 +102,11 @@ def test_safetensors_input_gives_the_same_tensors(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
-def test_output_bytes_do_not_depend_on_workers(checkpoint, tmp_path, fmt):
-    """Threads finish tensors in any order; the file must still be byte-for-byte the same."""
+@pytest.mark.parametrize("part_elements", [qformat.PART_ELEMENTS, 3000], ids=["default-parts", "small-parts"])
+def test_output_bytes_do_not_depend_on_workers(checkpoint, tmp_path, fmt, part_elements, monkeypatch):
+    """Threads finish parts and tensors in any order; the file must still be byte-for-byte the same
+    (with parts of 3000 elements every weight is cut into several, the 48x4000 one into 64)."""
+    monkeypatch.setattr(qformat, "PART_ELEMENTS", part_elements)
     sd, path = checkpoint
     sd["encoder.layers.2.ffn.ffn.w_out.weight"] = torch.randn(48, 4000, generator=torch.Generator().manual_seed(1)
                                                               ).half()  # one slow tensor among fast ones
@@ -122,6 +126,15 @@ def test_output_bytes_do_not_depend_on_workers(checkpoint, tmp_path, fmt):
         key = "encoder.layers.2.ffn.ffn.w_out.weight"
         packed, _ = bnbF.quantize_4bit(sd[key], blocksize=64, compress_statistics=True, quant_type="nf4")
         assert torch.equal(f.get_tensor(key), packed)
+    int8 = {}
+    for workers in (1, 3):
+        out = tmp_path / f"int8-w{workers}.safetensors"
+        quantize_state_dict(path, out, device="cpu", progress=False, workers=workers, int8=True)
+        int8[workers] = out.read_bytes()
+    assert int8[1] == int8[3]
+    with safe_open(tmp_path / "int8-w3.safetensors", "pt") as f:  # row parts join to the whole weight's
+        cb, scb = qint8.quantize(sd[key])
+        assert torch.equal(f.get_tensor(key), cb) and torch.equal(f.get_tensor(key[:-len("weight")] + "SCB"), scb)
 
 
 def test_workers_must_be_positive(checkpoint, tmp_path, capsys):

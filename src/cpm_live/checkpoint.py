@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import mmap
 import os
 import pickle
@@ -71,6 +72,8 @@ class CheckpointReader:
         self.origin = "safetensors"
         self._file = None
         self._mapped = False
+        self._map: mmap.mmap | None = None
+        self._map_base: torch.Tensor | None = None
         if self.path.endswith(".safetensors") or is_safetensors(self.path):
             self._open_safetensors()
         else:
@@ -180,6 +183,12 @@ class CheckpointReader:
         if self._file is not None:
             self._file.close()
         self._tensors = {}
+        self._map_base = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a mapped tensor is still alive: the mapping goes with the last one
+                pass
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -202,9 +211,26 @@ class CheckpointReader:
                 raise CheckpointError(f"{self.path} ended while reading {key}: the file is truncated")
         return tensor
 
+    def read_mapped(self, key: str) -> torch.Tensor:
+        """``read`` without copying: a view of the file's pages, which are read where the tensor is
+        first touched (so threads working on it read in parallel). Hand it to ``release`` when done;
+        it must not be used after ``close``. ``.pt`` tensors are mapped already."""
+        if self._file is None:
+            return self._tensors[key]
+        if self._map is None:  # a private mapping: tensors may be written to without touching the file
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._map_base = torch.frombuffer(self._map, dtype=torch.uint8, count=1)
+        shape, dtype = self._infos[key]
+        if not self.nbytes(key):
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self._map, dtype=dtype, count=math.prod(shape),
+                                offset=self._start + self._offsets[key][0]).view(shape)
+
     def release(self, tensor: torch.Tensor) -> None:
-        """Say ``tensor`` (from ``read``) is consumed: its memory-mapped pages may leave RAM (.pt only)."""
-        if self._mapped:
+        """Say ``tensor`` (from ``read`` or ``read_mapped``) is consumed: its memory-mapped pages may
+        leave RAM (tensors read into fresh memory are left alone)."""
+        if self._mapped or self._map_base is not None and 0 <= tensor.data_ptr() - self._map_base.data_ptr() \
+                < len(self._map):
             _release_pages(tensor)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -326,6 +352,12 @@ class ModelDirReader(CheckpointReader):
     def read(self, key: str) -> torch.Tensor:
         reader, stored = self._source[key]
         tensor = reader.read(stored)
+        self._owner[tensor.data_ptr()] = reader
+        return tensor
+
+    def read_mapped(self, key: str) -> torch.Tensor:
+        reader, stored = self._source[key]
+        tensor = reader.read_mapped(stored)
         self._owner[tensor.data_ptr()] = reader
         return tensor
 

@@ -13,13 +13,14 @@ The input is anything :func:`cpm_live.checkpoint.open_checkpoint` reads, Hugging
 directories included. A compressed checkpoint of CPM-Bee's qlora PR is converted instead: its packed
 bytes are copied, so the output equals quantizing the fp16 source the PR started from.
 
-On CPU, ``workers`` threads quantize different tensors at once while the calling thread reads the
-next tensor and writes finished ones (bitsandbytes' CPU 4-bit path is torch ops plus ctypes calls,
-both of which release the GIL, so threads scale without the copies processes would need; see
-``benchmarks/README.md`` for the measurement). Each tensor is quantized exactly as before, and the
-writer places every tensor at an offset fixed by the plan, so the output bytes do not depend on the
-number of workers. At most ``workers + 1`` input tensors are in flight, so peak memory grows with
-the workers, not with the checkpoint. On CUDA one thread quantizes (the GPU is the parallel part).
+On CPU, ``workers`` threads quantize parts of one weight at once (ranges of whole 4-bit blocks, or
+int8 rows, of about a million elements) while the calling thread reads the next tensor and writes
+finished ones; bitsandbytes' CPU quantization is torch ops, which release the GIL, so threads scale
+without the copies processes would need (``benchmarks/README.md`` has the measurement). The parts
+of a weight join into exactly what quantizing it whole gives, and the writer places every tensor at
+an offset fixed by the plan, so the output bytes do not depend on the number of workers. At most two
+input tensors are in flight, so peak memory does not grow with the checkpoint or the workers. On
+CUDA one thread quantizes each weight whole (the GPU is the parallel part).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -120,43 +122,88 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def convert_tensors(reader: CheckpointReader, quantized: set[str], settings: qformat.QuantSettings | None,
-                    device: torch.device, workers: int) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-    """Yield ``(key, output entries)`` for every tensor of ``reader``, in file order.
+WriteAt = Callable[[str, int, torch.Tensor], None]
 
-    ``workers`` threads quantize; this thread reads ahead, so at most ``workers + 1`` input tensors
-    are held at once. A ``.pt`` tensor's mapped pages are released once its job has finished.
+
+def convert_tensors(reader: CheckpointReader, quantized: set[str], settings: qformat.QuantSettings | None,
+                    device: torch.device, workers: int, write_at: WriteAt
+                    ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """Convert every tensor of ``reader`` in file order; yield ``(key, entries left to write)``.
+
+    Each tensor is cut into parts (:func:`split`) that ``workers`` threads check, quantize and write
+    (``write_at(name, byte_offset, tensor)``) in order; this thread maps the next tensor meanwhile and
+    joins finished ones into their small remaining entries (the quant state), so at most two input
+    tensors are in flight. A tensor's mapped pages are released once its parts are done.
     ``settings`` None: int8.
     """
-    def job(key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{reader.path}: {key} holds NaN or inf values; a 4-bit copy would keep them: "
-                                  "fix or re-export the checkpoint")
-        if key not in quantized:
-            return {key: tensor}
-        if settings is None:
-            return {k: v.cpu() for k, v in qint8.quantize_entries(key, tensor.to(device)).items()}
-        return qformat.quantize_entries(key, tensor.to(device), settings)
-
-    def finish(item: tuple[str, torch.Tensor, Future]) -> tuple[str, dict[str, torch.Tensor]]:
-        key, tensor, future = item
-        entries = future.result()
+    def finish(item: tuple[str, torch.Tensor, list[Future], Callable]) -> tuple[str, dict[str, torch.Tensor]]:
+        key, tensor, futures, join = item
+        entries = join([f.result() for f in futures])
         reader.release(tensor)
         return key, entries
 
-    pending: deque[tuple[str, torch.Tensor, Future]] = deque()
+    pending: deque[tuple[str, torch.Tensor, list[Future], Callable]] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quantize") as pool:
         try:
             for key in reader.keys():
-                tensor = reader.read(key)
-                pending.append((key, tensor, pool.submit(job, key, tensor)))
-                if len(pending) > workers:
+                tensor = reader.read_mapped(key)
+                jobs, join = split(reader.path, key, tensor, key in quantized, settings, device, write_at)
+                pending.append((key, tensor, [pool.submit(job) for job in jobs], join))
+                if len(pending) > 1:
                     yield finish(pending.popleft())
             while pending:
                 yield finish(pending.popleft())
         finally:  # the consumer failed or stopped: drop what has not started
-            for *_, future in pending:
-                future.cancel()
+            for _, _, futures, _ in pending:
+                for future in futures:
+                    future.cancel()
+
+
+def split(path: str, key: str, tensor: torch.Tensor, quantize: bool, settings: qformat.QuantSettings | None,
+          device: torch.device, write_at: WriteAt
+          ) -> tuple[list[Callable[[], Any]], Callable[[list], dict[str, torch.Tensor]]]:
+    """The jobs for one tensor and the function that joins their results into the entries still to
+    write. A job takes a part of about ``qformat.PART_ELEMENTS`` elements (a range of whole 4-bit
+    blocks, of int8 rows, or of a copied tensor), checks it for NaN/inf, quantizes it and writes its
+    bytes where they belong in the output. On CUDA a weight is one part (the GPU is the parallel part)."""
+    def checked(values: torch.Tensor) -> torch.Tensor:
+        if values.is_floating_point() and not torch.isfinite(values).all():
+            raise CheckpointError(f"{path}: {key} holds NaN or inf values; a quantized copy would keep them: "
+                                  "fix or re-export the checkpoint")
+        return values
+
+    def copy(start: int, part: torch.Tensor) -> None:
+        write_at(key, start * part.element_size(), checked(part))
+
+    def int8_rows(start: int, rows: torch.Tensor) -> torch.Tensor:
+        cb, scb = qint8.quantize(checked(rows).to(device))
+        write_at(key, start * rows.shape[1], cb)
+        return scb.cpu()
+
+    def int4_blocks(start: int, part: torch.Tensor) -> torch.Tensor:
+        packed, absmax = qformat.quantize_part(checked(part).to(device), settings)
+        write_at(key, start // 2, packed)
+        return absmax
+
+    part_elements = max(1, tensor.numel() if device.type == "cuda" else qformat.PART_ELEMENTS)
+    flat = tensor.reshape(-1)
+    if not quantize and not flat.numel():
+        return [], lambda _: {key: tensor}
+    if not quantize:
+        ranges = [(a, min(a + part_elements, flat.numel())) for a in range(0, flat.numel(), part_elements)]
+        return [functools.partial(copy, a, flat[a:b]) for a, b in ranges], lambda _: {}
+    if settings is None:
+        step = max(1, part_elements // max(1, tensor.shape[1]))
+        jobs = [functools.partial(int8_rows, a, tensor[a:a + step]) for a in range(0, tensor.shape[0], step)]
+        return jobs, lambda scbs: qint8.side_entries(key, torch.cat(scbs))
+    qformat.check_dtype(tensor)
+    jobs = [functools.partial(int4_blocks, a, flat[a:b])
+            for a, b in qformat.part_ranges(flat.numel(), settings, part_elements)]
+
+    def join(absmax: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        state = qformat.join_absmax(absmax, tensor.shape, tensor.dtype, settings)
+        return {f"{key}.{field}": value.cpu() for field, value in state.as_dict(packed=True).items()}
+    return jobs, join
 
 
 def check_output_path(input_path: str, output_path: str, force: bool, suffixes: tuple[str, ...] | None) -> None:
@@ -218,7 +265,7 @@ def quantize_state_dict(input_path: str | os.PathLike, output_path: str | os.Pat
                 with tqdm(total=input_bytes, unit="B", unit_scale=True, desc="quantize",
                           disable=not progress) as bar, torch_threads(threads):
                     for key, entries in convert_tensors(reader, quantized, None if int8 else settings, device,
-                                                        workers):
+                                                        workers, writer.write_at):
                         for name, value in entries.items():
                             writer.write(name, value)
                         bar.update(reader.nbytes(key))

@@ -65,8 +65,13 @@ def dequantize(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype = torch.f
 def quantize_entries(key: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """The three state-dict entries of ``weight`` stored under ``key``."""
     cb, scb = quantize(weight)
+    return {key: cb, **side_entries(key, scb)}
+
+
+def side_entries(key: str, scb: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The entries stored beside int8 weight ``key``: its row scales and the layout tag."""
     prefix = module_prefix(key)
-    return {key: cb, prefix + "SCB": scb, prefix + "weight_format": torch.tensor(0, dtype=torch.uint8)}
+    return {prefix + "SCB": scb, prefix + "weight_format": torch.tensor(0, dtype=torch.uint8)}
 
 
 def validate(key: str, entries: Mapping[str, torch.Tensor], shape: tuple[int, ...] | None = None) -> None:

@@ -5,7 +5,8 @@ The file format is an 8-byte little-endian header length, a JSON header (name ->
 come first but needs every offset, so the writer takes the layout up front:
 
 - *fixed* tensors (known shape and dtype) get their offsets at once and are written where they
-  belong, in any order, as they arrive;
+  belong, in any order, as they arrive, whole (``write``) or in parts from several threads
+  (``write_at``);
 - *tail* tensors (small 1-D uint8 whose length is only known later, e.g. the JSON quant-state of a
   4-bit weight) are kept in memory and appended after the fixed ones on ``close()``.
 
@@ -20,6 +21,8 @@ import json
 import math
 import os
 import struct
+import threading
+from collections import Counter
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -75,6 +78,8 @@ class SafetensorsWriter:
         self.fixed_end = end
         self.tails: dict[str, bytes] = {}
         self.written: set[str] = set()
+        self._covered: Counter[str] = Counter()  # bytes written by write_at, per tensor
+        self._lock = threading.Lock()
         worst = {n: ((MAX_TAIL_BYTES,), torch.uint8, (end, end + MAX_TAIL_BYTES * (len(self.tail_names) + 1)))
                  for n in self.tail_names}
         self.header_room = len(self._header(worst)) + 8
@@ -92,8 +97,33 @@ class SafetensorsWriter:
             entries[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": list(offsets)}
         return json.dumps(entries, separators=(",", ":")).encode("utf-8")
 
+    def _pwrite(self, data: memoryview, position: int) -> None:
+        """Write all of ``data`` at ``position`` without moving the file offset (safe across threads)."""
+        data = data.cast("B")
+        while len(data):
+            done = os.pwrite(self.file.fileno(), data, position)
+            data, position = data[done:], position + done
+
+    def write_at(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        """Write ``tensor``'s bytes at byte ``start`` of fixed tensor ``name``. Threads may write
+        parts of tensors at once; ``name`` counts as written once its (non-overlapping) parts cover it."""
+        if name not in self.fixed:
+            raise ValueError(f"tensor {name} was not planned for {self.path}, or is a tail")
+        data = tensor_bytes(tensor)
+        begin, end = self.offsets[name]
+        if tensor.dtype != self.fixed[name][1] or start < 0 or begin + start + data.nbytes > end:
+            raise ValueError(f"a {tensor.dtype} part of {data.nbytes} bytes at byte {start} does not fit tensor "
+                             f"{name} ({self.fixed[name][1]}, {end - begin} bytes)")
+        self._pwrite(data, self.data_start + begin + start)
+        with self._lock:
+            if name in self.written:
+                raise ValueError(f"tensor {name} written twice")
+            self._covered[name] += data.nbytes
+            if self._covered[name] == end - begin:
+                self.written.add(name)
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.written:
+        if name in self.written or self._covered[name]:
             raise ValueError(f"tensor {name} written twice")
         if name in self.fixed:
             shape, dtype = self.fixed[name]
@@ -101,8 +131,7 @@ class SafetensorsWriter:
                 raise ValueError(
                     f"tensor {name} is {tensor.dtype} {list(tensor.shape)}, planned {dtype} {list(shape)}")
             if math.prod(shape):
-                self.file.seek(self.data_start + self.offsets[name][0])
-                self.file.write(tensor_bytes(tensor))
+                self._pwrite(tensor_bytes(tensor), self.data_start + self.offsets[name][0])
         elif name in self.tail_names:
             if tensor.dtype != torch.uint8 or tensor.dim() != 1 or tensor.numel() > MAX_TAIL_BYTES:
                 raise ValueError(f"tail tensor {name} must be 1-D uint8 of at most {MAX_TAIL_BYTES} bytes, "
@@ -110,7 +139,8 @@ class SafetensorsWriter:
             self.tails[name] = bytes(tensor_bytes(tensor))
         else:
             raise ValueError(f"tensor {name} was not planned for {self.path}")
-        self.written.add(name)
+        with self._lock:
+            self.written.add(name)
 
     def close(self) -> None:
         """Append the tails, write the header, flush to disk. Raises if a planned tensor is missing."""
