@@ -124,3 +124,33 @@ def test_dequantization_works_after_inference_mode():
     out = layer(x)
     out.sum().backward()
     assert torch.equal(out.detach(), expected) and x.grad is not None
+
+
+def test_native_kernel_is_used_only_where_checked_exact(monkeypatch):
+    """bitsandbytes' faster native kernel is only tried when every row is whole blocks, and only used
+    for a case after it matched the exact values; a kernel that gets it wrong (as the AVX-512 build does
+    for rows that split blocks) is dropped for that case, and the output stays exact either way."""
+    calls = []
+
+    def wrong_native(packed, absmax, state, dtype, transient=False):
+        calls.append(tuple(state.shape))
+        return torch.zeros(tuple(state.shape), dtype=dtype)
+
+    monkeypatch.setattr(dequant, "_native", wrong_native)
+    monkeypatch.setattr(dequant, "_NATIVE_EXACT", {})
+    for shape in [(2, 48), (4, 128)]:  # a row splitting 64-blocks, then whole blocks
+        layer = Linear4bit(shape[1], shape[0], blocksize=64, dtype=torch.float32)
+        for _ in range(2):
+            assert torch.equal(layer.dequantize(torch.float32), reference_weight(layer))
+    assert calls == [(4, 128)]  # tried once for the aligned case, never for the split one
+    assert dequant._NATIVE_EXACT == {((2, 48), 64, "nf4", torch.float32): False,
+                                     ((4, 128), 64, "nf4", torch.float32): False}
+
+    monkeypatch.setattr(dequant, "_NATIVE_EXACT", {})
+    monkeypatch.setattr(dequant, "_native", lambda packed, absmax, state, dtype, transient=False: (
+        calls.append("right") or dequant.dequantize_cpu(packed, absmax, state.code, state.blocksize,
+                                                        tuple(state.shape), dtype)))
+    layer = Linear4bit(128, 4, blocksize=64, dtype=torch.float32)
+    for _ in range(3):
+        assert torch.equal(layer.dequantize(torch.float32), reference_weight(layer))
+    assert calls.count("right") == 4  # the check, then every call
