@@ -202,3 +202,35 @@ def test_a_checkpoint_file_holding_code_is_refused_in_one_line(tiny, tmp_path):
         finetune(qlora_args(tiny, save, 4, "--resume", "auto"))
     assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)
     assert not marker.exists()
+
+
+DISK_FULL = """
+import resource, signal, sys, torch
+from cpm_live.engine.torch_engine import TorchEngine
+from cpm_live.training import state as ckpt
+engine = TorchEngine(device="cpu")
+small, big = {"w": torch.zeros(4)}, {"w": torch.zeros(1 << 18)}  # 1 MiB
+ckpt.save_checkpoint(engine, sys.argv[1], 2, small, small, {"step": 2})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 19, 1 << 19))
+trainable, optimizer = (big, small) if sys.argv[2] == "trainable" else (small, big)
+try:
+    ckpt.save_checkpoint(engine, sys.argv[1], 4, trainable, optimizer, {"step": 4})
+except ckpt.TrainingError as e:
+    print(e)
+"""
+
+
+@pytest.mark.parametrize("too_big", ["trainable", "optimizer"])  # safetensors' and torch.save's write errors
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_path, too_big):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", DISK_FULL, str(tmp_path), too_big], capture_output=True, text=True,
+                         env=env, timeout=120)
+    message = run.stdout.strip()
+    partial = tmp_path / "checkpoints" / "step-00000004.partial"
+    name = ckpt.TRAINABLE_FILE if too_big == "trainable" else ckpt.OPTIMIZER_FILE
+    assert message.startswith(f"cannot write {partial / name} (") and "\n" not in message, run.stdout + run.stderr
+    assert "is the disk full?" in message and "MiB free there" in message and "--resume auto" in message
+    assert steps_on_disk(tmp_path) == ["step-00000002"]
+    assert ckpt._is_complete(tmp_path / "checkpoints" / "step-00000002")
+    assert not partial.exists() and (tmp_path / "checkpoints" / "latest").read_text() == "step-00000002\n"

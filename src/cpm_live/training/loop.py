@@ -311,10 +311,11 @@ class Trainer:
         if not self.engine.is_main:
             return
         if self.use_lora:
-            save_adapter(state, self.lora, os.path.join(args.save, f"{args.save_name}-delta-{tag}"),
-                         base_config=self.config)
-            if args.delta_format == "opendelta":
-                save_cpm_bee_delta(state, self.lora, os.path.join(args.save, f"{args.save_name}-delta-{tag}.pt"))
+            adapter = os.path.join(args.save, f"{args.save_name}-delta-{tag}")
+            with run_state.writing(adapter):
+                save_adapter(state, self.lora, adapter, base_config=self.config)
+                if args.delta_format == "opendelta":
+                    save_cpm_bee_delta(state, self.lora, adapter + ".pt")
         else:
             run_state.save_weights_pt(state, os.path.join(args.save, f"{args.save_name}-{tag}.pt"))
 
