@@ -59,6 +59,32 @@ def test_config_json_booleans_and_numbers_still_load(tmp_path):
     assert config.int4 is True and config.mask_modules == [[False, True], [False, False]]
 
 
+def test_config_nested_too_deep_names_the_file_and_line(tmp_path):
+    from cpm_live.model_dir import config_values
+
+    path = tmp_path / "config.json"
+    path.write_text('{\n  "vocab_size": 64,\n  "dim_model": ' + "[" * 100_000 + "\n}\n")
+    for read in (CPMBeeConfig.from_json_file, config_values):
+        with pytest.raises(ConfigError, match=f"^model config {path}:3: JSON nested deeper than") as info:
+            read(path)
+        assert "\n" not in str(info.value)
+
+
+DEEP = b"[" * 100_000
+
+
+def test_jsonl_record_nested_too_deep_names_the_file_and_line(tmp_path):
+    from cpm_live.dataset import JsonlDataset
+
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"input": "a", "<ans>": "b"}\n' + DEEP + b"\n")
+    data = JsonlDataset(path)
+    data.read()
+    with pytest.raises(DataFormatError, match=f"^{path}:2: JSON nested deeper than"):
+        data.read()
+    data.close()
+
+
 # ------------------------------------------------------------------ binary dataset records
 
 
@@ -99,6 +125,12 @@ def test_self_referencing_and_exploding_pickles_are_refused_quickly(tmp_path, pa
     with pytest.raises(DataFormatError, match=f"hostile @ byte 0: .*{message}"):
         data.read()
     assert time.perf_counter() - start < 30  # unbounded, these never return
+
+
+def test_binary_record_nested_too_deep_names_the_file_and_offset(tmp_path):
+    dataset = _dataset_with(tmp_path, [DEEP[:4000]])
+    with pytest.raises(DataFormatError, match=r"hostile @ byte 0: JSON nested deeper than"):
+        dataset.read()
 
 
 def test_plain_pickles_with_repeated_strings_still_load():
