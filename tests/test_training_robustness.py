@@ -234,3 +234,23 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_
     assert steps_on_disk(tmp_path) == ["step-00000002"]
     assert ckpt._is_complete(tmp_path / "checkpoints" / "step-00000002")
     assert not partial.exists() and (tmp_path / "checkpoints" / "latest").read_text() == "step-00000002\n"
+
+
+def test_records_longer_than_max_length_are_reported_as_they_are_dropped(tiny, tmp_path, capsys):
+    lines = (DATA / "train.jsonl").read_text().splitlines()[:40]
+    long = json.dumps({"input": ",".join(["cat"] * 100), "question": "How many animals?", "<ans>": "100"})
+    for at in (2, 9, 16, 23, 30, 37):  # lines 3, 10, ...: 6 of 46 records (13%)
+        lines.insert(at, long)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    args = qlora_args(tiny, tmp_path / "run", 4)
+    args[args.index("--dataset") + 1] = str(data)
+    finetune(args)
+    out = capsys.readouterr().out
+    first = f"warning: {data}:3: the record has at least "
+    assert first in out and "tokens, more than --max-length 64: dropped" in out
+    assert out.index(first) < out.index("| step 1 |")  # reported at the step that read it, not at epoch end
+    assert "records read so far (" in out and "were longer than --max-length 64 and dropped: raise" in out
+    dropped = [r["dropped_records"] for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "loss" in r]
+    assert dropped == sorted(dropped) and dropped[0] >= 1 and f"| dropped {dropped[-1]} |" in out
+    assert f"; {dropped[-1]} record(s) longer than --max-length 64 were dropped" in out
