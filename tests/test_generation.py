@@ -458,6 +458,16 @@ def test_cli_writes_every_record_in_order(tmp_path, checkpoint, tokenizer, model
         assert records == expected
 
 
+def test_cli_output_scores_against_its_input(tmp_path, checkpoint):
+    from cpm_live.evaluation import evaluate_files
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [OPTION_SAMPLE, NESTED_SAMPLE, TWO_ANSWER_SAMPLE])
+    out = tmp_path / "out.jsonl"
+    assert generation_main(cli_args(checkpoint, inp, out, "--greedy")) == 0
+    assert set(evaluate_files(str(out), str(inp), ["accuracy", "rouge"])) == {"accuracy", "rouge-1", "rouge-2",
+                                                                            "rouge-l"}
+
+
 def test_cli_keeps_finished_records_when_a_later_batch_fails(tmp_path, checkpoint, monkeypatch):
     inp = write_jsonl(tmp_path / "in.jsonl", [OPTION_SAMPLE, NESTED_SAMPLE])
     out = tmp_path / "out.jsonl"
