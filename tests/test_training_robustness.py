@@ -181,7 +181,8 @@ def test_resume_with_another_batch_size_warns_with_the_global_batch(tiny, tmp_pa
 
 
 @pytest.mark.parametrize("flag, value", [("--log-interval", "0"), ("--eval-interval", "0"), ("--lr", "-1"),
-                                         ("--save-iters", "-2"), ("--keep-checkpoints", "-1")])
+                                         ("--save-iters", "-2"), ("--keep-checkpoints", "-1"),
+                                         ("--dist-timeout", "0"), ("--dist-timeout", "nan")])
 def test_bad_numeric_flags_fail_before_loading(tiny, tmp_path, flag, value):
     with pytest.raises(SystemExit, match=f"error: {flag} must be"):
         finetune(qlora_args(tiny, tmp_path / "run", 2, flag, value))
