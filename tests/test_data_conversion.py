@@ -261,8 +261,17 @@ def test_packer_skips_too_long_and_wraps_errors(tok):
     src = _ListSource([{"q": "a" * 30, "<ans>": "b"}, {"q": "a", "<ans>": "b"}, {"<问题>": "x"}, ["list"]])
     rng = np.random.RandomState(0)
     packer.add_data(src, "t", rng)
-    assert packer.num_skipped == 1 and src.i == 2
+    assert packer.num_skipped == 1 and src.i == 2 and packer.num_read == 2
+    assert packer.first_skipped[0] == "mem:1" and packer.first_skipped[1] > 14
     with pytest.raises(DataFormatError, match="mem:3: Invalid token <问题>"):
         packer.add_data(src, "t", rng)
     with pytest.raises(DataFormatError, match="mem:4: a sample must be a JSON object, got list"):
         packer.add_data(src, "t", rng)
+
+
+def test_packer_drops_a_record_of_many_segments_before_building_its_relation_table(tok):
+    packer = BatchPacker(1, 64, tok)
+    many = {"q": {f"k{i}": "" for i in range(50_000)}, "<ans>": "b"}  # 100k segments: a 40 GB n*n table
+    src = _ListSource([many, {"q": "a", "<ans>": "b"}])
+    packer.add_data(src, "t", np.random.RandomState(0))
+    assert packer.num_skipped == 1 and packer.first_skipped == ("mem:1", 100_004)

@@ -323,12 +323,32 @@ def test_preprocess_script_writes_json_datasets(tmp_path):
     assert sorted(os.listdir(out / "train")) == ["ccpm", "meta.bin"]
 
 
-def test_preprocess_malformed_line_names_file_and_line(tmp_path):
-    src = tmp_path / "in"
+@pytest.mark.parametrize("bad, message", [
+    ('{"a": 2\n', "line contains invalid json"),
+    ("[1]\n", "expected a JSON object"),
+    ('{"a": "' + "x" * 5000 + '"}\n', "does not fit a block of 4096 bytes"),
+], ids=["bad-json", "not-object", "too-large"])
+def test_preprocess_bad_record_names_file_and_line_and_leaves_no_output(tmp_path, bad, message):
+    src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
-    (src / "bad.jsonl").write_text('{"a": "1"}\n\n{"a": 2\n')
-    with pytest.raises(DataFormatError, match=r"bad.jsonl:3: line contains invalid json"):
-        preprocess_main(["--input", str(src), "--output_path", str(tmp_path / "out"), "--output-name", "x"])
+    (src / "a-good.jsonl").write_text('{"a": "1"}\n')  # converts first: must not appear either
+    (src / "b-bad.jsonl").write_text('{"a": "1"}\n\n' + bad)
+    with pytest.raises(SystemExit, match=rf"^error: {src / 'b-bad.jsonl'}:3: .*{message}") as info:
+        preprocess_main(["--input", str(src), "--output_path", str(out), "--output-name", "x", "--block-size", "4096"])
+    assert "\n" not in str(info.value)
+    assert os.listdir(out) == []  # no dataset folder, complete-looking or empty; the temp folder is gone
+
+
+def test_preprocess_refuses_an_existing_dataset_before_converting(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "train.jsonl").write_text('{"a": "1"}\n')
+    args = ["--input", str(src), "--output_path", str(out), "--output-name", "x"]
+    assert preprocess_main(args) == 0
+    before = (out / "train" / "meta.bin").read_bytes()
+    with pytest.raises(SystemExit, match=f"^error: {out / 'train'} already exists; .* remove it"):
+        preprocess_main(args)
+    assert (out / "train" / "meta.bin").read_bytes() == before and sorted(os.listdir(out)) == ["train"]
 
 
 def test_jsonl_dataset_position_state(tmp_path):

@@ -78,8 +78,8 @@ def test_auto_picks_bmtrain_only_with_cuda_and_bmtrain(monkeypatch, cuda, instal
 def test_engine_args_keep_the_original_defaults():
     parser = add_engine_args(argparse.ArgumentParser())
     args = parser.parse_args([])
-    assert (args.engine, args.seed, args.loss_scale, args.loss_scale_factor, args.loss_scale_steps) == \
-        ("auto", 1234, 1048576.0, 2.0, 512)
+    assert (args.engine, args.seed, args.loss_scale, args.loss_scale_factor, args.loss_scale_steps,
+            args.dist_timeout) == ("auto", 1234, 1048576.0, 2.0, 512, 1800.0)
     with pytest.raises(SystemExit):
         parser.parse_args(["--engine", "horovod"])
 

@@ -92,8 +92,24 @@ def test_evaluate_files_and_cli(tmp_path, capsys):
     assert printed == json.loads(out.read_text()) and printed["accuracy"] == 0.5 and "rouge-l" in printed
 
 
+def test_predictions_shifted_by_a_line_are_refused_naming_both_files(tmp_path):
+    records = [{"input": f"q{i}", "<ans>": f"<option_{i % 4}>"} for i in range(5)]
+    ref = _jsonl(tmp_path / "ref.jsonl", records)
+    shifted = _jsonl(tmp_path / "pred.jsonl", records[1:] + [records[0]])  # same count, one line off
+    with pytest.raises(SystemExit, match=rf"^error: {shifted}:1 is not the prediction for {ref}:1: their 'input' "
+                                         r'differ \("q1" vs "q0"\); predictions must be one per reference') as info:
+        main(["--pred", shifted, "--ref", ref])
+    assert "\n" not in str(info.value)
+    swapped = _jsonl(tmp_path / "pred.jsonl", [records[0], records[2], records[1], *records[3:]])
+    with pytest.raises(SystemExit, match=rf"{swapped}:2 is not the prediction for {ref}:2"):
+        main(["--pred", swapped, "--ref", ref])
+    # Predictions holding only their answers cannot be checked beyond the count; they still score.
+    bare = _jsonl(tmp_path / "bare.jsonl", [{"<ans>": r["<ans>"]} for r in records])
+    assert evaluate_files(bare, ref, ["accuracy"]) == {"accuracy": 1.0}
+
+
 @pytest.mark.parametrize(("pred_lines", "message"), [
-    ([{"<ans>": "a"}], r"pred\.jsonl has 1 records but .*ref\.jsonl has 2"),
+    ([{"<ans>": "a"}], r"pred\.jsonl has 1 records but .*ref\.jsonl has 2 \(first unpaired: .*ref\.jsonl:2\)"),
     ([{"<ans>": "a"}, {"input": "b"}], r'pred\.jsonl:2: the record has no "<ans>" key'),
     ([{"<ans>": "a"}, '{"<ans>": '], r"pred\.jsonl:2"),
 ], ids=["line-count", "no-ans", "bad-json"])

@@ -458,6 +458,16 @@ def test_cli_writes_every_record_in_order(tmp_path, checkpoint, tokenizer, model
         assert records == expected
 
 
+def test_cli_output_scores_against_its_input(tmp_path, checkpoint):
+    from cpm_live.evaluation import evaluate_files
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [OPTION_SAMPLE, NESTED_SAMPLE, TWO_ANSWER_SAMPLE])
+    out = tmp_path / "out.jsonl"
+    assert generation_main(cli_args(checkpoint, inp, out, "--greedy")) == 0
+    assert set(evaluate_files(str(out), str(inp), ["accuracy", "rouge"])) == {"accuracy", "rouge-1", "rouge-2",
+                                                                            "rouge-l"}
+
+
 def test_cli_keeps_finished_records_when_a_later_batch_fails(tmp_path, checkpoint, monkeypatch):
     inp = write_jsonl(tmp_path / "in.jsonl", [OPTION_SAMPLE, NESTED_SAMPLE])
     out = tmp_path / "out.jsonl"
@@ -520,3 +530,17 @@ def test_thin_script_shows_help():
     script = Path(__file__).parents[1] / "src" / "text_generation.py"
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True)
     assert "--repetition-penalty" in done.stdout and "--delta" in done.stdout
+
+
+@pytest.mark.parametrize("record, limit", [
+    ({"input": "hello world " * 200_000, "<ans>": ""}, []),  # 2.4 MB of text: 400k tokens
+    ({"input": {f"k{i}": "" for i in range(50_000)}, "<ans>": ""}, []),  # 100k segments: a 40 GB relation table
+    ({"input": "hello world " * 100, "<ans>": ""}, ["--max-prompt-length", "64"]),
+], ids=["long-text", "many-keys", "flag"])
+def test_cli_refuses_a_prompt_longer_than_the_limit_before_loading(tmp_path, checkpoint, record, limit):
+    inp = write_jsonl(tmp_path / "in.jsonl", [OPTION_SAMPLE, record])
+    bound = limit[1] if limit else "2048"  # the tiny config's position_bias_max_distance
+    with pytest.raises(SystemExit, match=rf"^error: {inp}:2: the prompt has at least \d+ tokens, more than "
+                                         rf"--max-prompt-length {bound}: shorten") as info:
+        generation_main(cli_args(checkpoint, inp, tmp_path / "out.jsonl", *limit))
+    assert "\n" not in str(info.value) and not (tmp_path / "out.jsonl").exists()

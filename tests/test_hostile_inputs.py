@@ -4,6 +4,7 @@ loop over, and refuses with one line naming the file and the fix."""
 import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from safetensors.torch import save_file
 
 from cpm_live.checkpoint import CheckpointError, CheckpointReader, build_model
 from cpm_live.convert.compress import quantize_state_dict
+from cpm_live.convert.export import main as export_main
 from cpm_live.dataset import DataFormatError, RawSerializer, SimpleDataset, build_dataset, safe_pickle_loads
 from cpm_live.dataset.serializer import UnsafePickleError
 from cpm_live.delta import AdapterError, LoraSettings, add_lora, load_adapter, save_adapter
@@ -57,6 +59,32 @@ def test_config_json_booleans_and_numbers_still_load(tmp_path):
     assert config.int4 is True and config.mask_modules == [[False, True], [False, False]]
 
 
+def test_config_nested_too_deep_names_the_file_and_line(tmp_path):
+    from cpm_live.model_dir import config_values
+
+    path = tmp_path / "config.json"
+    path.write_text('{\n  "vocab_size": 64,\n  "dim_model": ' + "[" * 100_000 + "\n}\n")
+    for read in (CPMBeeConfig.from_json_file, config_values):
+        with pytest.raises(ConfigError, match=f"^model config {path}:3: JSON nested deeper than") as info:
+            read(path)
+        assert "\n" not in str(info.value)
+
+
+DEEP = b"[" * 100_000
+
+
+def test_jsonl_record_nested_too_deep_names_the_file_and_line(tmp_path):
+    from cpm_live.dataset import JsonlDataset
+
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"input": "a", "<ans>": "b"}\n' + DEEP + b"\n")
+    data = JsonlDataset(path)
+    data.read()
+    with pytest.raises(DataFormatError, match=f"^{path}:2: JSON nested deeper than"):
+        data.read()
+    data.close()
+
+
 # ------------------------------------------------------------------ binary dataset records
 
 
@@ -97,6 +125,12 @@ def test_self_referencing_and_exploding_pickles_are_refused_quickly(tmp_path, pa
     with pytest.raises(DataFormatError, match=f"hostile @ byte 0: .*{message}"):
         data.read()
     assert time.perf_counter() - start < 30  # unbounded, these never return
+
+
+def test_binary_record_nested_too_deep_names_the_file_and_offset(tmp_path):
+    dataset = _dataset_with(tmp_path, [DEEP[:4000]])
+    with pytest.raises(DataFormatError, match=r"hostile @ byte 0: JSON nested deeper than"):
+        dataset.read()
 
 
 def test_plain_pickles_with_repeated_strings_still_load():
@@ -159,6 +193,8 @@ def int4_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(dict(CPMBee(tiny_config()).state_dict()), root / "base.pt")
     quantize_state_dict(root / "base.pt", root / "base-int4.safetensors")
+    quantize_state_dict(root / "base.pt", root / "base-int8.safetensors", int8=True)
+    tiny_config().to_json_file(root / "config.json")
     return root
 
 
@@ -200,6 +236,82 @@ def test_quant_state_blob_without_shape_is_refused(int4_checkpoint, tmp_path):
     save_file(state, str(path), metadata=CheckpointReader(int4_checkpoint / "base-int4.safetensors").metadata)
     with pytest.raises(CheckpointError, match="records shape None.*re-create it"):
         build_model(tiny_config(int4=True), path)
+
+
+def _export_error(root, path, *flags) -> str:
+    """cpm-bee-export's error for ``path``: one line naming the file; nothing is written."""
+    out = path.with_name("out.pt")
+    with pytest.raises(SystemExit) as info:
+        export_main(["--model-config", str(root / "config.json"), "--load", str(path), "--output", str(out), *flags])
+    message = str(info.value)
+    assert message.startswith(f"error: {path}") and "\n" not in message and not out.exists()
+    return message
+
+
+def _copy(root, kind, tmp_path, edit_header=None, edit_state=None):
+    """The int4 or int8 checkpoint, its header or its tensors edited."""
+    source = root / f"base-{kind}.safetensors"
+    path = tmp_path / f"edited-{kind}.safetensors"
+    if edit_state is None:
+        path.write_bytes(source.read_bytes())
+        _rewrite_safetensors_header(path, edit_header)
+    else:
+        from cpm_live.checkpoint import read_state_dict
+
+        state = {k: v.clone() for k, v in read_state_dict(source).items()}
+        edit_state(state)
+        save_file(state, str(path), metadata=CheckpointReader(source).metadata)
+    return path
+
+
+@pytest.mark.parametrize("kind, dtype, needs", [
+    ("int4", "F8_E4M3", "uint8"), ("int4", "BOOL", "uint8"), ("int4", "I8", "uint8"),
+    ("int8", "F8_E4M3", "int8"), ("int8", "BOOL", "int8"), ("int8", "U8", "int8"),
+])
+def test_export_refuses_a_relabelled_quantized_weight(int4_checkpoint, tmp_path, kind, dtype, needs):
+    path = _copy(int4_checkpoint, kind, tmp_path, lambda h: h[PACKED].update(dtype=dtype))
+    message = _export_error(int4_checkpoint, path)
+    assert f"{PACKED} is stored as torch." in message and f"the model needs torch.{needs}" in message
+
+
+def _packed_as_two_columns(header) -> None:
+    rows = header[PACKED]["shape"][0]
+    header[PACKED]["shape"] = [rows // 2, 2]
+
+
+def _set_blob(state, **values) -> None:
+    key = PACKED + ".quant_state.bitsandbytes__nf4"
+    blob = {**json.loads(bytes(state[key].tolist())), **values}
+    state[key] = torch.tensor(list(json.dumps(blob).encode()), dtype=torch.uint8)
+
+
+NORM = "encoder.output_layernorm.weight"
+SCB = PACKED.removesuffix("weight") + "SCB"
+
+
+@pytest.mark.parametrize("kind, header, state, message", [
+    ("int4", _packed_as_two_columns, None, f"{PACKED} is torch.uint8 \\[\\d+, 2\\] but .* needs .* \\[\\d+, 1\\]"),
+    ("int4", None, lambda s: s.pop(PACKED + ".absmax"), f"missing {PACKED}.absmax"),
+    ("int4", None, lambda s: s.update({"encoder.extra": torch.zeros(2)}), "not in the model \\(1\\): encoder.extra"),
+    ("int4", None, lambda s: s.pop(NORM), f"missing from the checkpoint \\(1\\): {NORM}"),
+    ("int4", None, lambda s: _set_blob(s, blocksize=128), "quantized with quant_type=nf4, blocksize=128"),
+    ("int4", None, lambda s: s[NORM].__setitem__(3, float("inf")), f"{NORM} holds NaN or inf"),
+    ("int4", None, lambda s: s[PACKED + ".nested_absmax"].fill_(float("nan")), f"{PACKED} holds NaN or inf"),
+    ("int8", None, lambda s: s[SCB].__setitem__(0, float("nan")), f"{PACKED} holds NaN or inf"),
+    ("int8", None, lambda s: s.update({SCB: s[SCB][:-1].clone()}), f"{SCB} is torch.float32 \\[\\d+\\], expected"),
+])
+def test_export_refuses_a_damaged_quantized_checkpoint_naming_file_and_key(int4_checkpoint, tmp_path, kind, header,
+                                                                           state, message):
+    path = _copy(int4_checkpoint, kind, tmp_path, header, state)
+    assert re.search(message, _export_error(int4_checkpoint, path))
+
+
+def test_export_checks_the_quant_state_against_the_config(int4_checkpoint, tmp_path):
+    path = tmp_path / "base-int4.safetensors"
+    path.write_bytes((int4_checkpoint / "base-int4.safetensors").read_bytes())
+    tiny_config(int4=True, int4_blocksize=128).to_json_file(tmp_path / "config.json")
+    assert re.search("was quantized with nf4, blocksize 64, .* asks for nf4, blocksize 128",
+                     _export_error(tmp_path, path))
 
 
 def test_quantizing_a_checkpoint_with_nan_is_refused(tmp_path):

@@ -239,7 +239,7 @@ def test_config_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['dim_modle'\] in .*bad.json"):
         CPMBeeConfig.from_json_file(bad)
     bad.write_text("{not json")
-    with pytest.raises(ConfigError, match="bad.json is not valid JSON"):
+    with pytest.raises(ConfigError, match="bad.json:1: not valid JSON"):
         CPMBeeConfig.from_json_file(bad)
     with pytest.raises(ConfigError, match="not found"):
         CPMBeeConfig.from_json_file(tmp_path / "missing.json")

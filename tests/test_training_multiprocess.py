@@ -88,3 +88,43 @@ def test_killed_rank_restarts_and_resumes_from_last_checkpoint(tiny, tmp_path):
     assert "resumed from" in out
     steps = [r["step"] for r in read_metrics(str(save / "metrics.jsonl")) if "loss" in r]
     assert steps == list(range(1, 15)), steps  # the restarted job continued, no step lost or repeated
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _rank_of(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"RANK=")).split(b"=", 1)[1])
+
+
+def test_a_stopped_rank_fails_the_other_within_dist_timeout(tiny, tmp_path):
+    save, log = tmp_path / "run", tmp_path / "log.txt"
+    proc = subprocess.Popen(torchrun(tiny, save, 100_000, "--dist-timeout", "3"), env=env(), stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline and not (save / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        assert (save / "metrics.jsonl").exists(), log.read_text()[-4000:]
+        workers = {_rank_of(pid): pid for pid in _children(proc.pid)}
+        stopped = workers[1]
+        os.kill(stopped, signal.SIGSTOP)  # rank 1 hangs mid-run: rank 0 waits in its next collective
+        start = time.time()
+        while time.time() < start + 60 and _alive(workers[0]):
+            time.sleep(0.2)
+        waited = time.time() - start  # until rank 0 has exited by itself
+        os.kill(stopped, signal.SIGKILL)  # torchrun would wait 30 s for the stopped rank to take its SIGTERM
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = log.read_text()
+    assert "error: rank 0: another rank did not answer within --dist-timeout 3 s (Timed out waiting 3000ms" in out, \
+        out[-4000:]
+    assert waited < 20 and proc.returncode != 0  # seconds, not gloo's default 30 minutes

@@ -181,7 +181,8 @@ def test_resume_with_another_batch_size_warns_with_the_global_batch(tiny, tmp_pa
 
 
 @pytest.mark.parametrize("flag, value", [("--log-interval", "0"), ("--eval-interval", "0"), ("--lr", "-1"),
-                                         ("--save-iters", "-2"), ("--keep-checkpoints", "-1")])
+                                         ("--save-iters", "-2"), ("--keep-checkpoints", "-1"),
+                                         ("--dist-timeout", "0"), ("--dist-timeout", "nan")])
 def test_bad_numeric_flags_fail_before_loading(tiny, tmp_path, flag, value):
     with pytest.raises(SystemExit, match=f"error: {flag} must be"):
         finetune(qlora_args(tiny, tmp_path / "run", 2, flag, value))
@@ -202,3 +203,55 @@ def test_a_checkpoint_file_holding_code_is_refused_in_one_line(tiny, tmp_path):
         finetune(qlora_args(tiny, save, 4, "--resume", "auto"))
     assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)
     assert not marker.exists()
+
+
+DISK_FULL = """
+import resource, signal, sys, torch
+from cpm_live.engine.torch_engine import TorchEngine
+from cpm_live.training import state as ckpt
+engine = TorchEngine(device="cpu")
+small, big = {"w": torch.zeros(4)}, {"w": torch.zeros(1 << 18)}  # 1 MiB
+ckpt.save_checkpoint(engine, sys.argv[1], 2, small, small, {"step": 2})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 19, 1 << 19))
+trainable, optimizer = (big, small) if sys.argv[2] == "trainable" else (small, big)
+try:
+    ckpt.save_checkpoint(engine, sys.argv[1], 4, trainable, optimizer, {"step": 4})
+except ckpt.TrainingError as e:
+    print(e)
+"""
+
+
+@pytest.mark.parametrize("too_big", ["trainable", "optimizer"])  # safetensors' and torch.save's write errors
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_path, too_big):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", DISK_FULL, str(tmp_path), too_big], capture_output=True, text=True,
+                         env=env, timeout=120)
+    message = run.stdout.strip()
+    partial = tmp_path / "checkpoints" / "step-00000004.partial"
+    name = ckpt.TRAINABLE_FILE if too_big == "trainable" else ckpt.OPTIMIZER_FILE
+    assert message.startswith(f"cannot write {partial / name} (") and "\n" not in message, run.stdout + run.stderr
+    assert "is the disk full?" in message and "MiB free there" in message and "--resume auto" in message
+    assert steps_on_disk(tmp_path) == ["step-00000002"]
+    assert ckpt._is_complete(tmp_path / "checkpoints" / "step-00000002")
+    assert not partial.exists() and (tmp_path / "checkpoints" / "latest").read_text() == "step-00000002\n"
+
+
+def test_records_longer_than_max_length_are_reported_as_they_are_dropped(tiny, tmp_path, capsys):
+    lines = (DATA / "train.jsonl").read_text().splitlines()[:40]
+    long = json.dumps({"input": ",".join(["cat"] * 100), "question": "How many animals?", "<ans>": "100"})
+    for at in (2, 9, 16, 23, 30, 37):  # lines 3, 10, ...: 6 of 46 records (13%)
+        lines.insert(at, long)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    args = qlora_args(tiny, tmp_path / "run", 4)
+    args[args.index("--dataset") + 1] = str(data)
+    finetune(args)
+    out = capsys.readouterr().out
+    first = f"warning: {data}:3: the record has at least "
+    assert first in out and "tokens, more than --max-length 64: dropped" in out
+    assert out.index(first) < out.index("| step 1 |")  # reported at the step that read it, not at epoch end
+    assert "records read so far (" in out and "were longer than --max-length 64 and dropped: raise" in out
+    dropped = [r["dropped_records"] for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "loss" in r]
+    assert dropped == sorted(dropped) and dropped[0] >= 1 and f"| dropped {dropped[-1]} |" in out
+    assert f"; {dropped[-1]} record(s) longer than --max-length 64 were dropped" in out

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from cpm_live.utils import read_json_file
+
 # The fields of CPM-Bee's own CPMBeeConfig (main 95cc575): its constructor accepts exactly these.
 ORIGINAL_FIELDS = ("vocab_size", "dim_model", "num_heads", "dim_head", "dim_ff", "num_layers", "dropout_p",
                    "position_bias_num_buckets", "position_bias_num_segment_buckets", "position_bias_max_distance",
@@ -260,12 +262,11 @@ class CPMBeeConfig:
         """Read a CPM-Bee JSON config; keyword arguments override its values."""
         path = os.fspath(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                values = json.load(f)
+            values = read_json_file(path)
         except FileNotFoundError:
             raise ConfigError(f"model config not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"model config {path} is not valid JSON: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"model config {e}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"model config {path} must hold a JSON object, got {type(values).__name__}")
         values.update(overrides)

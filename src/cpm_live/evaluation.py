@@ -13,6 +13,11 @@ Accuracy compares whole answers (option tasks like CCPM: ``"<option_3>"``; a dic
 in every leaf), ignoring surrounding whitespace. ROUGE and BLEU compare text: a dict answer
 contributes one pair per reference leaf (matched by key path), an unanswered (None) leaf counts as
 empty text.
+
+Predictions pair with references record by record, and the pairing is checked: the fields a
+prediction and its reference both have besides ``"<ans>"`` (text_generation.py copies the whole input
+record) must be equal, so a shifted, reordered or truncated prediction file is refused with both
+files and the first line that differs, instead of being scored against the wrong answers.
 """
 
 from __future__ import annotations
@@ -135,21 +140,44 @@ def read_answers(path: str) -> list[Any]:
     return [record[ANSWER_KEY] for _, record in answered_records(path, ANSWER_KEY)]
 
 
-def evaluate_files(pred_jsonl: str, ref_jsonl: str, metrics: Sequence[str] = METRICS) -> dict[str, float]:
-    """Score the ``"<ans>"`` of each line of ``pred_jsonl`` against the same line of ``ref_jsonl``."""
-    preds, refs = read_answers(pred_jsonl), read_answers(ref_jsonl)
+def check_aligned(pred_jsonl: str, preds: list[tuple[str, dict]], ref_jsonl: str, refs: list[tuple[str, dict]]
+                  ) -> None:
+    """Refuse predictions that are not one per reference, in order: every field the two records of a
+    line share besides ``"<ans>"`` (the prompt: text_generation.py copies the input record) must be
+    equal, and the counts must match. The error names both files and the first line that differs."""
+    for (pred_at, pred), (ref_at, ref) in zip(preds, refs):
+        differ = sorted(key for key in (pred.keys() & ref.keys()) - {ANSWER_KEY} if pred[key] != ref[key])
+        if differ:
+            key = differ[0]
+            raise DataFormatError(
+                f"{pred_at} is not the prediction for {ref_at}: their {key!r} differ ({_short(pred[key])} vs "
+                f"{_short(ref[key])}); predictions must be one per reference, in the same order (as "
+                f"text_generation.py writes them)")
     if len(preds) != len(refs):
+        longer, at = (pred_jsonl, preds[len(refs)][0]) if len(preds) > len(refs) else (ref_jsonl, refs[len(preds)][0])
         raise DataFormatError(
-            f"{pred_jsonl} has {len(preds)} records but {ref_jsonl} has {len(refs)}; "
-            "predictions must be line-aligned with the references"
-        )
-    return compute_metrics(metrics, preds, refs)
+            f"{pred_jsonl} has {len(preds)} records but {ref_jsonl} has {len(refs)} (first unpaired: {at}); "
+            f"predictions must be one per reference, in the same order: regenerate {pred_jsonl} from {ref_jsonl}")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def evaluate_files(pred_jsonl: str, ref_jsonl: str, metrics: Sequence[str] = METRICS) -> dict[str, float]:
+    """Score the ``"<ans>"`` of each record of ``pred_jsonl`` against the same record of ``ref_jsonl``
+    (checked to be its prediction: :func:`check_aligned`)."""
+    preds, refs = list(answered_records(pred_jsonl, ANSWER_KEY)), list(answered_records(ref_jsonl, ANSWER_KEY))
+    check_aligned(pred_jsonl, preds, ref_jsonl, refs)
+    return compute_metrics(metrics, [r[ANSWER_KEY] for _, r in preds], [r[ANSWER_KEY] for _, r in refs])
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Score generated <ans> values against references.")
     p.add_argument("--pred", required=True, help="jsonl with generated <ans> (text_generation.py output)")
-    p.add_argument("--ref", required=True, help="jsonl with reference <ans>, line-aligned with --pred")
+    p.add_argument("--ref", required=True, help="jsonl with reference <ans>, one per --pred record in the same "
+                                                "order (fields other than <ans> must agree)")
     p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated, from {','.join(METRICS)}")
     p.add_argument("--output", default=None, help="also write the scores to this JSON file")
     return p

@@ -22,12 +22,12 @@ reads the tensors, one at a time.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from typing import Any
 
 from cpm_live.config import ConfigError, CPMBeeConfig
+from cpm_live.utils import read_json_file
 
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.txt"
@@ -82,10 +82,8 @@ def weight_files(directory: str) -> tuple[list[str], str | None]:
 def read_index(path: str) -> dict[str, str]:
     """``weight_map`` (key -> shard file name) of a ``*.index.json``."""
     try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-        weight_map = index["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        weight_map = read_json_file(path)["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not a weight index (a JSON object with a weight_map): {e}") from None
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and os.path.basename(v) == v for k, v in weight_map.items()):
@@ -111,10 +109,9 @@ def config_values(path: str) -> dict[str, Any]:
     ``model_type`` other than ``cpmbee`` is refused.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"model config {path} is not valid JSON: {e}") from None
+        raw = read_json_file(path)
+    except ValueError as e:
+        raise ConfigError(f"model config {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"model config {path} must hold a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type", "cpmbee")

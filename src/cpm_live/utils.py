@@ -1,13 +1,16 @@
-"""Small helpers shared across the package: atomic file writes, the plain-tensor check of writers,
-the key comparison of state-dict loaders."""
+"""Small helpers shared across the package: atomic file writes, JSON files read with errors naming
+the line, the plain-tensor check of writers, the key comparison of state-dict loaders."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -68,6 +71,42 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+JSON_TOO_DEEP = "JSON nested deeper than Python's parser goes (about 1000 levels)"
+
+
+def read_json_file(path: str | os.PathLike) -> Any:
+    """The JSON value in file ``path``. Bad JSON raises ValueError starting ``path:line:``; so does
+    nesting too deep to parse (a RecursionError otherwise), at the line where it is deepest."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{os.fspath(path)}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{os.fspath(path)}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{os.fspath(path)}:{_deepest_line(text)}: {JSON_TOO_DEEP}") from None
+
+
+def _deepest_line(text: str) -> int:
+    """1-based line of ``text`` where JSON brackets nest deepest (brackets inside strings skipped)."""
+    depth = deepest = 0
+    line = where = 1
+    for token in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{}\n]', text):
+        char = token.group()
+        if char == "\n":
+            line += 1
+        elif char in ("[", "{"):
+            depth += 1
+            if depth > deepest:
+                deepest, where = depth, line
+        elif char in ("]", "}"):
+            depth -= 1
+    return where
 
 
 def non_plain_tensors(state: Mapping[str, object]) -> list[str]:

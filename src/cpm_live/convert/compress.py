@@ -40,7 +40,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from cpm_live.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
+from cpm_live.checkpoint import CheckpointError, CheckpointReader, check_finite, open_checkpoint
 from cpm_live.config import CPMBeeConfig
 from cpm_live.models import quantized_weight_keys
 from cpm_live.quant import format as qformat
@@ -167,9 +167,7 @@ def split(path: str, key: str, tensor: torch.Tensor, quantize: bool, settings: q
     blocks, of int8 rows, or of a copied tensor), checks it for NaN/inf, quantizes it and writes its
     bytes where they belong in the output. On CUDA a weight is one part (the GPU is the parallel part)."""
     def checked(values: torch.Tensor) -> torch.Tensor:
-        if values.is_floating_point() and not torch.isfinite(values).all():
-            raise CheckpointError(f"{path}: {key} holds NaN or inf values; a quantized copy would keep them: "
-                                  "fix or re-export the checkpoint")
+        check_finite(path, key, values)
         return values
 
     def copy(start: int, part: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ input may be any checkpoint ``--load`` accepts, Hugging Face directories include
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from cpm_live import model_dir
-from cpm_live.checkpoint import CheckpointError, CheckpointReader, check_keys, open_checkpoint
+from cpm_live.checkpoint import CheckpointError, CheckpointReader, check_checkpoint, check_finite, open_checkpoint
 from cpm_live.config import ConfigError
 from cpm_live.convert.compress import check_output_path, quantize_state_dict
 from cpm_live.delta.merge import MergeError, merge_in_fp32
@@ -68,6 +69,19 @@ def expected_shapes(config: CPMBeeConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = CPMBee(config.with_quantization(None))
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def stored_config(config: CPMBeeConfig, reader: CheckpointReader) -> CPMBeeConfig:
+    """``config`` with the quantization of ``reader``'s checkpoint when the config names none (export
+    reads any checkpoint; ``--int4``/``--int8`` are optional), with the int4 settings the file records."""
+    kind = reader.quant_kind
+    if config.quantization is not None or kind is None:
+        return config
+    settings = reader.quant_settings
+    recorded = {} if settings is None else {
+        "int4_quant_type": settings.quant_type, "int4_blocksize": settings.blocksize,
+        "int4_double_quant": settings.double_quant}
+    return dataclasses.replace(config.with_quantization(kind), **recorded)
 
 
 def read_dense(reader: CheckpointReader, key: str) -> torch.Tensor:
@@ -128,10 +142,12 @@ def export_checkpoint(config: CPMBeeConfig, load_path: str | os.PathLike, output
     else:
         suffixes = (".safetensors",) if dtype in QUANT_DTYPES else (".pt", ".safetensors")
         check_output_path(load_path, output_path, force, suffixes)
-    where = config.source or "the model config"
     expected = expected_shapes(config)
     with open_checkpoint(load_path) as reader:
-        check_keys(reader.logical_shapes(), expected, load_path, where)
+        stored = stored_config(config, reader)
+        with torch.device("meta"):
+            model = CPMBee(stored)
+        check_checkpoint(reader, model, stored)  # the loader's checks, before reading any weight
         if fmt == "hf":
             return _export_hf_dir(reader, expected, output_path, DENSE_DTYPES[dtype], delta_fn, progress,
                                   config, vocab, max_shard_bytes)
@@ -161,6 +177,7 @@ def _dense_tensors(reader: CheckpointReader, keys: list[str], dtype: torch.dtype
     """Yield ``(key, tensor)`` in ``dtype`` (dequantized, delta merged in fp32), one at a time."""
     for key in tqdm(keys, desc="export", unit="tensor", disable=not progress):
         stored = read_dense(reader, key)
+        check_finite(reader.path, key, stored)
         tensor, changed = merge(key, stored, delta_fn)
         merged += [key] if changed else []
         yield key, tensor.to(dtype).contiguous()

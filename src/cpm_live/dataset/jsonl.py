@@ -8,6 +8,8 @@ from typing import Any
 
 import jsonlines
 
+from cpm_live.utils import JSON_TOO_DEEP
+
 from .errors import DataFormatError
 
 
@@ -48,6 +50,8 @@ class JsonlDataset:
             value = jsonlines.Reader([line]).read()
         except jsonlines.InvalidLineError as e:
             raise DataFormatError(f"{self._location}: {e}") from e
+        except RecursionError:
+            raise DataFormatError(f"{self._location}: {JSON_TOO_DEEP}") from None
         if not isinstance(value, dict):
             raise DataFormatError(f"{self._location}: expected a JSON object, got {type(value).__name__}")
         return value

@@ -2,6 +2,8 @@
 
 For each file `X.ext` in `--input` this writes the dataset `OUTPUT_PATH/X/` with data file
 `OUTPUT_NAME` (plus `meta.bin`), like the original `src/preprocess_dataset.py`, which stored pickles.
+The datasets appear only once every file has converted; a bad record stops the run naming its file
+and line and leaves no output folder.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ import tempfile
 from tqdm import tqdm
 
 from .distributed_dataset import _DEFAULT_BLOCK_SIZE, build_dataset
+from .errors import DataFormatError
 from .jsonl import JsonlDataset
 from .utils import shuffle_dataset
 
 
 def convert_file(jsonl_path: str, output_dir: str, output_name: str, seed: int, block_size: int) -> int:
-    """Write one jsonl file as a shuffled binary dataset in `output_dir`; returns the record count."""
+    """Write one jsonl file as a shuffled binary dataset in `output_dir`; returns the record count.
+
+    A bad record raises :class:`DataFormatError` naming `jsonl_path:line`.
+    """
     os.makedirs(output_dir, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=".preprocess-", dir=output_dir)
     try:
@@ -28,9 +34,13 @@ def convert_file(jsonl_path: str, output_dir: str, output_name: str, seed: int, 
             with tqdm(total=len(source), desc=os.path.basename(jsonl_path), unit="rec") as bar:
                 while True:
                     try:
-                        writer.write(source.read())
+                        record = source.read()
                     except EOFError:
                         break
+                    try:
+                        writer.write(record)
+                    except ValueError as e:  # a record larger than a block
+                        raise DataFormatError(f"{source.location}: {e}") from None
                     bar.update(1)
             source.close()
             count = writer.nlines
@@ -40,6 +50,40 @@ def convert_file(jsonl_path: str, output_dir: str, output_name: str, seed: int, 
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return count
+
+
+def convert_folder(input_dir: str, output_path: str, output_name: str, seed: int, block_size: int
+                   ) -> list[tuple[str, str, int]]:
+    """Convert every file of `input_dir` to `output_path/<stem>/`; returns `(file name, output dir, records)`.
+
+    All datasets are built in a temp folder inside `output_path` and renamed into place only when every
+    file has converted, so a bad record leaves no output folder (complete-looking or not) behind.
+    An existing output folder is refused before any work (nothing is overwritten or added to).
+    """
+    names = sorted(n for n in os.listdir(input_dir) if os.path.isfile(os.path.join(input_dir, n)))
+    if not names:
+        raise DataFormatError(f"--input {input_dir} contains no files")
+    stems = [os.path.splitext(name)[0] for name in names]
+    for stem in stems:
+        out_dir = os.path.join(output_path, stem)
+        if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+            raise DataFormatError(f"{out_dir} already exists; preprocess_dataset.py does not overwrite or add to "
+                                  f"a dataset: remove it or choose another --output_path")
+    os.makedirs(output_path, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".preprocess-", dir=output_path)
+    try:
+        counts = [convert_file(os.path.join(input_dir, name), os.path.join(staging, stem), output_name, seed,
+                               block_size) for name, stem in zip(names, stems)]
+        done = []
+        for name, stem, count in zip(names, stems, counts):
+            out_dir = os.path.join(output_path, stem)
+            if os.path.isdir(out_dir):
+                os.rmdir(out_dir)  # empty (checked above)
+            os.replace(os.path.join(staging, stem), out_dir)
+            done.append((name, out_dir, count))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,14 +118,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not os.path.isdir(args.input):
         parser.error(f"--input {args.input} is not a folder")
-    names = sorted(n for n in os.listdir(args.input) if os.path.isfile(os.path.join(args.input, n)))
-    if not names:
-        parser.error(f"--input {args.input} contains no files")
-    for name in names:
-        stem = os.path.splitext(name)[0]
-        out_dir = os.path.join(args.output_path, stem)
-        count = convert_file(
-            os.path.join(args.input, name), out_dir, args.output_name, args.seed, args.block_size
-        )
+    try:
+        done = convert_folder(args.input, args.output_path, args.output_name, args.seed, args.block_size)
+    except DataFormatError as e:
+        raise SystemExit(f"error: {e}") from None
+    for name, out_dir, count in done:
         print(f"{name}: {count} records -> {os.path.join(out_dir, args.output_name)}")
     return 0

@@ -12,6 +12,8 @@ import json
 import pickle
 from typing import Any
 
+from cpm_live.utils import JSON_TOO_DEEP
+
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
 
 
@@ -34,7 +36,10 @@ class JsonSerializer(Serializer):
         return json.dumps(obj, ensure_ascii=False).encode("utf-8")
 
     def deserialize(self, data: bytes) -> Any:
-        return json.loads(data.decode("utf-8"))
+        try:
+            return json.loads(data.decode("utf-8"))
+        except RecursionError:
+            raise ValueError(JSON_TOO_DEEP) from None
 
 
 class RawSerializer(Serializer):
@@ -138,6 +143,8 @@ class AutoSerializer(Serializer):
             return safe_pickle_loads(data)
         try:
             return json.loads(data.decode("utf-8"))
+        except RecursionError:
+            raise ValueError(JSON_TOO_DEEP) from None
         except (UnicodeDecodeError, json.JSONDecodeError) as json_error:
             try:
                 return safe_pickle_loads(data)  # protocol 0/1 pickles start with an ASCII opcode

@@ -35,7 +35,7 @@ from cpm_live.delta.lora import (
     matches_target,
 )
 from cpm_live.delta.merge import lora_delta, merge_in_fp32
-from cpm_live.utils import atomic_path, atomic_write_text, non_plain_tensors
+from cpm_live.utils import atomic_path, atomic_write_text, non_plain_tensors, read_json_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -177,12 +177,11 @@ def _torch_load(path: str) -> dict[str, torch.Tensor]:
 def _read_peft_dir(directory: str) -> tuple[LoraSettings, dict[str, torch.Tensor], dict[str, int] | None]:
     config_path = os.path.join(directory, CONFIG_NAME)
     try:
-        with open(config_path, encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = read_json_file(config_path)
     except FileNotFoundError:
         raise AdapterError(f"{directory} is not a peft adapter directory: {CONFIG_NAME} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise AdapterError(f"{config_path} is not valid JSON: {e}") from None
+    except ValueError as e:
+        raise AdapterError(str(e)) from None
     if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
         kind = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
         raise AdapterError(f"{config_path} must describe a LoRA adapter (peft_type LORA), got {kind!r}")

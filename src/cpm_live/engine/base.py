@@ -38,9 +38,17 @@ from torch.distributed._composable import checkpoint
 from cpm_live.inputs import IGNORE_INDEX
 from cpm_live.utils import key_mismatch
 
+DEFAULT_TIMEOUT_S = 1800.0  # torch.distributed's default collective timeout (gloo)
+
 
 class EngineError(RuntimeError):
     """Wrong engine choice, launch environment or call order; the message says what to do."""
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that waited past the process group's timeout for another rank:
+    gloo raises "Timed out waiting Nms for recv/send operation" (NCCL's watchdog aborts the process)."""
+    return isinstance(error, RuntimeError) and "Timed out waiting" in str(error)
 
 
 def launch_env() -> tuple[int, int, int]:

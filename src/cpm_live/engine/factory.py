@@ -7,14 +7,14 @@ import importlib.util
 
 import torch
 
-from cpm_live.engine.base import Engine, EngineError
+from cpm_live.engine.base import DEFAULT_TIMEOUT_S, Engine, EngineError
 
 ENGINES = ("auto", "torch", "bmtrain")
 DEVICES = ("auto", "cpu", "cuda")
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--engine``, ``--seed`` and the loss-scaling flags (original defaults) to ``parser``."""
+    """Add ``--engine``, ``--seed``, the loss-scaling flags (original defaults) and ``--dist-timeout``."""
     group = parser.add_argument_group("distributed engine")
     group.add_argument("--engine", default="auto", choices=ENGINES,
                        help="auto: bmtrain when CUDA and bmtrain are installed, else torch (FSDP2)")
@@ -25,6 +25,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="divide the scale by this on overflow; multiply by it after "
                        "--loss-scale-steps good steps")
     group.add_argument("--loss-scale-steps", type=int, default=512, help="good steps before the scale grows")
+    group.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                       help="torch engine: a collective waiting longer than this for another rank fails the run "
+                            "(default 1800, torch's; bmtrain's NCCL collectives take no timeout)")
     return parser
 
 
@@ -47,11 +50,13 @@ def resolve_engine_name(name: str, device: str = "auto") -> str:
 
 
 def get_engine(name: str = "auto", *, seed: int = 1234, device: str = "auto", loss_scale: float = 2.0**20,
-               loss_scale_factor: float = 2.0, loss_scale_steps: int = 512) -> Engine:
+               loss_scale_factor: float = 2.0, loss_scale_steps: int = 512,
+               timeout_s: float = DEFAULT_TIMEOUT_S) -> Engine:
     """Create the engine for this process from torchrun's environment (or a single process).
 
     ``name``: ``torch`` (FSDP2, CPU or GPU), ``bmtrain`` (CUDA and the ``gpu`` extra) or ``auto``.
-    The loss-scale settings apply only when a trainable parameter is fp16.
+    The loss-scale settings apply only when a trainable parameter is fp16. ``timeout_s`` bounds how
+    long the torch engine's collectives wait for another rank (``bmt.init_distributed`` takes none).
     """
     name = resolve_engine_name(name, device)
     if name == "bmtrain":
@@ -68,10 +73,11 @@ def get_engine(name: str = "auto", *, seed: int = 1234, device: str = "auto", lo
     from cpm_live.engine.torch_engine import TorchEngine
 
     return TorchEngine(seed=seed, device=device, loss_scale=loss_scale, loss_scale_factor=loss_scale_factor,
-                       loss_scale_steps=loss_scale_steps)
+                       loss_scale_steps=loss_scale_steps, timeout_s=timeout_s)
 
 
 def engine_from_args(args: argparse.Namespace, device: str = "auto") -> Engine:
     """``get_engine`` with the options :func:`add_engine_args` added."""
     return get_engine(args.engine, seed=args.seed, device=device, loss_scale=args.loss_scale,
-                      loss_scale_factor=args.loss_scale_factor, loss_scale_steps=args.loss_scale_steps)
+                      loss_scale_factor=args.loss_scale_factor, loss_scale_steps=args.loss_scale_steps,
+                      timeout_s=args.dist_timeout)

@@ -24,6 +24,7 @@ from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from cpm_live.engine.base import (
+    DEFAULT_TIMEOUT_S,
     Engine,
     EngineError,
     check_state_dict_keys,
@@ -116,7 +117,7 @@ class TorchEngine(Engine):
     name = "torch"
 
     def __init__(self, seed: int = 1234, device: str = "auto", loss_scale: float = 2.0**20,
-                 loss_scale_factor: float = 2.0, loss_scale_steps: int = 512, timeout_s: float = 1800.0):
+                 loss_scale_factor: float = 2.0, loss_scale_steps: int = 512, timeout_s: float = DEFAULT_TIMEOUT_S):
         rank, world_size, local_rank = launch_env()
         if device not in ("auto", "cpu", "cuda"):
             raise EngineError(f"device must be auto, cpu or cuda, got {device!r}")

@@ -14,7 +14,8 @@ The config is ``--model-config`` or the ``config.json`` of a ``--load`` director
 ``--vocab`` or ``vocab.txt`` beside (or inside) ``--load``. CPM-Bee's ``--use-bminf`` and
 ``--memory-limit`` are accepted and ignored with a warning (BMInf is not used). Every input line must be a JSON
 object with an ``"<ans>"`` key; all lines are checked (and tokenized) before the model is loaded, and
-a bad one stops the run with its file and line number.
+a bad one, or a prompt longer than ``--max-prompt-length`` tokens (default: the config's
+``position_bias_max_distance``), stops the run with its file and line number.
 
 Output is streamed: one line per input record, in input order, written and flushed as soon as its
 batch is done, so a crash loses at most the batch in progress (the file then holds the first
@@ -41,8 +42,9 @@ from cpm_live.delta import AdapterError, load_adapter
 from cpm_live.generation.bee import CPMBeeBeamSearch, CPMBeeGeneration, CPMBeeGreedy, CPMBeeSampling
 from cpm_live.generation.prompt import build_prompt
 from cpm_live.model_dir import load_config
-from cpm_live.models import ConfigError, CPMBee
+from cpm_live.models import ConfigError, CPMBee, CPMBeeConfig
 from cpm_live.tokenizers import CPMBeeTokenizer, find_vocab
+from cpm_live.training_tasks.bee import SampleTooLong
 
 
 def _int_at_least(minimum: int):
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-bminf", action="store_true", help="CPM-Bee's BMInf switch: accepted, BMInf is not used")
     p.add_argument("--memory-limit", type=int, default=None, help="CPM-Bee's BMInf memory limit (GB): ignored")
     p.add_argument("--max-length", type=_int_at_least(0), default=100, help="tokens per answer (plus eos)")
+    p.add_argument("--max-prompt-length", type=_int_at_least(1), default=None,
+                   help="longest prompt in tokens; a longer record stops the run before the model loads "
+                        "(default: the config's position_bias_max_distance, 2048 for CPM-Bee)")
     p.add_argument("--repetition-penalty", type=_float_in(1.0, float("inf")), default=1.1,
                    help="divide (multiply) positive (negative) logits of generated tokens; 1 = off")
     p.add_argument("--repetition-window", type=_int_at_least(1), default=None,
@@ -115,18 +120,21 @@ def read_records(path: str) -> list[tuple[str, dict[str, Any]]]:
     return list(answered_records(path))
 
 
-def _check_prompts(tokenizer: CPMBeeTokenizer, records: list[tuple[str, dict[str, Any]]]) -> None:
-    """Tokenize every record now, so a bad one fails before the (slow) model load."""
+def _check_prompts(tokenizer: CPMBeeTokenizer, records: list[tuple[str, dict[str, Any]]], max_length: int) -> None:
+    """Tokenize every record now, so a bad or too long one fails before the (slow) model load; a prompt's
+    attention grows with the square of its length, so an unbounded one could ask for terabytes."""
     for location, record in records:
         try:
-            build_prompt(tokenizer, record)
+            build_prompt(tokenizer, record, max_length)
+        except SampleTooLong as e:
+            raise DataFormatError(f"{location}: the prompt has at least {e.length} tokens, more than "
+                                  f"--max-prompt-length {max_length}: shorten the record or raise the limit") from None
         except ValueError as e:
             raise DataFormatError(f"{location}: {e}") from None
 
 
-def load_model(args: argparse.Namespace, device: torch.device) -> CPMBee:
-    """Build the model on ``device`` from the config, load the checkpoint, then the adapter."""
-    config = load_config(args.model_config, args.load, int4=args.int4, int8=args.int8)
+def load_model(args: argparse.Namespace, config: CPMBeeConfig, device: torch.device) -> CPMBee:
+    """Build the model on ``device`` from ``config``, load the checkpoint, then the adapter."""
     if device.type == "cpu" and config.dtype == torch.float16:
         print("--device cpu: running the fp16 config in fp32", file=sys.stderr)
         config = config.with_dtype(torch.float32)
@@ -158,9 +166,10 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{flag} {path} does not exist")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     records = read_records(args.input)
+    config = load_config(args.model_config, args.load, int4=args.int4, int8=args.int8)
     tokenizer = CPMBeeTokenizer(find_vocab(args.vocab, args.load))
-    _check_prompts(tokenizer, records)
-    model = load_model(args, device)
+    _check_prompts(tokenizer, records, args.max_prompt_length or config.position_bias_max_distance)
+    model = load_model(args, config, device)
     generate = _generate_fn(args, model, tokenizer)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -56,10 +56,11 @@ def put_placeholders(answer: Any) -> tuple[Any, list[list[str]]]:
     return visit(answer, []), paths
 
 
-def build_prompt(tokenizer: CPMBeeTokenizer, data: dict[str, Any]) -> Prompt:
+def build_prompt(tokenizer: CPMBeeTokenizer, data: dict[str, Any], max_length: int | None = None) -> Prompt:
     """Convert one sample to its prompt; ``data`` itself is not modified.
 
-    Raises ValueError when the sample has no ``<ans>`` key or nothing to predict (e.g. ``<ans>: {}``).
+    Raises ValueError when the sample has no ``<ans>`` key or nothing to predict (e.g. ``<ans>: {}``),
+    :class:`SampleTooLong` when it has more than ``max_length`` tokens (before building its arrays).
     """
     if not isinstance(data, dict) or ANSWER_KEY not in data:
         raise ValueError(f'a sample must be a JSON object with an "{ANSWER_KEY}" key to fill in')
@@ -67,7 +68,7 @@ def build_prompt(tokenizer: CPMBeeTokenizer, data: dict[str, Any]) -> Prompt:
     # Updating the existing key keeps "<ans>" where it was, so segment ids match the original.
     prompt_data = {**data, ANSWER_KEY: placeholders}
     ids, subs, context, segments, segment_rel, num_segments, table_states = convert_data_to_id(
-        tokenizer, prompt_data, shuffle_answer=False, max_depth=MAX_DEPTH
+        tokenizer, prompt_data, shuffle_answer=False, max_depth=MAX_DEPTH, max_length=max_length
     )
     ids, subs, context, segments = (np.asarray(a) for a in (ids, subs, context, segments))
     ext_table = table_states["ext_table"]

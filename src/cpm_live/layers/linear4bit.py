@@ -40,6 +40,7 @@ key as an attribute path, and ``weight.absmax`` is not an attribute of the packe
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import bitsandbytes.functional as bnbF
 import torch
@@ -179,6 +180,18 @@ class Linear4bit(nn.Module):
         for key, value in qformat.pack(prefix + "weight", self.weight, state).items():
             destination[key] = value if keep_vars else value.detach()
 
+    def validate_entries(self, key: str, entries: Mapping[str, torch.Tensor]) -> dict:
+        """Check the stored entries of this layer's weight ``key`` (see :func:`qformat.validate`); the
+        large ones may be meta tensors: only shapes, dtypes, the code table and the JSON are read.
+        Returns the decoded quant-state JSON."""
+        if entries[key].is_floating_point():
+            raise qformat.QuantFormatError(
+                f"{key} is a dense {entries[key].dtype} weight {list(entries[key].shape)} but this layer "
+                f"is 4-bit: compress the checkpoint with cpm-bee-quantize, or load it with "
+                f"cpm_live.checkpoint.load_model_weights, which quantizes on the fly"
+            )
+        return qformat.validate(key, entries, self.settings, (self.dim_out, self.dim_in), _HINT)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + "weight"
@@ -186,13 +199,7 @@ class Linear4bit(nn.Module):
         if key not in entries:
             missing_keys.extend(qformat.entry_keys(key, self.settings))
             return
-        if entries[key].is_floating_point():
-            raise qformat.QuantFormatError(
-                f"{key} is a dense {entries[key].dtype} weight {list(entries[key].shape)} but this layer "
-                f"is 4-bit: compress the checkpoint with cpm-bee-quantize, or load it with "
-                f"cpm_live.checkpoint.load_model_weights, which quantizes on the fly"
-            )
-        blob = qformat.validate(key, entries, self.settings, (self.dim_out, self.dim_in), _HINT)
+        blob = self.validate_entries(key, entries)
         # The stored dense dtype only names dequantize()'s output; this layer's ``dtype`` wins.
         internal = {key: entries[key], prefix + "weight_absmax": entries[key + ".absmax"],
                     prefix + "weight_quant_map": entries[key + ".quant_map"]}

@@ -16,6 +16,7 @@ divided by ``sqrt(dim_in)`` like ``Linear``; gradients reach the input only.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -86,19 +87,23 @@ class Linear8bit(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        key = prefix + "weight"
-        if key in state_dict and state_dict[key].is_floating_point():
+    def validate_entries(self, key: str, entries: Mapping[str, torch.Tensor]) -> None:
+        """Check the stored entries of this layer's weight ``key`` (``weight``, ``SCB``, ``weight_format``;
+        see :func:`int8.validate`); the weight may be a meta tensor: only its shape and dtype are read."""
+        if entries[key].is_floating_point():
             raise QuantFormatError(
-                f"{key} is a dense {state_dict[key].dtype} weight {list(state_dict[key].shape)} but this layer "
+                f"{key} is a dense {entries[key].dtype} weight {list(entries[key].shape)} but this layer "
                 f"is int8: compress the checkpoint with cpm-bee-quantize --int8, or load it with "
                 f"cpm_live.checkpoint.load_model_weights, which quantizes on the fly"
             )
+        int8.validate(key, entries, (self.dim_out, self.dim_in))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
         fmt_key = prefix + "weight_format"
         if key in state_dict:
-            int8.validate(key, {fmt_key: torch.tensor(0, dtype=torch.uint8), **state_dict},
-                          (self.dim_out, self.dim_in))
+            self.validate_entries(key, {fmt_key: torch.tensor(0, dtype=torch.uint8), **state_dict})
         internal = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k != fmt_key}
         super()._load_from_state_dict(internal, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

@@ -46,3 +46,8 @@ def make_linear(config: CPMBeeConfig) -> LinearFactory:
 def is_quantized(module: nn.Module) -> bool:
     """True for a frozen quantized projection of any kind."""
     return isinstance(module, tuple(QUANTIZED_LAYERS.values()))
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Weight key -> layer, for every quantized projection of ``model`` (in module order)."""
+    return {f"{name}.weight": module for name, module in model.named_modules() if is_quantized(module)}

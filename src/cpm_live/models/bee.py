@@ -13,7 +13,7 @@ from torch import nn
 
 from cpm_live.config import CPMBeeConfig
 from cpm_live.layers.embedding import EmbeddingExt
-from cpm_live.layers.linear_factory import is_quantized, make_linear
+from cpm_live.layers.linear_factory import make_linear, quantized_layers
 from cpm_live.layers.position_embedding import BucketPositionBias
 from cpm_live.layers.transformer import Encoder
 
@@ -39,7 +39,7 @@ def quantized_weight_keys(config: CPMBeeConfig) -> list[str]:
         config = config.with_quantization("int4")
     with torch.device("meta"):
         model = CPMBee(config)
-    return [f"{name}.weight" for name, module in model.named_modules() if is_quantized(module)]
+    return list(quantized_layers(model))
 
 
 class CPMBee(nn.Module):

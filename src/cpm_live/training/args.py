@@ -97,8 +97,9 @@ def validate(args: argparse.Namespace) -> None:
                  "weight_decay"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not args.lr > 0 or args.lr == float("inf"):
-        problems.append(f"--lr must be a positive number, got {args.lr}")
+    for name in ("lr", "dist_timeout"):
+        if not getattr(args, name) > 0 or getattr(args, name) == float("inf"):
+            problems.append(f"--{name.replace('_', '-')} must be a positive number, got {getattr(args, name)}")
     if args.save_iters and not args.save:
         problems.append("--save-iters needs --save (where the checkpoints go)")
     if args.resume == "auto" and not args.save:

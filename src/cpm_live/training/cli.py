@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from cpm_live.checkpoint import CheckpointError
 from cpm_live.dataset.errors import DataFormatError
 from cpm_live.delta import AdapterError
 from cpm_live.engine import EngineError
+from cpm_live.engine.base import is_collective_timeout
 from cpm_live.models import ConfigError
 from cpm_live.tokenizers.bee import VocabError
 from cpm_live.training.args import build_parser, validate
@@ -34,6 +36,13 @@ def main(argv: Sequence[str] | None = None, qlora: bool = False) -> dict:
             trainer.close()
     except (*USER_ERRORS, TrainingError) as e:  # a bad file, flag or config: one line saying what to fix, no traceback
         raise SystemExit(f"error: {e}") from e
+    except RuntimeError as e:
+        if not is_collective_timeout(e):
+            raise
+        rank = os.environ.get("RANK", "0")
+        reason = str(e).splitlines()[0].split("] ")[-1]  # gloo prefixes its source file and line
+        raise SystemExit(f"error: rank {rank}: another rank did not answer within --dist-timeout "
+                         f"{args.dist_timeout:g} s ({reason}): it stopped, hangs or died; see its log") from e
 
 
 def qlora_main(argv: Sequence[str] | None = None) -> dict:

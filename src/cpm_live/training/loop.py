@@ -39,6 +39,8 @@ from cpm_live.training.schedulers import LRSchedule
 from cpm_live.training.state import TrainingError
 from cpm_live.training_tasks.bee import FinetuneDataset
 
+DROPPED_WARN_SHARE = 0.1  # warn once more than this share of the records read is longer than --max-length
+
 
 class Trainer:
     """``Trainer(args).setup()`` builds everything in dependency order; then :meth:`train`."""
@@ -49,6 +51,7 @@ class Trainer:
         self._saved_step: int | None = None
         self._last_batch: LabelledInputs | None = None
         self._lock: run_state.SaveDirLock | None = None
+        self._told_dropped = self._warned_share = False
 
     def close(self) -> None:
         """Release the save directory and the engine (the process group); safe after a failed setup."""
@@ -184,11 +187,22 @@ class Trainer:
                       "accumulation": args.gradient_accumulation_steps},
         }
 
-    def _report_skipped(self) -> None:
-        skipped = self.train_data.num_skipped
-        if skipped:
-            self.engine.print_rank0(f"warning: {skipped} record(s) of {self.args.dataset} so far were longer than "
-                                    f"--max-length {self.args.max_length} tokens and were skipped")
+    def _report_dropped(self) -> None:
+        """Say at once when records are dropped for --max-length: the first (where, how long), and when
+        more than DROPPED_WARN_SHARE of the records read so far are; the step log carries the count."""
+        data, max_length = self.train_data, self.args.max_length
+        if data.first_skipped is not None and not self._told_dropped:
+            where, length = data.first_skipped
+            self.engine.print_rank0(f"warning: {where}: the record has at least {length} tokens, more than "
+                                    f"--max-length {max_length}: dropped (so is every longer record; the step "
+                                    f"log counts them)")
+            self._told_dropped = True
+        share = data.num_skipped / max(data.num_read, 1)
+        if share > DROPPED_WARN_SHARE and data.num_read >= 10 and not self._warned_share:
+            self.engine.print_rank0(f"warning: {data.num_skipped} of the {data.num_read} records read so far "
+                                    f"({share:.0%}) were longer than --max-length {max_length} and dropped: raise "
+                                    f"--max-length, or shorten the records of {self.args.dataset}")
+            self._warned_share = True
 
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         if self._stop_requested:  # a second SIGTERM: the run is stuck before a step boundary; die now
@@ -311,10 +325,11 @@ class Trainer:
         if not self.engine.is_main:
             return
         if self.use_lora:
-            save_adapter(state, self.lora, os.path.join(args.save, f"{args.save_name}-delta-{tag}"),
-                         base_config=self.config)
-            if args.delta_format == "opendelta":
-                save_cpm_bee_delta(state, self.lora, os.path.join(args.save, f"{args.save_name}-delta-{tag}.pt"))
+            adapter = os.path.join(args.save, f"{args.save_name}-delta-{tag}")
+            with run_state.writing(adapter):
+                save_adapter(state, self.lora, adapter, base_config=self.config)
+                if args.delta_format == "opendelta":
+                    save_cpm_bee_delta(state, self.lora, adapter + ".pt")
         else:
             run_state.save_weights_pt(state, os.path.join(args.save, f"{args.save_name}-{tag}.pt"))
 
@@ -362,7 +377,7 @@ class Trainer:
             while stop_reason is None and (micro := self._next_microbatches(batches)):
                 stop_reason = self._step_and_bookkeeping(micro)
             if stop_reason is None:  # the epoch's data ran out
-                self._report_skipped()
+                self._report_dropped()
                 # Only the first epoch after a resume may be empty (the run stopped at an epoch's end).
                 if self.step == steps_before and not (resumed and first_epoch):
                     raise TrainingError(f"{args.dataset} gave no training batch: is it empty, or is every "
@@ -376,7 +391,9 @@ class Trainer:
             if args.save_iters and self._saved_step != self.step:
                 self.save_checkpoint()
         self.metrics.close()
-        engine.print_rank0(f"training stopped at step {self.step} ({stop_reason})")
+        dropped = self.train_data.num_skipped
+        engine.print_rank0(f"training stopped at step {self.step} ({stop_reason})" + (
+            f"; {dropped} record(s) longer than --max-length {args.max_length} were dropped" if dropped else ""))
         return {"step": self.step, "stop_reason": stop_reason, "best_eval": self.best_eval}
 
     def _step_and_bookkeeping(self, micro: list[dict[str, Any] | None]) -> str | None:
@@ -386,17 +403,19 @@ class Trainer:
             return "train-iters reached"
         record = self.train_step(micro)
         self.step += 1
-        record.update(step=self.step, epoch=self.epoch, peak_memory_mb=engine.peak_memory_mb())
+        record.update(step=self.step, epoch=self.epoch, peak_memory_mb=engine.peak_memory_mb(),
+                      dropped_records=self.train_data.num_skipped)
+        self._report_dropped()
         self._bar.update(1)
         self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                              tok_s=f"{record['tokens_per_s']:.0f}")
+                              tok_s=f"{record['tokens_per_s']:.0f}", dropped=record["dropped_records"])
         if self.step % args.log_interval == 0:
             self.metrics.log(record)
             if self._bar.disable:
                 engine.print_rank0(f"| epoch {self.epoch} | step {self.step} | loss {record['loss']:.4f} | "
                                    f"lr {record['lr']:.2e} | scale {record['loss_scale']:g} | "
                                    f"grad_norm {record['grad_norm']:.4f} | tokens/s {record['tokens_per_s']:.0f} | "
-                                   f"peak {record['peak_memory_mb']:.0f} MiB |")
+                                   f"peak {record['peak_memory_mb']:.0f} MiB | dropped {record['dropped_records']} |")
         if args.inspect_iters and self.step % args.inspect_iters == 0:
             engine.print_rank0(format_summary(inspect_model(self.model, engine=engine)))
         if args.eval_dataset and self.step % args.eval_interval == 0 and self._evaluate_and_stop():

@@ -19,6 +19,7 @@ run at a time owns a save directory (:class:`SaveDirLock`).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import random
@@ -26,11 +27,12 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cpm_live.utils import atomic_path, atomic_write_text
@@ -86,11 +88,13 @@ def save_checkpoint(engine, save_dir: str, step: int, trainable: dict[str, torch
         remove_leftovers(root)  # the save dir is locked by this run: any .partial is a crash's
         os.makedirs(partial)
     engine.barrier()
-    torch.save(rng_state(), os.path.join(partial, f"rng-rank{engine.rank}.pt"))
+    files = [(f"rng-rank{engine.rank}.pt", torch.save, rng_state())]
     if engine.is_main:
-        save_file(trainable, os.path.join(partial, TRAINABLE_FILE))
-        torch.save(optimizer_state, os.path.join(partial, OPTIMIZER_FILE))
-        torch.save(trainer_state, os.path.join(partial, TRAINER_FILE))
+        files += [(TRAINABLE_FILE, save_file, trainable), (OPTIMIZER_FILE, torch.save, optimizer_state),
+                  (TRAINER_FILE, torch.save, trainer_state)]
+    for name, write, value in files:
+        with writing(os.path.join(partial, name), remove=partial if engine.is_main else None):
+            write(value, os.path.join(partial, name))
     engine.barrier()
     if engine.is_main:
         if os.path.exists(final):
@@ -107,6 +111,25 @@ def save_checkpoint(engine, save_dir: str, step: int, trainable: dict[str, torch
         _prune(root, keep, step)
     engine.barrier()
     return final
+
+
+@contextlib.contextmanager
+def writing(path: str, remove: str | None = None) -> Iterator[None]:
+    """Turn a failed write under ``path`` into one line naming it and the free space left (torch reports a
+    full disk as "[enforce fail at inline_container.cc] unexpected pos", safetensors as an I/O error);
+    ``remove`` (the half-written directory) is deleted first, so the space it took comes back."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if remove is not None:
+            shutil.rmtree(remove, ignore_errors=True)
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        where = os.path.dirname(os.path.abspath(path))
+        while not os.path.isdir(where):
+            where = os.path.dirname(where)
+        free = shutil.disk_usage(where).free / 2**20
+        raise TrainingError(f"cannot write {path} ({reason}): is the disk full? {free:.0f} MiB free there; free "
+                            f"space or --save elsewhere, then --resume auto (earlier checkpoints are intact)") from None
 
 
 def remove_leftovers(root: str) -> None:
@@ -299,5 +322,5 @@ def _read(load: Callable[[str], Any], path: str) -> Any:
 
 def save_weights_pt(state_dict: dict[str, torch.Tensor], path: str) -> None:
     """A plain ``{key: tensor}`` .pt in the original CPM-Bee layout (loads into the original code)."""
-    with atomic_path(path) as tmp:
+    with writing(path), atomic_path(path) as tmp:
         torch.save({k: v.contiguous() for k, v in state_dict.items()}, tmp)

@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 from ...dataset import DataFormatError, JsonlDataset, SimpleDataset
 from ...inputs import IGNORE_INDEX
 from ...tokenizers import CPMBeeTokenizer
-from .pretrain import ExtTableStates, convert_data_to_id
+from .pretrain import ExtTableStates, SampleTooLong, convert_data_to_id
 
 _STATE_VERSION = 1
 
@@ -115,18 +115,23 @@ class BatchPacker:
         self._max_depth = max_depth
         self.tokenizer = tokenizer
         self._rows: list[_Row] = []
-        self.num_skipped = 0  # samples longer than max_length, dropped as in the original
+        self.num_read = 0  # samples read for new instances (in-context samples not counted)
+        self.num_skipped = 0  # of those, longer than max_length: dropped as in the original
+        # (location, at least this many tokens) of the first dropped sample this process saw
+        self.first_skipped: tuple[str, int] | None = None
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def _convert(self, source: RecordSource, data: Any, states: ExtTableStates | None,
                  rng: np.random.RandomState) -> tuple:
+        """The converted sample; :class:`SampleTooLong` past ``max_length`` (before its arrays are built)."""
         if not isinstance(data, dict):
             raise DataFormatError(f"{source.location}: a sample must be a JSON object, got {type(data).__name__}")
         try:
-            return convert_data_to_id(self.tokenizer, data, states, True, self._max_depth, rng=rng)
-        except DataFormatError:
+            return convert_data_to_id(self.tokenizer, data, states, True, self._max_depth, rng=rng,
+                                      max_length=self._max_length)
+        except (DataFormatError, SampleTooLong):
             raise
         except ValueError as e:
             raise DataFormatError(f"{source.location}: {e}") from e
@@ -138,10 +143,13 @@ class BatchPacker:
         num_incontext = rng.choice(weight.shape[0], p=weight / weight.sum())
         while True:
             data = source.read()
-            ids, subs, context, segments, rel, n_segments, table_states = self._convert(source, data, None, rng)
-            if ids.shape[0] <= self._max_length:
+            self.num_read += 1
+            try:
+                ids, subs, context, segments, rel, n_segments, table_states = self._convert(source, data, None, rng)
                 break
-            self.num_skipped += 1
+            except SampleTooLong as e:
+                self.num_skipped += 1
+                self.first_skipped = self.first_skipped or (source.location, e.length)
         zeros = np.zeros(ids.shape, dtype=np.int32)
         inst = _Row(inputs=ids, inputs_sub=subs, context=context, sample_ids=zeros, segments=segments,
                     num_segments=np.full(ids.shape, n_segments, dtype=np.int32), segment_rel_offset=zeros.copy(),
@@ -150,9 +158,12 @@ class BatchPacker:
             if inst.inputs.shape[0] >= self._max_length:
                 break
             sample = source.read()
-            s_ids, s_subs, _, s_segments, s_rel, n_segments, table_states = self._convert(
-                source, sample, table_states, rng
-            )
+            try:
+                s_ids, s_subs, _, s_segments, s_rel, n_segments, table_states = self._convert(
+                    source, sample, table_states, rng
+                )
+            except SampleTooLong:
+                break
             if inst.inputs.shape[0] + s_ids.shape[0] > self._max_length:
                 break
             inst.raw_data[0]["samples"].append(sample)
@@ -256,7 +267,7 @@ class BatchPacker:
 
     def state_dict(self) -> dict[str, Any]:
         return {"max_length": self._max_length, "rows": [row.to_state() for row in self._rows],
-                "num_skipped": self.num_skipped}
+                "num_skipped": self.num_skipped, "num_read": self.num_read}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["max_length"] != self._max_length:
@@ -264,6 +275,7 @@ class BatchPacker:
                              f"this run has {self._max_length}")
         self._rows = [_Row.from_state(row) for row in state["rows"]]
         self.num_skipped = int(state["num_skipped"])
+        self.num_read = int(state.get("num_read", self.num_skipped))  # not saved before issue 17
 
 
 def open_record_source(path: str) -> JsonlDataset | SimpleDataset:
@@ -336,6 +348,16 @@ class FinetuneDataset:
     def num_skipped(self) -> int:
         """Records dropped so far for being longer than ``max_length`` (as the original does)."""
         return self._packer.num_skipped
+
+    @property
+    def num_read(self) -> int:
+        """Records read so far (the share dropped is ``num_skipped / num_read``)."""
+        return self._packer.num_read
+
+    @property
+    def first_skipped(self) -> tuple[str, int] | None:
+        """``(file:line or file @ byte, at least this many tokens)`` of the first record this process dropped."""
+        return self._packer.first_skipped
 
     def start_next_epoch(self) -> None:
         """Rewind to the first record (dropping unfinished rows) for the next epoch."""

@@ -27,6 +27,15 @@ class ExtTableStates(TypedDict):
     token_id_table: dict[str, dict[int, int]]
 
 
+class SampleTooLong(ValueError):
+    """A sample has more tokens than the caller's ``max_length`` (``length`` is a lower bound:
+    conversion stops as soon as the limit is passed, before the large arrays are built)."""
+
+    def __init__(self, length: int, max_length: int):
+        super().__init__(f"the sample has at least {length} tokens, more than the limit of {max_length}")
+        self.length, self.max_length = length, max_length
+
+
 @dataclass
 class _Segment:
     value: str
@@ -114,6 +123,7 @@ def convert_data_to_id(
     shuffle_answer: bool = True,
     max_depth: int = 8,
     rng: np.random.RandomState | None = None,
+    max_length: int | None = None,
 ) -> tuple[
     NDArray[np.int32],
     NDArray[np.int32],
@@ -128,13 +138,17 @@ def convert_data_to_id(
     Per segment the tokens are `[bos] + ids + [eos]`, without the eos for predicted leaves. Ext tokens
     become (base id, sub) with sub numbered by first appearance per base from 0. `context` is 1 for
     given tokens, 0 for predicted ones. `rng` drives the answer shuffle; None uses the global
-    `np.random` exactly like the original.
+    `np.random` exactly like the original. A sample of more than `max_length` tokens raises
+    :class:`SampleTooLong` before its `n*n` relation table or token arrays are built (each segment
+    has at least one token); the answer shuffle has drawn from `rng` by then, as for a sample that fits.
     """
     root = _Segment("<root>", 0, 0, False)
     segments = [root]
     root.children = _build_tree(data, 1, False, segments, shuffle_answer, rng, "<root>")
 
     n = len(segments)
+    if max_length is not None and n > max_length:
+        raise SampleTooLong(n, max_length)
     segment_rel = np.zeros((n * n,), dtype=np.int32)
     _fill_segment_rel(root, segment_rel, n, max_depth)
 
@@ -171,6 +185,8 @@ def convert_data_to_id(
         bounds.append((len(input_ids), len(input_ids) + len(ids)))
         input_ids.extend(ids)
         input_subs.extend(subs)
+        if max_length is not None and len(input_ids) > max_length:
+            raise SampleTooLong(len(input_ids), max_length)
 
     length = len(input_ids)
     segment_ids = np.zeros((length,), dtype=np.int32)
