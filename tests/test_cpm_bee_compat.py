@@ -325,3 +325,16 @@ def test_original_names_and_device_flags(tmp_path):
     if torch.cuda.device_count() < 4:
         with pytest.raises(SystemExit):
             generate(["--load", str(tmp_path), "--input", "x", "--output", "y", "--device", "cuda:3"])
+
+
+def test_export_hf_in_bf16_loads_back_as_a_bf16_model(bee, tmp_path):
+    """--dtype bf16 --format hf: bf16 shards (config.json's torch_dtype says so), which a bf16 model
+    loads with logits close to the fp32 original (bf16 rounding of the weights)."""
+    out = tmp_path / "bf16"
+    export_checkpoint(bee.config, bee.pt, out, "bf16", fmt="hf", vocab=str(bee.vocab), progress=False)
+    with open_checkpoint(out) as reader:
+        assert {reader.info(k)[1] for k in reader.keys()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    config = load_config(None, out).with_dtype(torch.bfloat16)
+    got, want = logits(build_model(config, out)).float(), logits(build_model(bee.config, bee.pt))
+    assert ((got - want).norm() / want.norm()).item() < 0.03

@@ -40,13 +40,15 @@ def qlora(tmp_path_factory):
     return root, config, run(model.eval(), batch).detach(), batch
 
 
-@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("fp16", 2e-2)])
+@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-4), ("fp16", 2e-2), ("bf16", 3e-2)])
 def test_merged_export_reproduces_int4_plus_adapter_logits(qlora, tmp_path, dtype, tol):
     root, config, expected, batch = qlora
     out = tmp_path / f"merged-{dtype}.pt"
     export_main(["--model-config", str(root / "config.json"), "--int4", "--load", str(root / "base-int4.safetensors"),
                  "--delta", str(root / "adapter"), "--output", str(out), "--dtype", dtype])
     state = torch.load(out, weights_only=True)
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {
+        {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]}
     fp = CPMBee(config)
     fp.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)  # original key layout
     got = run(fp.eval(), batch)

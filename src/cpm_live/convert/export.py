@@ -4,7 +4,7 @@
     cpm-bee-export --model-config config/cpm-bee-10b.json --load cpm-bee-10b.pt --output model.safetensors \\
         --dtype int4        # or int8 (LLM.int8, bitsandbytes' Linear8bitLt layout)
 
-fp16/fp32 output dequantizes every 4-bit or int8 weight (exactly: level x absmax in fp32, cast once) and
+fp16/bf16/fp32 output dequantizes every 4-bit or int8 weight (exactly: level x absmax in fp32, cast once) and
 casts the other tensors; ``.pt`` output is a ``torch.save``d plain ``OrderedDict`` of tensors (built
 in memory: peak = the exported model), ``.safetensors`` output is streamed one tensor at a time.
 int4/int8 output runs :func:`cpm_live.convert.compress.quantize_state_dict` with the config's settings.
@@ -46,7 +46,7 @@ from cpm_live.quant import int8 as qint8
 from cpm_live.quant.stream import SafetensorsWriter
 from cpm_live.utils import atomic_path
 
-DENSE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+DENSE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 QUANT_DTYPES = ("int4", "int8")
 FORMATS = ("original", "hf")
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
@@ -121,20 +121,20 @@ def export_checkpoint(config: CPMBeeConfig, load_path: str | os.PathLike, output
                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportSummary:
     """Export ``load_path`` (dense, int4 or int8, checked against ``config``) to ``output_path`` in ``dtype``.
 
-    ``delta_fn`` (fp16/fp32 only) is asked for every key and its delta added to the dense weight in
+    ``delta_fn`` (dense dtypes only) is asked for every key and its delta added to the dense weight in
     fp32 before the cast. It is refused for int4/int8 output: that would silently re-quantize the merged
     weights; use :func:`merge_adapter`, which reports the drift. ``fmt="hf"`` writes a Hugging Face
-    model directory (fp16/fp32 only) with ``vocab`` copied into it.
+    model directory (dense dtypes only) with ``vocab`` copied into it.
     """
     load_path, output_path = os.fspath(load_path), os.fspath(output_path)
     if dtype not in (*DENSE_DTYPES, *QUANT_DTYPES):
-        raise ValueError(f"dtype must be fp16, fp32, int4 or int8, got {dtype!r}")
+        raise ValueError(f"dtype must be fp16, bf16, fp32, int4 or int8, got {dtype!r}")
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if fmt == "hf":
         if dtype in QUANT_DTYPES:
             raise CheckpointError("--format hf writes the dense weights Hugging Face's CpmBee model reads: use "
-                                  "--dtype fp16 or fp32")
+                                  "--dtype fp16, bf16 or fp32")
         if vocab is None:
             raise CheckpointError("--format hf needs the vocab for the directory's vocab.txt: pass --vocab")
         if os.path.exists(output_path) and not force:
@@ -273,7 +273,7 @@ def merge_adapter(config: CPMBeeConfig, load_path: str, adapter_path: str, outpu
                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportSummary:
     """Merge a LoRA adapter into the base and export it; the merge always happens in fp32.
 
-    fp16/fp32: dequantize (if int4/int8), add the adapter's weight-space delta in fp32, cast once.
+    fp16/bf16/fp32: dequantize (if int4/int8), add the adapter's weight-space delta in fp32, cast once.
     int4/int8: the same merge into a temporary fp32 file, then an explicit re-quantization, whose
     logits drift against the merged fp32 model is printed: re-quantizing moves every merged weight to
     the nearest 4-bit/int8 level, which is a second rounding the adapter was not trained with.
