@@ -31,7 +31,7 @@ from cpm_live.tokenizers import build_tiny_vocab
 from cpm_live.training.metrics import read_metrics
 from tests.test_tutorial import load_reformat, raw_line
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "cpm-bee"
 STEPS, RECORDS = 40, 600
 PROJECTIONS = ("project_q", "project_k", "project_v", "attention_out", "w_0", "w_1", "w_out")
