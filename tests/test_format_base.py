@@ -6,7 +6,16 @@ import json
 import pytest
 import torch
 
-from cpm_live.demo.format_base import COPY, PICK, TASKS, WRITE, build_format_base, format_tasks, record_texts
+from cpm_live.demo.format_base import (
+    COPY,
+    PICK,
+    TASKS,
+    WRITE,
+    build_format_base,
+    format_tasks,
+    main,
+    record_texts,
+)
 from cpm_live.layers import LayerNorm, Linear
 from cpm_live.models import CPMBee
 from tests.test_model import packed_batch, run, tiny_config
@@ -65,8 +74,11 @@ def test_format_tasks_take_turns_and_their_answers_point_at_the_input():
         format_tasks(texts[:3], 5, seed=0)
 
 
-def test_too_few_texts_stop_with_the_file_names(tmp_path):
+def test_bad_data_stops_with_the_file_and_line(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"input": "ab", "<ans>": "many answers are not texts"}) + "\n", encoding="utf-8")
-    with pytest.raises(SystemExit, match=f"{data} hold 1 distinct texts"):
+    with pytest.raises(ValueError, match=f"{data} hold 1 distinct texts"):
         build_format_base([str(data)], "unused-vocab.txt", str(tmp_path / "out"))
+    data.write_text('{"input": "ab"}\n\n{"input": \n', encoding="utf-8")
+    with pytest.raises(SystemExit, match=f"error: {data}:3: not valid JSON"):
+        main(["--data", str(data), "--vocab", "unused-vocab.txt", "--out", str(tmp_path / "out")])

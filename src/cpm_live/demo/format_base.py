@@ -130,7 +130,7 @@ def _read_records(paths: Sequence[str]) -> list[dict[str, Any]]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise SystemExit(f"error: {path}:{number}: not valid JSON ({e.msg})") from e
+                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from e
     return records
 
 
@@ -142,7 +142,7 @@ def build_format_base(data: Sequence[str], vocab: str, out: str, model_config: s
     os.makedirs(out, exist_ok=True)
     texts = record_texts(_read_records(data), max_chars=max_chars)
     if len(texts) < OPTIONS:
-        raise SystemExit(f"error: {', '.join(data)} hold {len(texts)} distinct texts of 2..{max_chars} characters; "
+        raise ValueError(f"{', '.join(data)} hold {len(texts)} distinct texts of 2..{max_chars} characters; "
                          f"need at least {OPTIONS}")
     tasks_file = os.path.join(out, "format_tasks.jsonl")
     atomic_write_text(tasks_file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
@@ -178,8 +178,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-chars", type=int, default=24, help="longest text used, in characters (default 24)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the tasks and of training")
     args = p.parse_args(argv)
-    return build_format_base(args.data, args.vocab, args.out, args.model_config, args.steps, args.records, args.lr,
-                             args.batch_size, args.max_length, args.max_chars, args.seed)
+    try:
+        return build_format_base(args.data, args.vocab, args.out, args.model_config, args.steps, args.records,
+                                 args.lr, args.batch_size, args.max_length, args.max_chars, args.seed)
+    except (ValueError, FileNotFoundError) as e:  # a bad data file or path: one line saying what to fix
+        raise SystemExit(f"error: {e}") from e
 
 
 if __name__ == "__main__":
