@@ -45,6 +45,7 @@ setup(
             "cpm-bee-evaluate=cpm_live.evaluation:main",
             "cpm-bee-plot=cpm_live.training.plot:main",
             "cpm-bee-demo=cpm_live.demo:main",
+            "cpm-bee-format-base=cpm_live.demo.format_base:main",
         ],
     },
 )

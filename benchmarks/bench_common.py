@@ -82,13 +82,13 @@ def environment(device: str, threads: int) -> dict[str, Any]:
     return env
 
 
-def model_config(dim: int, layers: int, *, int4: bool = False, compute_dtype: str = "float32",
+def model_config(dim: int, layers: int, *, int4: bool = False, int8: bool = False, compute_dtype: str = "float32",
                  precision: str = "fp32", vocab: int = BENCH_VOCAB):
     """A CPM-Bee-10B-proportioned config: dim_ff = 2.5 d, heads of 64 (10B: 4096 / 10240 / 32x128)."""
     from cpm_live.models import CPMBeeConfig
 
     return CPMBeeConfig(vocab_size=vocab, dim_model=dim, dim_ff=dim * 5 // 2, num_layers=layers,
-                        num_heads=max(1, dim // 64), dim_head=64, precision=precision, int4=int4,
+                        num_heads=max(1, dim // 64), dim_head=64, precision=precision, int4=int4, int8=int8,
                         int4_compute_dtype=compute_dtype)
 
 
@@ -147,9 +147,11 @@ def batch_shape(tokens: int) -> tuple[int, int]:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: CPMBeeInputs, target: torch.Tensor
                ) -> float:
-    """forward + loss + backward + AdamW step, as the training loop does it (mean over predicted tokens)."""
-    logits, _ = model(**batch.forward_kwargs())  # (B, L, V + X)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
+    """forward + loss + backward + AdamW step, as the training loop does it (mean over predicted tokens,
+    whose positions alone are projected onto the vocabulary)."""
+    labelled = target != IGNORE_INDEX
+    logits, _ = model(**batch.forward_kwargs(), logits_mask=labelled)  # (N, V + X)
+    loss = F.cross_entropy(logits.float(), target[labelled])
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

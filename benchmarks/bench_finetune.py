@@ -1,9 +1,10 @@
-"""Fine-tuning step time and peak memory: QLoRA vs LoRA (fp32, bf16) vs full fine-tuning.
+"""Fine-tuning step time and peak memory: QLoRA (NF4 and int8 bases) vs LoRA (fp32, bf16) vs full fine-tuning.
 
 QLoRA runs as a user gets it by default: ``int4_compute_dtype: auto``, and a bf16 model where the
 device computes bf16 natively (CUDA sm80+, CPUs with avx512_bf16/AMX), fp32 elsewhere. Its baseline is
 the LoRA of the same model dtype (``lora_bf16`` / ``lora_fp32``); the ratios against both LoRA
-variants are reported when both ran.
+variants are reported when both ran. ``qlora_int8`` is the same LoRA on an LLM.int8 base (int8 rows,
+fp32 row scales, threshold 6.0) in the same model dtype, compared with that LoRA and with NF4 QLoRA.
 
 One step = CPMBee.forward + cross-entropy over the predicted tail + backward + AdamW over the
 trainable parameters. Step times of all variants of one configuration are measured interleaved in
@@ -25,7 +26,7 @@ import torch
 from cpm_live.config import native_bf16
 from cpm_live.quant.dequant import PROFILER_LABEL
 
-MODES = ("full", "lora_fp32", "lora_bf16", "qlora")
+MODES = ("full", "lora_fp32", "lora_bf16", "qlora", "qlora_int8")
 PEAK_METHOD = {
     "cpu": "RSS high-water mark (VmHWM) of a fresh process per variant, forked from a server that only imported "
            "the libraries, glibc's mmap threshold pinned to 128 KiB so freed tensors leave RSS; restarted once the "
@@ -50,7 +51,7 @@ def available_modes(device: str, force_bf16: bool = False) -> tuple[list[str], d
     if device == "cpu" and not force_bf16 and not native_bf16(device):
         reason = ("this CPU has no native bf16 (avx512_bf16/AMX); emulated bf16 matmuls run ~10x slower than "
                   "fp32 and would not show bf16 LoRA's cost (pass --bf16 to measure anyway)")
-        return ["full", "lora_fp32", "qlora"], {"lora_bf16": reason}
+        return ["full", "lora_fp32", "qlora", "qlora_int8"], {"lora_bf16": reason}
     return list(MODES), {}
 
 
@@ -62,8 +63,10 @@ def build_variant(mode: str, dim: int, layers: int, device: str, checkpointing: 
 
     if mode not in MODES:
         raise ValueError(f"unknown fine-tuning mode {mode!r}; choose from {MODES}")
-    precision = {"lora_bf16": "bf16", "qlora": qlora_precision(device)}.get(mode, "fp32")
-    config = bc.model_config(dim, layers, int4=mode == "qlora", compute_dtype="auto", precision=precision)
+    precision = {"lora_bf16": "bf16", "qlora": qlora_precision(device),
+                 "qlora_int8": qlora_precision(device)}.get(mode, "fp32")
+    config = bc.model_config(dim, layers, int4=mode == "qlora", int8=mode == "qlora_int8", compute_dtype="auto",
+                             precision=precision)
     if config.int4:
         config = config.resolve_compute_dtype(device)
     with torch.device(device):
@@ -251,6 +254,8 @@ def run_finetune(configs: list[dict[str, Any]], device: str, threads: int, reps:
         for mode, name, ref in (("qlora", "qlora_over_lora", baseline),
                                 ("qlora", "qlora_over_lora_fp32", "lora_fp32"),
                                 ("qlora", "qlora_over_lora_bf16", "lora_bf16"),
+                                ("qlora_int8", "int8_over_lora", baseline),
+                                ("qlora_int8", "int8_over_qlora", "qlora"),
                                 ("full", "full_over_lora", "lora_fp32")):
             if mode in entry["modes"] and ref in entry["modes"]:
                 m, r = entry["modes"][mode], entry["modes"][ref]

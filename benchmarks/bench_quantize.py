@@ -1,4 +1,5 @@
-"""Compression: bytes per parameter, checkpoint size vs fp16, and quantize_state_dict's speed and memory.
+"""Compression: bytes per parameter (NF4 and int8), checkpoint size vs fp16, the logits' quantization
+error against the fp32 model, and quantize_state_dict's speed and memory.
 
 quantize_state_dict streams one tensor at a time, so its peak memory should depend on the largest
 tensor, not on the checkpoint: we compress synthetic CPM-Bee checkpoints of growing depth (same
@@ -56,22 +57,43 @@ def job_bytes_per_param(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def job_int8_bytes_per_param(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """As :func:`job_bytes_per_param` for LLM.int8: int8 rows, fp32 ``SCB`` per row, the layout tag."""
+    from cpm_live.quant import int8
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for shape in spec["shapes"]:
+        entries = int8.quantize_entries("w.weight", torch.randn(*shape, generator=g).half())
+        total = sum(t.numel() * t.element_size() for t in entries.values())
+        scaling = sum(entries[k].numel() * entries[k].element_size() for k in ("w.weight", "w.SCB"))
+        n = math.prod(shape)
+        out.append({"shape": list(shape), "params": n, "bytes": total, "bytes_per_param": total / n,
+                    "bytes_per_param_without_constants": scaling / n, "expected_int8": 1 + 4 / shape[1]})
+    return out
+
+
 def analytic_checkpoint_ratio(config, blob_bytes: int = 200) -> dict[str, Any]:
-    """int4 vs fp16 checkpoint bytes of ``config`` from its shapes (projections 4-bit, the rest fp16)."""
+    """int4 and int8 vs fp16 checkpoint bytes of ``config`` from its shapes (projections quantized,
+    the rest fp16)."""
     from cpm_live.convert.compress import is_quant_target
     from cpm_live.quant import format as qformat
+    from cpm_live.quant import int8
 
     settings = _settings()
-    fp16 = int4 = quant_params = 0
+    fp16 = int4 = int8_bytes = quant_params = 0
     for key, (shape, _) in _shapes(config).items():
         n = math.prod(shape)
         fp16 += 2 * n
         if is_quant_target(key):
             quant_params += n
             int4 += qformat.quantized_bytes(shape, settings, blob_bytes)
+            int8_bytes += sum(math.prod(s) * d.itemsize for s, d in int8.tensor_layout(shape).values())
         else:
             int4 += 2 * n
+            int8_bytes += 2 * n
     return {"fp16_bytes": fp16, "int4_bytes": int4, "ratio_to_fp16": int4 / fp16,
+            "int8_bytes": int8_bytes, "int8_ratio_to_fp16": int8_bytes / fp16,
             "params": fp16 // 2, "quantized_params": quant_params}
 
 
@@ -86,11 +108,50 @@ def job_tiny_checkpoint(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     dense = os.path.join(spec["workdir"], "tiny-fp16.safetensors")
     packed = os.path.join(spec["workdir"], "tiny-int4.safetensors")
+    packed8 = os.path.join(spec["workdir"], "tiny-int8.safetensors")
     save_file({k: v.contiguous() for k, v in CPMBee(config).state_dict().items()}, dense)
     quantize_state_dict(dense, packed, device="cpu", force=True, progress=False)
-    sizes = {"fp16_file_bytes": os.path.getsize(dense), "int4_file_bytes": os.path.getsize(packed)}
+    quantize_state_dict(dense, packed8, device="cpu", force=True, progress=False, int8=True)
+    sizes = {"fp16_file_bytes": os.path.getsize(dense), "int4_file_bytes": os.path.getsize(packed),
+             "int8_file_bytes": os.path.getsize(packed8)}
     sizes["ratio_to_fp16"] = sizes["int4_file_bytes"] / sizes["fp16_file_bytes"]
+    sizes["int8_ratio_to_fp16"] = sizes["int8_file_bytes"] / sizes["fp16_file_bytes"]
     return sizes
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def job_logit_error(spec: dict[str, Any]) -> dict[str, Any]:
+    """Logits of one random fp32 CPM-Bee-shaped model against its NF4 and int8 quantizations (the same
+    weights, quantized on load), on one packed batch: relative L2 error, share of positions whose top-1
+    token agrees, and the projections' weight error (relative L2 of the dequantized weights)."""
+    from cpm_live.checkpoint import build_model
+    from cpm_live.layers import is_quantized
+    from cpm_live.models import CPMBee
+
+    config = bc.model_config(spec["dim"], spec["layers"])
+    torch.manual_seed(0)
+    dense = CPMBee(config).eval()
+    path = os.path.join(spec["workdir"], "logit-error-fp32.pt")
+    torch.save(dense.state_dict(), path)
+    rows, seqlen = bc.batch_shape(spec["tokens"])
+    batch, _ = bc.make_batch(rows, seqlen, config.vocab_size, "cpu")
+    with torch.no_grad():
+        reference = dense(**batch.forward_kwargs())[0]
+        out: dict[str, Any] = {"dim": spec["dim"], "layers": spec["layers"], "tokens": spec["tokens"],
+                               "vocab": config.vocab_size, "int8_threshold": config.int8_threshold}
+        for name, kind in (("nf4", "int4"), ("int8", "int8")):
+            model = build_model(config.with_quantization(kind), path).eval()  # nf4: fp32 compute
+            logits = model(**batch.forward_kwargs())[0]
+            weights = [_relative_error(m.dequantize(torch.float32), dense.get_submodule(n).weight)
+                       for n, m in model.named_modules() if is_quantized(m)]
+            out[name] = {"logits_relative_l2": _relative_error(logits, reference),
+                         "top1_agreement": (logits.argmax(-1) == reference.argmax(-1)).double().mean().item(),
+                         "weight_relative_l2_median": bc.median(weights)}
+    Path(path).unlink()
+    return out
 
 
 def job_write_checkpoint(spec: dict[str, Any]) -> dict[str, Any]:
@@ -259,13 +320,20 @@ def run_streaming(workdir: str, dim: int, layer_counts: list[int], formats: list
     return out
 
 
-def run_compression(workdir: str, bpp_shapes: list[tuple[int, int]]) -> dict[str, Any]:
+def run_compression(workdir: str, bpp_shapes: list[tuple[int, int]],
+                    logit_error: dict[str, int] | None = None) -> dict[str, Any]:
+    """Bytes per parameter and checkpoint ratios (NF4 and int8); with ``logit_error`` (dim, layers,
+    tokens) also the logits' quantization error of both against the fp32 model."""
     from cpm_live.models import CPMBeeConfig
 
     config_10b = CPMBeeConfig.from_json_file(CONFIG_DIR / "cpm-bee-10b.json")
-    return {
+    out = {
         "settings": SETTINGS,
         "linear_weights": bc.run_isolated(job_bytes_per_param, {"shapes": bpp_shapes}),
+        "linear_weights_int8": bc.run_isolated(job_int8_bytes_per_param, {"shapes": bpp_shapes}),
         "tiny_checkpoint": bc.run_isolated(job_tiny_checkpoint, {"workdir": workdir}),
         "cpm_bee_10b_analytic": analytic_checkpoint_ratio(config_10b),
     }
+    if logit_error is not None:
+        out["logit_error"] = bc.run_isolated(job_logit_error, {**logit_error, "workdir": workdir})
+    return out

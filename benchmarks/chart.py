@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen befor
 from cpm_live.utils import atomic_path  # noqa: E402
 
 COLORS = {"full": "#999999", "lora_fp32": "#4c72b0", "lora_bf16": "#8172b2", "qlora": "#dd8452",
+          "int8": "#c44e52", "qlora_int8": "#c44e52",
           "cpm_live / hf_bnb": "#dd8452", "hf_bnb / dense": "#55a868", "cpm_live / dense": "#4c72b0"}
 
 
@@ -29,7 +30,8 @@ def _grouped_bars(ax, groups: list[str], series: dict[str, list[float]], ylabel:
 def _finetune(ax_time, ax_mem, finetune: dict[str, Any]) -> None:
     configs = finetune["configs"]
     groups = [f"d{c['dim']} L{c['layers']}\n{c['tokens']} tok" for c in configs]
-    ratios = {name: [c["ratios"].get(f"{name}_over_lora_time", 0.0) for c in configs] for name in ("full", "qlora")}
+    ratios = {name: [c["ratios"].get(f"{name}_over_lora_time", 0.0) for c in configs]
+              for name in ("full", "qlora", "int8") if any(f"{name}_over_lora_time" in c["ratios"] for c in configs)}
     _grouped_bars(ax_time, groups, ratios, f"step time / {finetune['baseline_for_qlora']} step time",
                   "step time (fwd+bwd+AdamW) vs LoRA, paired median")
     ax_time.axhline(1.0, color="black", lw=0.8)

@@ -5,9 +5,10 @@
     python benchmarks/run.py --device cuda --out results-gpu.json                # adds the measured 10B step
     python benchmarks/run.py --device cuda --quick --sections finetune,measured_10b --out r.json  # GPU, minutes
 
-Sections: finetune (QLoRA vs LoRA vs full step time and peak memory), profile (where QLoRA time goes),
-layers (our Linear4bit+LoRA vs bitsandbytes Linear4bit+peft), compression and quantize_streaming
-(bytes/param, checkpoint sizes, quantize_state_dict MB/s and peak memory), quantize_workers
+Sections: finetune (QLoRA on NF4 and int8 bases vs LoRA vs full: step time and peak memory), profile (where
+QLoRA time goes), layers (our Linear4bit+LoRA vs bitsandbytes Linear4bit+peft), compression and
+quantize_streaming (bytes/param and checkpoint sizes for NF4 and int8, the logits' error of both vs fp32,
+quantize_state_dict MB/s and peak memory), quantize_workers
 (quantize_state_dict at 1 vs all cores on a 1 GiB checkpoint of 10B shapes, same bytes), scaling (1 vs 2 ranks,
 FSDP2 on gloo), estimate_10b (CPM-Bee-10B QLoRA peak memory, analytic), on CUDA, measured_10b, and only
 when named, scale10b (CPM-Bee-10B end to end on CPU; also ``python benchmarks/scale_10b.py``).
@@ -48,7 +49,7 @@ PLANS: dict[str, dict[str, Any]] = {
                                  {"dim": 1024, "layers": 2, "tokens": 512}], "reps": 5, "mem_steps": 2},
         "profile": {"dim": 512, "layers": 2, "tokens": 2048, "reps": 3},
         "layers": {"shapes": [(1024, 1024), (1024, 2560), (2560, 1024)], "tokens": 1024, "reps": 5},
-        "compression": {"bpp_shapes": [(4096, 4096)]},
+        "compression": {"bpp_shapes": [(4096, 4096)], "logit_error": {"dim": 512, "layers": 2, "tokens": 512}},
         "quantize_streaming": {"dim": 1024, "layers": [2, 4, 8], "formats": ["pt", "safetensors"]},
         "quantize_workers": {"layers": 1, "reps": 2},
         "scaling": {"modes": ["qlora"], "dim": 512, "layers": 2, "tokens": 512, "steps": 3, "reps": 1},
@@ -59,7 +60,8 @@ PLANS: dict[str, dict[str, Any]] = {
         "profile": {"dim": 512, "layers": 4, "tokens": 2048, "reps": 5},
         "layers": {"shapes": [(1024, 1024), (1024, 2560), (2560, 1024), (4096, 4096), (4096, 10240),
                               (10240, 4096)], "tokens": 2048, "reps": 7},
-        "compression": {"bpp_shapes": [(4096, 4096), (10240, 4096), (4096, 10240)]},
+        "compression": {"bpp_shapes": [(4096, 4096), (10240, 4096), (4096, 10240)],
+                        "logit_error": {"dim": 1024, "layers": 4, "tokens": 1024}},
         "quantize_streaming": {"dim": 2048, "layers": [2, 4, 8, 16], "formats": ["pt", "safetensors"]},
         "quantize_workers": {"layers": 3, "reps": 2},  # 1.08 GiB of fp16 at CPM-Bee-10B's shapes
         "scaling": {"modes": ["qlora", "full"], "dim": 1024, "layers": 4, "tokens": 1024, "steps": 5, "reps": 3},
@@ -73,7 +75,7 @@ PLANS: dict[str, dict[str, Any]] = {
                      "modes": ["lora_bf16", "qlora"]},
         "profile": {"dim": 2048, "layers": 4, "tokens": 2048, "reps": 3},
         "layers": {"shapes": [(4096, 4096), (4096, 10240), (10240, 4096)], "tokens": 4096, "reps": 7},
-        "compression": {"bpp_shapes": [(4096, 4096)]},
+        "compression": {"bpp_shapes": [(4096, 4096)], "logit_error": {"dim": 512, "layers": 2, "tokens": 512}},
         "quantize_streaming": {"dim": 2048, "layers": [2, 4, 8], "formats": ["safetensors"]},
         "scaling": {"modes": ["qlora"], "dim": 512, "layers": 2, "tokens": 512, "steps": 3, "reps": 1},
     },
@@ -97,7 +99,8 @@ def run_section(name: str, plan: dict[str, Any], args: argparse.Namespace, workd
         p = plan["layers"]
         return bench_layers.run_layers(p["shapes"], p["tokens"], p["reps"], device, threads)
     if name == "compression":
-        return bench_quantize.run_compression(workdir, plan["compression"]["bpp_shapes"])
+        p = plan["compression"]
+        return bench_quantize.run_compression(workdir, p["bpp_shapes"], p.get("logit_error"))
     if name == "quantize_streaming":
         p = plan["quantize_streaming"]
         return bench_quantize.run_streaming(workdir, p["dim"], p["layers"], p["formats"], threads, device, log=log)
@@ -137,8 +140,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     if "compression" in results:
         c = results["compression"]
         out["linear_bytes_per_param"] = [w["bytes_per_param"] for w in c["linear_weights"]]
+        out["linear_bytes_per_param_int8"] = [w["bytes_per_param"] for w in c["linear_weights_int8"]]
         out["tiny_checkpoint_int4_over_fp16"] = c["tiny_checkpoint"]["ratio_to_fp16"]
+        out["tiny_checkpoint_int8_over_fp16"] = c["tiny_checkpoint"]["int8_ratio_to_fp16"]
         out["cpm_bee_10b_checkpoint_int4_over_fp16"] = c["cpm_bee_10b_analytic"]["ratio_to_fp16"]
+        out["cpm_bee_10b_checkpoint_int8_over_fp16"] = c["cpm_bee_10b_analytic"]["int8_ratio_to_fp16"]
+        if "logit_error" in c:
+            out["logits_relative_l2_vs_fp32"] = {k: c["logit_error"][k]["logits_relative_l2"] for k in ("nf4", "int8")}
     if "quantize_streaming" in results:
         out["quantize"] = {fmt: {"mb_s": d["throughput_mb_s_median"],
                                  "peak_slope_mib_per_mib": d["peak_slope_mib_per_input_mib"]}

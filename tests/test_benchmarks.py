@@ -45,7 +45,7 @@ def results(tmp_path_factory):
                                                     mem_steps=1, log=quiet_log),
             "profile": bench_finetune.run_profile(64, 1, 64, "cpu", 1, reps=1),
             "layers": bench_layers.run_layers([(64, 128)], tokens=16, reps=2, device="cpu", threads=1),
-            "compression": bench_quantize.run_compression(work, [(64, 256)]),
+            "compression": bench_quantize.run_compression(work, [(64, 256)], {"dim": 64, "layers": 1, "tokens": 64}),
             "quantize_streaming": bench_quantize.run_streaming(work, 64, [1, 2], ["safetensors"], 1,
                                                                log=quiet_log),
             "estimate_10b": estimate_10b.run_estimate(),
@@ -60,17 +60,19 @@ def positive(x) -> bool:
 
 def test_finetune_reports_every_variant(results):
     section = results["finetune"]
-    assert section["modes"] == ["full", "lora_fp32", "qlora"] or "lora_bf16" in section["modes"]
+    assert section["modes"] == ["full", "lora_fp32", "qlora", "qlora_int8"] or "lora_bf16" in section["modes"]
     (config,) = section["configs"]
     for mode in section["modes"]:
         m = config["modes"][mode]
         assert all(positive(t) for t in m["step_s"]) and len(m["step_s"]) == 2
         assert positive(m["peak_mib"]) and positive(m["tokens_per_s"])
     modes = config["modes"]
-    assert modes["qlora"]["stored_mib"] < modes["lora_fp32"]["stored_mib"]  # 4-bit base is smaller
+    # 4-bit < 8-bit < fp32 base
+    assert modes["qlora"]["stored_mib"] < modes["qlora_int8"]["stored_mib"] < modes["lora_fp32"]["stored_mib"]
     assert modes["full"]["trainable_params"] > modes["lora_fp32"]["trainable_params"] == \
-        modes["qlora"]["trainable_params"] > 0
-    for key in ("qlora_over_lora_time", "qlora_over_lora_peak_mem", "full_over_lora_time"):
+        modes["qlora"]["trainable_params"] == modes["qlora_int8"]["trainable_params"] > 0
+    for key in ("qlora_over_lora_time", "qlora_over_lora_peak_mem", "full_over_lora_time", "int8_over_lora_time",
+                "int8_over_lora_peak_mem", "int8_over_qlora_time"):
         assert positive(config["ratios"][key])
 
 
@@ -94,8 +96,16 @@ def test_compression_figures(results):
     (w,) = c["linear_weights"]
     assert w["bytes_per_param_without_constants"] == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256))
     assert w["bytes_per_param"] > w["bytes_per_param_without_constants"]
-    assert 0 < c["tiny_checkpoint"]["ratio_to_fp16"] < 1
+    (w8,) = c["linear_weights_int8"]
+    assert w8["bytes_per_param_without_constants"] == pytest.approx(1 + 4 / 256) == w8["expected_int8"]
+    assert w8["bytes"] == 64 * 256 + 4 * 64 + 1  # int8 rows, fp32 SCB, the uint8 layout tag
+    assert 0 < c["tiny_checkpoint"]["ratio_to_fp16"] < c["tiny_checkpoint"]["int8_ratio_to_fp16"] < 1
     assert 0.25 < c["cpm_bee_10b_analytic"]["ratio_to_fp16"] < 0.32  # 9.26B of 9.62B params are 4-bit
+    assert 0.5 < c["cpm_bee_10b_analytic"]["int8_ratio_to_fp16"] < 0.55  # ... or 8-bit
+    err = c["logit_error"]
+    assert 0 < err["int8"]["logits_relative_l2"] < err["nf4"]["logits_relative_l2"] < 1
+    assert 0 < err["int8"]["weight_relative_l2_median"] < 0.02 < err["nf4"]["weight_relative_l2_median"] < 0.15
+    assert 0 < err["nf4"]["top1_agreement"] <= err["int8"]["top1_agreement"] <= 1
 
 
 def test_quantize_streaming(results):
@@ -124,7 +134,8 @@ def test_10b_estimate(results):
 def test_summary_and_chart(results, tmp_path):
     summary = run.summarize(results)
     assert set(summary) >= {"finetune_ratios", "layers_cpm_live_over_hf_bnb", "linear_bytes_per_param",
-                            "quantize", "scaling_2_over_1", "estimate_10b_peak_gib"}
+                            "linear_bytes_per_param_int8", "logits_relative_l2_vs_fp32", "quantize",
+                            "scaling_2_over_1", "estimate_10b_peak_gib"}
     png = tmp_path / "chart.png"
     chart.write_chart(results, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,5 @@
 """Generation on a tiny random CPM-Bee (CPU): prompt building, incremental == full forward, beam search
-== exhaustive search, greedy == beam 1, seeded sampling, `<ans>` parse-back, int4 / LoRA, the CLI."""
+== exhaustive search, greedy == beam 1, seeded sampling, `<ans>` parse-back, int4 / int8 / LoRA, the CLI."""
 
 import copy
 import itertools
@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from cpm_live.checkpoint import build_model
+from cpm_live.convert.compress import quantize_state_dict
 from cpm_live.delta import LoraSettings, add_lora, lora_layers, save_adapter
 from cpm_live.evaluation import compute_metrics
 from cpm_live.generation import (
@@ -27,6 +29,7 @@ from cpm_live.generation import (
     top_k_top_p_filtering,
 )
 from cpm_live.generation.cli import main as generation_main
+from cpm_live.layers import Linear8bit
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.tokenizers import CPMBeeTokenizer, build_tiny_vocab
 from cpm_live.training_tasks.bee.pretrain import convert_data_to_id
@@ -379,6 +382,27 @@ def test_int4_and_int4_lora_models_generate(tokenizer):
     greedy = CPMBeeGreedy(model, tokenizer).generate(copy.deepcopy(samples), max_length=4)
     beam1 = CPMBeeBeamSearch(model, tokenizer).generate(copy.deepcopy(samples), beam_size=1, max_length=4)
     assert greedy == beam1 and all(isinstance(r["<ans>"], (str, dict)) for r in greedy)
+
+
+def test_int8_checkpoint_generates_through_the_cli_as_the_fp_model_does(tmp_path, checkpoint, tokenizer, model):
+    """quantize --int8 -> text_generation --int8: the CLI's answers are those of the int8 model built in
+    process, whose option choice (decisive logits, ~1% weight error) is the fp model's."""
+    int8 = checkpoint / "model-int8.safetensors"  # beside vocab.txt
+    quantize_state_dict(checkpoint / "model.pt", int8, device="cpu", progress=False, int8=True)
+    samples = [OPTION_SAMPLE, NESTED_SAMPLE, TWO_ANSWER_SAMPLE]
+    inp, out = write_jsonl(tmp_path / "in.jsonl", samples), tmp_path / "out.jsonl"
+    args = cli_args(checkpoint, inp, out, "--batch-size", "3", "--int8")
+    args[args.index("--load") + 1] = str(int8)
+    assert generation_main(args) == 0
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    int8_model = build_model(model.config.with_quantization("int8"), int8).eval()
+    assert sum(isinstance(m, Linear8bit) for m in int8_model.modules()) == 7 * model.config.num_layers
+    settings = {"beam_size": 3, "max_length": 4, "repetition_penalty": 1.1}  # the CLI's defaults
+    assert records == CPMBeeBeamSearch(int8_model, tokenizer).generate(copy.deepcopy(samples), **settings)
+    # The option choice is the fp model's; free text of a random model drifts apart at its first near-tie.
+    assert records[0] == CPMBeeBeamSearch(model, tokenizer).generate(copy.deepcopy(samples[:1]), **settings)[0]
+    with pytest.raises(SystemExit, match='int8-compressed: set "int8": true'):
+        generation_main([a for a in args if a != "--int8"])
 
 
 def test_bad_arguments_raise(tokenizer, model):

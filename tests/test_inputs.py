@@ -12,7 +12,8 @@ from tests.test_model import packed_batch, run, tiny_config
 
 
 def _params(fn) -> list[str]:
-    return [p for p in inspect.signature(fn).parameters if p not in ("self", "past_key_values")]
+    """The input parameters (the options past_key_values and logits_mask are not model inputs)."""
+    return [p for p in inspect.signature(fn).parameters if p not in ("self", "past_key_values", "logits_mask")]
 
 
 def test_field_names_are_forward_and_inference_parameters():
@@ -30,6 +31,21 @@ def test_keyword_call_equals_the_original_positional_call():
     inputs = CPMBeeInputs.from_arrays(batch)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs.forward_kwargs())[0], run(model, batch), rtol=0, atol=0)
+
+
+def test_logits_mask_projects_only_the_marked_positions():
+    config = tiny_config()
+    torch.manual_seed(3)
+    model = CPMBee(config).eval()
+    inputs = CPMBeeInputs.from_arrays(packed_batch(config.vocab_size))
+    mask = torch.rand(inputs.input.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    with torch.no_grad():
+        full, hidden = model(**inputs.forward_kwargs())
+        some, same_hidden = model(**inputs.forward_kwargs(), logits_mask=mask)
+        none, _ = model(**inputs.forward_kwargs(), logits_mask=torch.zeros_like(mask))
+    assert some.shape == (int(mask.sum()), full.size(-1)) and none.shape == (0, full.size(-1))
+    torch.testing.assert_close(some, full[mask], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(same_hidden, hidden, rtol=0, atol=0)
 
 
 def test_placeholder_runs_and_has_no_label():

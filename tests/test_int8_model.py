@@ -120,7 +120,7 @@ def test_lora_on_int8_trains_and_peft_never_sees_a_plain_linear(base):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    print(f"\nLoRA on int8: loss {losses[0]:.3f} -> {losses[-1]:.3f}")  # 1.936 -> 0.237 (dense base: 0.243)
+    print(f"\nLoRA on int8: loss {losses[0]:.3f} -> {losses[-1]:.3f}")  # 1.936 -> 0.256 (dense base: 0.243)
     assert losses[-1] < 0.5 * losses[0]
     for m in wrapped:
         assert m.base_layer.weight.grad is None and m.base_layer.weight.dtype == torch.int8

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-SCRIPTS = ["evaluate.py", "export_model.py", "finetune_cpm_bee.py", "finetune_cpm_bee_qlora.py",
+SCRIPTS = ["build_format_base.py", "evaluate.py", "export_model.py", "finetune_cpm_bee.py", "finetune_cpm_bee_qlora.py",
            "preprocess_dataset.py", "quantize_state_dict.py", "text_generation.py"]
 
 # Every script's --help and the demo's, in one interpreter (imports once), then bnb's own logger is

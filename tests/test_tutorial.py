@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from cpm_live.convert.export import export_checkpoint
 from cpm_live.models import CPMBee, CPMBeeConfig
@@ -180,6 +181,20 @@ def test_qlora_walkthrough(inputs, tmp_path):
     assert changed == targets and len(targets) == 4
     assert all(merged[k].dtype == torch.float16 for k in merged)
 
+    # Step 8, the 8-bit base: the same run, predictions and scores, and a merged export in the int8 layout.
+    int8 = folder / "ckpts" / "cpm-bee-int8.safetensors"
+    assert int4.stat().st_size < int8.stat().st_size < fp.stat().st_size
+    assert [r["step"] for r in read_metrics(folder / "results-int8" / "metrics.jsonl") if "loss" in r] == \
+        [1, 2, 3, 4, 5, 6]
+    assert json.loads((folder / "results-int8" / "model_config.cpm_live.json").read_text())["int8"] is True
+    check_predictions(folder, "results-int8/eval_predictions.jsonl", "results-int8/eval_scores.json")
+    exported_path = folder / "ckpts" / "cpm-bee-ccpm-int8.safetensors"
+    with safe_open(exported_path, "pt") as exported, safe_open(int8, "pt") as base8:
+        assert exported.metadata()["format"] == base8.metadata()["format"] == "cpm_live.int8"
+        assert set(exported.keys()) == set(base8.keys())
+        changed8 = {k for k in base8.keys() if not torch.equal(exported.get_tensor(k), base8.get_tensor(k))}
+    assert {k.rsplit(".", 1)[0] for k in changed8} == {k.rsplit(".", 1)[0] for k in targets}
+
 
 def test_plain_walkthrough(inputs, tmp_path):
     folder = run_tutorial("README.md", SCALE_PLAIN, inputs, tmp_path)
@@ -207,7 +222,7 @@ def test_readmes_skip_only_what_they_mark():
     """Each README runs its data, training, generation and scoring steps; skipped blocks are marked."""
     for readme, scripts in (("README_qlora.md", ["data_reformat", "preprocess_dataset", "quantize_state_dict",
                                                  "finetune_cpm_bee_qlora", "text_generation", "evaluate",
-                                                 "export_model"]),
+                                                 "export_model", "--int8"]),
                             ("README.md", ["data_reformat", "preprocess_dataset", "finetune_cpm_bee",
                                            "text_generation", "evaluate"])):
         text = (TUTORIAL / readme).read_text(encoding="utf-8")

@@ -9,8 +9,9 @@ with an int8 checkpoint; ``.to(device)`` only moves bytes and ``forward`` only r
 
 Both are parameters so engines shard and gather them like the 4-bit state. The state dict adds
 bitsandbytes' ``weight_format`` (0, row-major), so it loads into ``bnb.nn.Linear8bitLt``.
-Forward: :func:`cpm_live.quant.int8.matmul_int8` (fp16 int8 matmul with outlier columns in fp16),
-divided by ``sqrt(dim_in)`` like ``Linear``; gradients reach the input only.
+Forward: :func:`cpm_live.quant.int8.matmul_int8` (fp16 int8 matmul with outlier columns in fp16,
+returned in the input's dtype), divided by ``sqrt(dim_in)`` like ``Linear``; gradients reach the
+input only, computed in the input's dtype.
 """
 
 from __future__ import annotations
@@ -75,8 +76,7 @@ class Linear8bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim_in:
             raise ValueError(f"Linear8bit expects inputs with last dim {self.dim_in}, got {list(x.shape)}")
-        out = int8.matmul_int8(x, self.weight, self.SCB, self.threshold)
-        return out.to(x.dtype) / math.sqrt(self.dim_in)
+        return int8.matmul_int8(x, self.weight, self.SCB, self.threshold) / math.sqrt(self.dim_in)
 
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -61,10 +61,16 @@ class CPMBee(nn.Module):
                 context: torch.Tensor, sample_ids: torch.Tensor, num_segments: torch.Tensor,
                 segment: torch.Tensor, segment_rel_offset: torch.Tensor, segment_rel: torch.Tensor,
                 span: torch.Tensor, ext_table_ids: torch.Tensor, ext_table_sub: torch.Tensor,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                logits_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Training forward over packed rows; all inputs ``(B, L)`` int except ``length (B,)``,
         ``segment_rel (B, R)`` and the ext table ``(X,)``. Returns logits ``(B, L, V + X)`` and the
-        final hidden states ``(B, L, d)``."""
+        final hidden states ``(B, L, d)``.
+
+        ``logits_mask (B, L)`` bool projects only the positions it marks: logits ``(N, V + X)`` in
+        row-major order. The loss needs logits only where there is a label (about 2 of a CCPM
+        record's 83 tokens), and the projection onto the vocabulary is the largest matmul of a small
+        model and the largest activation of any model.
+        """
         batch, seqlen = input.shape
         with torch.no_grad():
             device = input.device
@@ -89,7 +95,8 @@ class CPMBee(nn.Module):
         position_bias = self.position_bias(position, position, bucket)
         h, _ = self.encoder(h, mask, position_bias)
         ext_table = self.input_embedding(ext_table_ids, ext_table_sub)
-        return self.input_embedding.projection(h, ext_table), h
+        projected = h if logits_mask is None else h[logits_mask]  # (B, L, d) or (N, d)
+        return self.input_embedding.projection(projected, ext_table), h
 
     @torch.no_grad()
     def inference(self, input: torch.Tensor, input_sub: torch.Tensor, position: torch.Tensor,

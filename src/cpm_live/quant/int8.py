@@ -8,9 +8,12 @@ Format (bitsandbytes' ``Linear8bitLt`` state dict, so bitsandbytes reads the che
 
 Matmul (LLM.int8, Dettmers et al. 2022): the input is cast to fp16 and quantized row-wise to int8;
 input columns holding any ``|x| >= threshold`` are zeroed there and multiplied in fp16 against the
-dequantized weight columns instead; int32 products are scaled by ``SCA * SCB / 127^2``. Backward
-gives the input gradient only, ``grad @ deq(W)`` in the gradient's dtype (as bnb's ``MatMul8bitLt``),
-and keeps nothing but the int8 weight and its scales.
+dequantized weight columns instead; int32 products are scaled by ``SCA * SCB / 127^2`` and the
+result is cast to the input's dtype. Backward gives the input gradient only, ``grad @ deq(W)`` in the
+input's dtype (bnb's ``MatMul8bitLt`` does it in the fp16 of its output), and keeps nothing but the
+int8 weight and its scales. So an fp32 or bf16 model's gradients never pass through fp16, where small
+ones underflow and where a CPU without fp16 GEMMs computes ~20x slower (1.93 s vs 0.09 s for a
+512 -> 1280 projection's backward over 2048 tokens).
 """
 
 from __future__ import annotations
@@ -129,17 +132,18 @@ class _MatMul8bit(torch.autograd.Function):
         else:
             out = torch.ops.bitsandbytes.int8_scaled_mm(ca, cb, sca, scb, dtype=COMPUTE_DTYPE)
         ctx.save_for_backward(cb, scb)
-        return out.reshape(*shape[:-1], cb.shape[0])
+        return out.reshape(*shape[:-1], cb.shape[0]).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         cb, scb = ctx.saved_tensors
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # grad has the input's dtype: the forward returned it
             grad_x = grad @ dequantize(cb, scb, grad.dtype)
         return grad_x, None, None, None
 
 
 def matmul_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``x @ deq(W).T`` in fp16 (bitsandbytes' LLM.int8 matmul, outlier columns above ``threshold``)."""
+    """``x @ deq(W).T`` (bitsandbytes' LLM.int8 matmul in fp16, outlier columns above ``threshold``),
+    returned in ``x``'s dtype."""
     return _MatMul8bit.apply(x, cb, scb.float(), float(threshold))

@@ -3,7 +3,8 @@
 1. write a small vocabulary and a tiny CPM-Bee config;
 2. give the tiny model something to start from: a full fine-tune from random weights on adding digits,
    repeating a word and telling whether a word is an animal (``demo_data/base_train.jsonl``), saved
-   as an fp32 checkpoint in the original CPM-Bee key layout (a stand-in for a released model);
+   as an fp32 checkpoint in the original CPM-Bee key layout (a stand-in for a released model;
+   :func:`cpm_live.demo.format_base.train_base`, which also builds one for any vocab and data);
 3. compress it to NF4 with ``quantize_state_dict``;
 4. score the 4-bit base alone on a task it has never seen (how many of four words are animals);
 5. QLoRA-fine-tune the 4-bit base on that task; the adapter is saved in peft's format;
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
+from cpm_live.demo.format_base import train_base
 from cpm_live.models import CPMBeeConfig
 from cpm_live.tokenizers import CPMBeeTokenizer
 from cpm_live.tokenizers.bee import build_tiny_vocab
@@ -110,7 +112,6 @@ def format_report(summary: dict[str, Any]) -> str:
 
 def run_demo(out: str, base_steps: int, qlora_steps: int, seed: int = 1234) -> dict[str, Any]:
     from cpm_live.convert.cli import main as quantize_main
-    from cpm_live.training.cli import main as finetune_main
     from cpm_live.training.cli import qlora_main
     from cpm_live.training.plot import main as plot_main
 
@@ -126,16 +127,8 @@ def run_demo(out: str, base_steps: int, qlora_steps: int, seed: int = 1234) -> d
     print(f"vocab: {tokenizer.vocab_size} tokens; model: {fp_config.num_layers} layers, d={fp_config.dim_model}")
 
     _banner("2/6 a small fp32 base model (full fine-tune on adding digits, repeating a word, is it an animal)")
-    base_dir = os.path.join(out, "base")
-    common = ["--max-length", "64", "--batch-size", "16", "--engine", "torch", "--device", "cpu",
-              "--vocab", vocab, "--seed", str(seed), "--inspect-iters", "0", "--no-activation-checkpointing",
-              "--lr-decay-style", "constant", "--warmup-iters", "10", "--weight-decay", "0.0", "--epoch", "100",
-              "--stop-at-train-iters"]
-    finetune_main(["--model-config", os.path.join(out, "config.json"), "--dataset",
-                   demo_data_file("base_train.jsonl"), "--save", base_dir, "--save-name", "base",
-                   "--train-iters", str(base_steps), "--lr", "3e-3", "--log-interval", "20"] + common)
-    base_ckpt = os.path.join(out, "base.pt")
-    shutil.copyfile(os.path.join(base_dir, "base-last.pt"), base_ckpt)
+    base_ckpt = train_base(os.path.join(out, "config.json"), vocab, demo_data_file("base_train.jsonl"), out,
+                           base_steps, lr=3e-3, batch_size=16, max_length=64, warmup=10, seed=seed, log_interval=20)
 
     _banner("3/6 compress the base to NF4 (quantize_state_dict)")
     int4_ckpt = os.path.join(out, "base-int4.safetensors")
@@ -149,6 +142,10 @@ def run_demo(out: str, base_steps: int, qlora_steps: int, seed: int = 1234) -> d
     _banner("5/6 QLoRA fine-tune on the new task (4-bit frozen base + LoRA)")
     qlora_dir = os.path.join(out, "qlora")
     shutil.rmtree(qlora_dir, ignore_errors=True)  # a rerun starts over: training refuses to overwrite checkpoints
+    common = ["--max-length", "64", "--batch-size", "16", "--engine", "torch", "--device", "cpu",
+              "--vocab", vocab, "--seed", str(seed), "--inspect-iters", "0", "--no-activation-checkpointing",
+              "--lr-decay-style", "constant", "--warmup-iters", "10", "--weight-decay", "0.0", "--epoch", "100",
+              "--stop-at-train-iters"]
     qlora_main(["--model-config", int4_config, "--load", int4_ckpt, "--lora-r", "16", "--lora-alpha", "32",
                 "--lora-targets", "project_q,project_k,project_v,attention_out,w_0,w_1,w_out",
                 "--dataset", demo_data_file("train.jsonl"), "--eval_dataset", demo_data_file("eval.jsonl"),

@@ -1,0 +1,3 @@
+from cpm_live.demo.pipeline import main
+
+main()
