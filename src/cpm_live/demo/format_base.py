@@ -131,6 +131,8 @@ def _read_records(paths: Sequence[str]) -> list[dict[str, Any]]:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+                except RecursionError:
+                    raise ValueError(f"{path}:{number}: JSON nested too deep to read") from None
     return records
 
 
