@@ -9,8 +9,8 @@ from cpm_live.checkpoint import load_model_weights
 from cpm_live.convert.compress import quantize_state_dict
 from cpm_live.convert.export import main as export_main
 from cpm_live.delta import LoraSettings, add_lora, save_adapter
-from cpm_live.models import CPMBee, CPMBeeConfig
-from tests.test_model import packed_batch, run
+from cpm_live.models import CPMBee
+from tests.test_model import packed_batch, run, small_vocab_config
 
 TARGETS = ("project_q", "project_v", "w_1")
 
@@ -19,8 +19,7 @@ TARGETS = ("project_q", "project_v", "w_1")
 def qlora(tmp_path_factory):
     """An int4 base checkpoint and an adapter with non-zero B trained-looking weights."""
     root = tmp_path_factory.mktemp("export")
-    config = CPMBeeConfig(vocab_size=300, dim_model=64, num_heads=2, dim_head=32, dim_ff=128, num_layers=2,
-                          half=False)
+    config = small_vocab_config()
     config.to_json_file(root / "config.json")
     torch.manual_seed(0)
     torch.save(dict(CPMBee(config).state_dict()), root / "base.pt")

@@ -21,7 +21,7 @@ from cpm_live.delta import (
 )
 from cpm_live.layers import Linear8bit
 from cpm_live.models import CPMBee, CPMBeeConfig
-from tests.test_model import packed_batch, run
+from tests.test_model import packed_batch, run, small_vocab_config
 
 MODEL_INPUTS = ("input", "input_sub", "length", "context", "sample_ids", "num_segments", "segment",
                 "segment_rel_offset", "segment_rel", "span", "ext_table_ids", "ext_table_sub")
@@ -38,8 +38,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("int8")
-    config = CPMBeeConfig(vocab_size=300, dim_model=64, num_heads=2, dim_head=32, dim_ff=128, num_layers=2,
-                          half=False)
+    config = small_vocab_config()
     config.to_json_file(root / "config.json")
     config = CPMBeeConfig.from_json_file(root / "config.json")  # errors name the file
     torch.manual_seed(0)

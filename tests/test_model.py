@@ -17,6 +17,11 @@ def tiny_config(**overrides) -> CPMBeeConfig:
     return CPMBeeConfig.from_json_file(CONFIG_DIR / "cpm-bee-tiny.json", **overrides)
 
 
+def small_vocab_config() -> CPMBeeConfig:
+    """Two layers, d=64, 300 tokens, fp32: the base of the int8 and export-merge checkpoint fixtures."""
+    return CPMBeeConfig(vocab_size=300, dim_model=64, num_heads=2, dim_head=32, dim_ff=128, num_layers=2, half=False)
+
+
 def packed_batch(vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Two rows: row 0 packs two instances (spans 0/1) with an in-context example; row 1 is padded."""
     g = torch.Generator().manual_seed(seed)
