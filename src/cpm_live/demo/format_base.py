@@ -42,7 +42,7 @@ from typing import Any
 from cpm_live.models import CPMBeeConfig
 from cpm_live.tokenizers import CPMBeeTokenizer
 from cpm_live.training.metrics import read_metrics
-from cpm_live.utils import atomic_write_text
+from cpm_live.utils import JSON_TOO_DEEP, atomic_write_text
 
 PICK = "哪个选项与原文相同？"
 WRITE = "原文是哪个选项？写出这个选项。"
@@ -132,7 +132,7 @@ def _read_records(paths: Sequence[str]) -> list[dict[str, Any]]:
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from e
                 except RecursionError:
-                    raise ValueError(f"{path}:{number}: JSON nested too deep to read") from None
+                    raise ValueError(f"{path}:{number}: {JSON_TOO_DEEP}") from None
     return records
 
 
