@@ -14,6 +14,7 @@ __all__ = [
     "CPMBeeSampling",
     "Cursor",
     "Decoder",
+    "GenerationStats",
     "Prompt",
     "PromptBatch",
     "TopKTopPSampler",
