@@ -162,8 +162,8 @@ def test_scale_10b_stages_at_a_tiny_size(tmp_path):
     saved = []
     out = scale_10b.run_scale(str(work), path, tokens=32, generate_tokens=2, progress=False,
                               on_stage=lambda r: saved.append(sorted(r)), log=quiet_log)
-    assert [s for s in ("write", "quantize", "load", "load_quantize_on_the_fly", "step") if s in saved[-1]] == \
-        ["write", "quantize", "load", "load_quantize_on_the_fly", "step"] and len(saved) == 5
+    stages = ["write", "quantize", "load", "load_quantize_on_the_fly", "step", "decode"]
+    assert [s for s in stages if s in saved[-1]] == stages and len(saved) == 6
     q = out["quantize"]
     assert positive(q["mb_per_s"]) and positive(q["input_gb"]) and q["peak_rss_gib"] * 2**30 >= q["baseline_rss_bytes"]
     for name in ("load", "load_quantize_on_the_fly"):
@@ -176,6 +176,13 @@ def test_scale_10b_stages_at_a_tiny_size(tmp_path):
     assert out["step_within_15pct_of_estimate"] == (abs(out["step_peak_over_estimate"] - 1) <= 0.15)
     if (BENCH_DIR.parents[1] / "shared" / "cpm-bee" / "vocab" / "bee.txt").is_file():
         assert isinstance(step["generation"]["answer"], str) and step["generation"]["max_new_tokens"] == 2
+    decode = out["decode"]
+    for run_name in ("int4", "int4_dequantize"):
+        r = decode["runs"][run_name]
+        assert r["prompt_tokens"] == 64 and r["decode_tokens"] > 0
+        assert positive(r["prompt_tokens_per_s"]) and positive(r["decode_tokens_per_s"])
+    assert positive(decode["decode_speedup"]) and positive(decode["logits_seconds_per_token"])
+    assert all(check["passed"] for check in decode["kernel_checks"])
     assert not list(work.iterdir())  # both checkpoints removed
 
 

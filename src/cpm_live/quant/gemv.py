@@ -38,12 +38,14 @@ from cpm_live.quant import dequant, native
 
 # Rows up to which a kernel beats dequantize-then-matmul (the prompt of a generation has more).
 # Measured by ``python benchmarks/bench_decode.py --sections rows`` (benchmarks/README.md).
-MAX_ROWS = 16
+MAX_ROWS = 32
 
 # Largest error allowed against the exact product, as a fraction of sum_k |x_k| |w_k| per output.
 # avx2: fp32 with blocked sums, a few dozen roundings at most (~3e-6), so 1e-5. bnb_avx512bf16: x,
 # level and absmax each rounded to bf16 (2^-9 relative) and the output too: at most ~7.8e-3, so 1.6e-2.
 TOLERANCE = {"avx2": 1e-5, "bnb_avx512bf16": 1.6e-2}
+
+PROFILER_LABEL = "cpm_live::gemv_4bit"  # torch.profiler range around a kernel call
 
 _ENABLED = True
 
@@ -177,6 +179,13 @@ def _passes_check(name: str, packed: torch.Tensor, state: bnbF.QuantState) -> bo
     return verdict
 
 
+def checked_cases() -> list[dict]:
+    """The first-use checks this process ran and their verdicts (for benchmark and bug reports)."""
+    return [{"kernel": name, "shape": list(shape), "blocksize": blocksize, "quant_type": quant_type,
+             "double_quant": nested, "passed": passed}
+            for (name, shape, blocksize, quant_type, nested), passed in _CHECKED.items()]
+
+
 def matmul_4bit_inference(x: torch.Tensor, packed: torch.Tensor, state: bnbF.QuantState) -> torch.Tensor:
     """``x @ deq(W).T`` (in ``x``'s dtype) without autograd: a kernel for few rows on CPU, else the
     dequantize-then-matmul path of :func:`cpm_live.quant.dequant.matmul_4bit`."""
@@ -189,4 +198,6 @@ def matmul_4bit_inference(x: torch.Tensor, packed: torch.Tensor, state: bnbF.Qua
         name = kernel_for(x.dtype, state)
     if name is None or not _passes_check(name, packed, state):
         return dequant.matmul_4bit(x, packed, state)
-    return KERNELS[name](x.reshape(rows, dim_in), packed, state).reshape(*x.shape[:-1], state.shape[0])
+    with torch.profiler.record_function(PROFILER_LABEL):
+        out = KERNELS[name](x.reshape(rows, dim_in), packed, state)
+    return out.reshape(*x.shape[:-1], state.shape[0])
