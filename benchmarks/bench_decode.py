@@ -1,7 +1,10 @@
 """Decoding speed of a 4-bit model against the dense models a user would run instead.
 
-    python benchmarks/bench_decode.py --out benchmarks/results-cpu-decode.json     # both sections, 10B shapes
+    python benchmarks/bench_decode.py --out benchmarks/results-cpu-decode.json     # rows, decode: 10B shapes
     python benchmarks/bench_decode.py --sections rows --out rows.json               # the kernel vs rows only
+    python benchmarks/bench_decode.py --sections agree --out agree.json --model-config demo_out/config-int4.json \
+        --load demo_out/base-int4.safetensors --delta demo_out/qlora/demo-delta-best --vocab demo_out/vocab.txt \
+        --data src/cpm_live/demo_data/eval.jsonl                                   # the demo's QLoRA model
 
 Sections:
 
@@ -14,6 +17,8 @@ Sections:
   natively and in fp32 elsewhere (what ``precision`` and ``int4_compute_dtype: auto`` would choose);
   without native bf16 torch emulates bf16 matmuls, so ``fp32`` is the dense model such a user runs.
   Ratios are medians of per-repetition ratios of decode tokens/s.
+- ``agree`` (only when named): greedy answers of a saved model (e.g. the demo's QLoRA model) with the
+  kernels and with dequantize-then-matmul, token by token (:func:`compare_greedy`).
 - ``rows``: one projection per 10B shape, ``x [rows, K] @ W.T`` through each kernel this CPU has,
   through dequantize-then-matmul, and dense ``F.linear`` in fp32 and bf16, for 1 to 64 rows: where
   a kernel stops paying (``cpm_live.quant.gemv.MAX_ROWS`` comes from it).
@@ -237,6 +242,81 @@ def first_use_checks(model) -> None:
                 module(torch.zeros(1, module.dim_in, dtype=model.config.dtype))
 
 
+# Greedy paths may pick different tokens only where the reference's two best logits are this close,
+# relative to max(1, |best|): a few roundings of fp32 (fp32 compute) or bf16 (bf16 compute) apart.
+TIE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def _greedy_logged(model, tokenizer, sample: dict[str, Any], max_length: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy answer tokens of ``sample`` and the edited logits each was chosen from (``CPMBeeGreedy``'s path)."""
+    from cpm_live.generation import Decoder, build_batch, build_prompt, greedy_choice
+    from cpm_live.generation import sample as decode
+
+    logged: list[torch.Tensor] = []
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        logged.append(logits[0].clone())
+        return greedy_choice(logits)
+
+    batch = build_batch(tokenizer, [build_prompt(tokenizer, sample)], next(model.parameters()).device)
+    with torch.inference_mode():
+        (tokens,) = decode(Decoder(model, tokenizer, batch), choose, max_length)
+    return [token for token, _ in tokens], logged
+
+
+def compare_greedy(model, tokenizer, samples: list[dict[str, Any]], max_length: int) -> dict[str, Any]:
+    """Greedy answers with the 4-bit kernels against the dequantize-then-matmul path, sample by sample.
+
+    Both decode the same prompt; up to the first differing token they saw the same prefix, so their
+    logits there are compared (``max_abs_logit_diff``), and a differing token is a tie when the
+    reference's two best logits are within ``TIE_TOLERANCE`` (of the 4-bit compute dtype)."""
+    from cpm_live.layers import Linear4bit
+    from cpm_live.quant import gemv
+
+    model.eval()
+    dtype = next(m for m in model.modules() if isinstance(m, Linear4bit)).compute_dtype
+    tolerance = TIE_TOLERANCE[dtype]
+    details = []
+    for index, sample in enumerate(samples):
+        with gemv.kernels_enabled(False):
+            reference, reference_logits = _greedy_logged(model, tokenizer, sample, max_length)
+        with gemv.kernels_enabled(True):
+            tokens, logits = _greedy_logged(model, tokenizer, sample, max_length)
+        same = 0
+        while same < min(len(tokens), len(reference)) and tokens[same] == reference[same]:
+            same += 1
+        compared = min(same + 1, len(logits), len(reference_logits))
+        diff = max(float((a - b).abs().max()) for a, b in zip(logits[:compared], reference_logits[:compared]))
+        entry = {"sample": index, "identical": tokens == reference, "tokens": len(reference),
+                 "max_abs_logit_diff": diff}
+        if not entry["identical"]:
+            top2 = reference_logits[same].topk(2).values.tolist()
+            entry.update(first_difference=same, top2_gap=top2[0] - top2[1],
+                         within_tie=top2[0] - top2[1] <= tolerance * max(1.0, abs(top2[0])))
+        details.append(entry)
+    differing = [d for d in details if not d["identical"]]
+    return {"samples": len(details), "identical": len(details) - len(differing), "differing": len(differing),
+            "differing_within_tie": sum(d["within_tie"] for d in differing),
+            "tie_tolerance": tolerance, "compute_dtype": str(dtype).removeprefix("torch."),
+            "max_abs_logit_diff": max((d["max_abs_logit_diff"] for d in details), default=0.0), "details": details}
+
+
+def job_agree(spec: dict[str, Any]) -> dict[str, Any]:
+    """:func:`compare_greedy` on a saved model (``cpm-bee-generate``'s loading) and a jsonl of samples."""
+    from cpm_live.checkpoint import build_model
+    from cpm_live.dataset.jsonl import answered_records
+    from cpm_live.delta import load_adapter
+    from cpm_live.model_dir import load_config
+    from cpm_live.tokenizers import CPMBeeTokenizer, find_vocab
+
+    model = build_model(load_config(spec["model_config"], spec["load"]), spec["load"], device=torch.device("cpu"))
+    if spec["delta"]:
+        load_adapter(model, spec["delta"])
+    tokenizer = CPMBeeTokenizer(find_vocab(spec["vocab"], spec["load"]))
+    samples = [record for _, record in answered_records(spec["data"])]
+    return {"setting": spec, **compare_greedy(model, tokenizer, samples, spec["max_length"])}
+
+
 def job_rows(spec: dict[str, Any]) -> dict[str, Any]:
     from cpm_live.layers import Linear4bit
     from cpm_live.quant import gemv, native
@@ -276,28 +356,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="results JSON path")
-    parser.add_argument("--sections", default="decode,rows", help="comma-separated: decode, rows")
+    parser.add_argument("--sections", default="rows,decode", help="comma-separated: rows, decode, agree")
     parser.add_argument("--layers", type=int, default=4, help="decode: layers of 10B shapes (default 4)")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32, help="decode: greedy tokens per repetition")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (rows: 5 more)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    agree = parser.add_argument_group("agree: greedy answers of a saved model, kernels vs dequantize-then-matmul")
+    agree.add_argument("--model-config", default=None)
+    agree.add_argument("--load", default=None, help="checkpoint (e.g. demo_out/base-int4.safetensors)")
+    agree.add_argument("--delta", default=None, help="LoRA adapter (e.g. demo_out/qlora/demo-delta-best)")
+    agree.add_argument("--vocab", default=None)
+    agree.add_argument("--data", default=None, help="jsonl of samples with <ans> (e.g. the demo's eval.jsonl)")
+    agree.add_argument("--max-length", type=int, default=8, help="greedy tokens per answer (the demo's 8)")
     args = parser.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
-    if set(sections) - {"decode", "rows"}:
-        parser.error(f"unknown section(s) in {args.sections!r}; choose from decode, rows")
+    if set(sections) - {"rows", "decode", "agree"}:
+        parser.error(f"unknown section(s) in {args.sections!r}; choose from rows, decode, agree")
+    if "agree" in sections and not (args.load and args.data):
+        parser.error("the agree section needs --load and --data")
     bc.quiet()
     results: dict[str, Any] = {"meta": {
         "command": " ".join(["python", "benchmarks/bench_decode.py", *(argv if argv is not None else sys.argv[1:])]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": bc.environment("cpu", args.threads)}}
-    if "rows" in sections:
-        results["rows"] = run_rows(SHAPES_10B, ROWS, args.reps + 5, args.threads)
+    for section in sections:
+        if section == "rows":
+            results["rows"] = run_rows(SHAPES_10B, ROWS, args.reps + 5, args.threads)
+        elif section == "decode":
+            results["decode"] = run_decode(SHAPE_10B["dim"], SHAPE_10B["dim_ff"], SHAPE_10B["heads"], args.layers,
+                                           SHAPE_10B["vocab"], args.prompt_tokens, args.new_tokens, args.reps,
+                                           args.threads)
+        else:
+            spec = {key: getattr(args, key) for key in ("model_config", "load", "delta", "vocab", "data",
+                                                        "max_length", "threads")}
+            results["agree"] = bc.run_isolated(job_agree, spec)
         atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
-    if "decode" in sections:
-        results["decode"] = run_decode(SHAPE_10B["dim"], SHAPE_10B["dim_ff"], SHAPE_10B["heads"], args.layers,
-                                       SHAPE_10B["vocab"], args.prompt_tokens, args.new_tokens, args.reps,
-                                       args.threads)
-    results["meta"]["load_average_1m_at_end"] = os.getloadavg()[0]
+    results["meta"]["load_average_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
     return results
 

@@ -27,12 +27,12 @@ import contextlib
 import ctypes
 import math
 import warnings
-import weakref
 from collections.abc import Callable, Iterator
 
 import bitsandbytes.functional as bnbF
 import torch
 from bitsandbytes.cextension import lib as bnb_native
+from torch.utils.weak import WeakIdKeyDictionary
 
 from cpm_live.quant import dequant, native
 
@@ -93,7 +93,7 @@ def _avx2(x: torch.Tensor, packed: torch.Tensor, state: bnbF.QuantState) -> torc
 
 
 # packed weight -> (what it was derived from, bnb's tiled weight [N, K/2], bf16 absmax [K/blocksize, N])
-_BNB_LAYOUT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BNB_LAYOUT = WeakIdKeyDictionary()  # keyed by identity: tensors compare elementwise
 
 
 def _stamp(*tensors: torch.Tensor | None) -> tuple:
