@@ -16,7 +16,7 @@ the dequantize-then-matmul path, which it keeps), one of two kernels reads the p
 
 A kernel is trusted for a case (kernel, weight shape, blocksize, quant type, double quant) only after
 its output on the first weight of that case in this process stayed within :data:`TOLERANCE` of the
-exact product (``|y - y_exact| <= tol * (|x| @ |W|.T)`` elementwise) for 1 to 4 rows; otherwise the
+exact product (``|y - y_exact| <= tol * (|x| @ |W|.T)`` elementwise) for 1 to 7 rows; otherwise the
 case keeps the dequantize-then-matmul path, with a warning. ``kernels_enabled(False)`` turns the
 kernels off (to compare against that path).
 """
@@ -46,6 +46,9 @@ MAX_ROWS = 32
 TOLERANCE = {"avx2": 1e-5, "bnb_avx512bf16": 1.6e-2}
 
 PROFILER_LABEL = "cpm_live::gemv_4bit"  # torch.profiler range around a kernel call
+
+# The first-use check runs 1..CHECK_ROWS rows: every tile of both kernels (1 to 4 rows, then 4 + 1..3).
+CHECK_ROWS = 7
 
 _ENABLED = True
 
@@ -165,12 +168,12 @@ def _passes_check(name: str, packed: torch.Tensor, state: bnbF.QuantState) -> bo
     verdict = _CHECKED.get(key)
     if verdict is None:
         dim_in = state.shape[1]
-        x = torch.randn(4, dim_in, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(CHECK_ROWS, dim_in, generator=torch.Generator().manual_seed(0))
         weight = dequant.dequantize_cpu(packed, dequant.absmax_of(state), state.code, state.blocksize,
                                         tuple(state.shape), torch.float32)
         exact, bound = x.double() @ weight.double().T, error_bound(x, weight) * TOLERANCE[name]
         verdict = all(bool(((KERNELS[name](x[:rows], packed, state).double() - exact[:rows]).abs()
-                            <= bound[:rows]).all()) for rows in range(1, 5))
+                            <= bound[:rows]).all()) for rows in range(1, CHECK_ROWS + 1))
         if not verdict:
             warnings.warn(f"cpm_live: the {name} 4-bit kernel disagreed with the exact product for a "
                           f"{list(state.shape)} weight ({state.quant_type}, blocksize {state.blocksize}); such "
