@@ -153,7 +153,7 @@ def test_this_cpu_gets_the_kernel_it_should():
     if native.cpu_has_avx2() and shutil.which(os.environ.get("CC", "cc")):
         assert native.library() is not None, native.unavailable_reason()
         assert gemv.kernel_for(torch.float32, state) == "avx2"
-    if gemv.bnbF.has_avx512bf16():
+    if gemv.bnbF.has_avx512bf16() and hasattr(gemv.bnb_native, "gemv_4bit_inference_cpu_nf4_bf16"):
         assert gemv.kernel_for(torch.bfloat16, state) == "bnb_avx512bf16"
     if not native.cpu_has_avx2():
         assert gemv.kernel_for(torch.float32, state) is None

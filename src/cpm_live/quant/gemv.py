@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator
 
+import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
 from bitsandbytes.cextension import lib as bnb_native
@@ -133,6 +135,15 @@ def _bnb_avx512bf16(x: torch.Tensor, packed: torch.Tensor, state: bnbF.QuantStat
     return out.to(x.dtype)
 
 
+@functools.cache
+def bnb_kernel_available() -> bool:
+    """bitsandbytes' AVX512-BF16 kernel runs on this CPU, in a release whose tiled layout and call this
+    module follows (0.49 added it; read in 0.50's ``csrc/cpu_ops.cpp``, unchanged since 0.49)."""
+    release = tuple(int(part) for part in bnb.__version__.split(".")[:2] if part.isdigit())
+    return bool(bnbF.has_avx512bf16()) and release >= (0, 49) and hasattr(bnbF, "_convert_weight_packed_for_cpu") \
+        and all(hasattr(bnb_native, f"gemv_4bit_inference_cpu_{t}_bf16") for t in ("nf4", "fp4"))
+
+
 Kernel = Callable[[torch.Tensor, torch.Tensor, bnbF.QuantState], torch.Tensor]
 KERNELS: dict[str, Kernel] = {"avx2": _avx2, "bnb_avx512bf16": _bnb_avx512bf16}
 
@@ -147,7 +158,7 @@ def kernel_for(dtype: torch.dtype, state: bnbF.QuantState) -> str | None:
     dim_out, dim_in = state.shape
     if dim_in % state.blocksize or state.blocksize % 16:
         return None
-    if dtype == torch.bfloat16 and dim_out % 32 == 0 and bnbF.has_avx512bf16():
+    if dtype == torch.bfloat16 and dim_out % 32 == 0 and bnb_kernel_available():
         return "bnb_avx512bf16"
     if native.library() is not None:
         return "avx2"
@@ -158,11 +169,6 @@ def kernel_for(dtype: torch.dtype, state: bnbF.QuantState) -> str | None:
 _CHECKED: dict[tuple, bool] = {}
 
 
-def error_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``|x| @ |W|.T`` in fp64: the scale :data:`TOLERANCE` is a fraction of, per output."""
-    return x.double().abs() @ weight.double().abs().T
-
-
 def _passes_check(name: str, packed: torch.Tensor, state: bnbF.QuantState) -> bool:
     key = (name, tuple(state.shape), state.blocksize, state.quant_type, state.nested)
     verdict = _CHECKED.get(key)
@@ -171,7 +177,8 @@ def _passes_check(name: str, packed: torch.Tensor, state: bnbF.QuantState) -> bo
         x = torch.randn(CHECK_ROWS, dim_in, generator=torch.Generator().manual_seed(0))
         weight = dequant.dequantize_cpu(packed, dequant.absmax_of(state), state.code, state.blocksize,
                                         tuple(state.shape), torch.float32)
-        exact, bound = x.double() @ weight.double().T, error_bound(x, weight) * TOLERANCE[name]
+        exact = x.double() @ weight.double().T
+        bound = TOLERANCE[name] * (x.double().abs() @ weight.double().abs().T)
         verdict = all(bool(((KERNELS[name](x[:rows], packed, state).double() - exact[:rows]).abs()
                             <= bound[:rows]).all()) for rows in range(1, CHECK_ROWS + 1))
         if not verdict:
