@@ -15,6 +15,7 @@ import pytest
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))  # the benchmarks are scripts beside each other, not a package
 
+import bench_decode  # noqa: E402
 import bench_finetune  # noqa: E402
 import bench_layers  # noqa: E402
 import bench_quantize  # noqa: E402
@@ -184,6 +185,21 @@ def test_scale_10b_stages_at_a_tiny_size(tmp_path):
     assert positive(decode["decode_speedup"]) and positive(decode["logits_seconds_per_token"])
     assert all(check["passed"] for check in decode["kernel_checks"])
     assert not list(work.iterdir())  # both checkpoints removed
+
+
+def test_decode_benchmark_at_a_tiny_size():
+    out = bench_decode.run_decode(64, 256, 2, 2, 3000, prompt_tokens=16, new_tokens=3, reps=2, threads=1)
+    assert list(out["variants"]) == list(bench_decode.VARIANTS)
+    for variant in out["variants"].values():
+        assert variant["prompt_tokens"] == 16 and all(n > 0 for n in variant["decode_tokens"])
+        assert all(positive(r) for r in variant["prompt_tokens_per_s"] + variant["decode_tokens_per_s"])
+    assert all(positive(r) for r in out["ratios"].values()) and len(out["ratios"]) == 6
+    assert all(check["passed"] for check in out["kernel_checks"])
+    rows = bench_decode.run_rows(((64, 128),), (1, 5), reps=2, threads=1)
+    for result in rows["results"]:
+        if "skipped" not in result:
+            assert set(result["rows"]) == {1, 5}
+            assert all(positive(ms) for r in result["rows"].values() for ms in r["ms_median"].values())
 
 
 def test_main_writes_json_and_png(tmp_path):
