@@ -11,9 +11,10 @@ Every stage runs in a fresh process (its own RSS high-water mark, ``VmHWM``) and
    + AdamW step on one packed row of ``tokens`` tokens; then a few greedy tokens of generation when
    the CPM-Bee vocabulary is at hand;
 6. ``decode``: the int4 model (fp32 activations, ``int4_compute_dtype: auto``) decoding greedily at
-   batch 1 from a 64-token prompt, on all cores: prompt and decode tokens/s with the 4-bit kernels of
-   ``cpm_live.quant.gemv``, then a few tokens with them off (every matmul dequantizes its weight
-   first, as before them), and the logits projection of one token alone. Its model is built in
+   batch 1 from a 64-token prompt, on all cores: the prompt's prefill, then decoding steps that
+   alternate between the 4-bit kernels of ``cpm_live.quant.gemv`` and dequantize-then-matmul (every
+   matmul dequantizes its weight first, as before the kernels), and the logits projection of one
+   token alone. Its model is built in
    memory (layer 0 quantized from random weights and copied to every layer, a synthetic
    86,583-entry vocabulary; see ``bench_decode``), so it needs no checkpoint and runs alone with
    ``--stages decode``, which adds its result to an existing ``--out`` file.
@@ -129,8 +130,13 @@ def job_step(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_decode(spec: dict[str, Any]) -> dict[str, Any]:
-    """Greedy decoding of the int4 model of ``config_path`` (see the module docstring, stage 6)."""
-    from cpm_live.generation import CPMBeeGreedy
+    """Greedy decoding of the int4 model of ``config_path`` (see the module docstring, stage 6).
+
+    One prefill, then ``pairs`` pairs of decoding steps of the same greedy answer, one step with the
+    kernels and one with dequantize-then-matmul, the order alternating pair by pair: both paths
+    decode the same tokens at the same cache lengths, and the ratio is the median of per-pair
+    ratios, which survives the load of a shared machine changing during the run."""
+    from cpm_live.generation import Decoder, GenerationStats, build_batch, build_prompt, greedy_choice
     from cpm_live.models import CPMBeeConfig
     from cpm_live.quant import gemv
 
@@ -143,25 +149,34 @@ def job_decode(spec: dict[str, Any]) -> dict[str, Any]:
     del dense_layer
     build_seconds = time.perf_counter() - start
     bench_decode.first_use_checks(model)
-    sample = bench_decode.prompt_of(tokenizer, spec["prompt_tokens"])
-    runs = {}
-    for name, kernels, new_tokens in (("int4", True, spec["new_tokens"]),
-                                      ("int4_dequantize", False, spec["dequantize_new_tokens"])):
-        generator = CPMBeeGreedy(model, tokenizer)
-        with gemv.kernels_enabled(kernels):
-            generator.generate([dict(sample)], max_length=new_tokens)
-        report = generator.stats.report(torch.device("cpu"))
-        runs[name] = {**report, "decode_seconds_per_token": report["decode_seconds"] / report["decode_tokens"]}
-    hidden = torch.randn(1, 1, config.dim_model)
-    ids = torch.zeros(1, dtype=torch.int32)
+    prompt = build_prompt(tokenizer, bench_decode.prompt_of(tokenizer, spec["prompt_tokens"]))
+    stats = GenerationStats()
+    seconds: dict[str, list[float]] = {"int4": [], "int4_dequantize": []}
     with torch.inference_mode():
-        ext = model.input_embedding(ids, ids)
+        decoder = Decoder(model, tokenizer, build_batch(tokenizer, [prompt], torch.device("cpu")), stats=stats)
+        cursor = decoder.start(0)
+        for step in range(2 * spec["pairs"]):
+            name = ("int4", "int4_dequantize")[(step + step // 2) % 2]  # A B, B A, A B, ...
+            with gemv.kernels_enabled(name == "int4"):
+                begin = time.perf_counter()
+                word = int(greedy_choice(decoder.step([cursor]))[0])
+                seconds[name].append(time.perf_counter() - begin)
+            cursor, _ = decoder.advance(cursor, word, last_step=False)
+            if cursor is None:  # the answer ended (eos): the pairs so far are all there is
+                break
+        ext = model.input_embedding(*(torch.zeros(1, dtype=torch.int32),) * 2)
+        hidden = torch.randn(1, 1, config.dim_model)
         logits = bc.interleaved({"logits": lambda: model.input_embedding.projection(hidden, ext)}, reps=5)
+    pairs = min(len(v) for v in seconds.values())
+    per_token = {name: bc.median(v[:pairs]) for name, v in seconds.items()}
     projection = model.encoder.layers[0].ffn.ffn.w_out
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
-    return {"runs": runs, "logits_seconds_per_token": bc.median(logits["logits"]),
-            "decode_speedup": runs["int4_dequantize"]["decode_seconds_per_token"]
-            / runs["int4"]["decode_seconds_per_token"],
+    return {"prompt_tokens": stats.prompt_tokens, "prompt_seconds": stats.prompt_seconds,
+            "prompt_tokens_per_s": stats.prompt_tokens_per_s, "step_seconds": seconds, "pairs": pairs,
+            "decode_seconds_per_token": per_token,
+            "decode_tokens_per_s": {name: 1 / s for name, s in per_token.items()},
+            "decode_speedup": bc.paired_ratio(seconds["int4_dequantize"][:pairs], seconds["int4"][:pairs]),
+            "logits_seconds_per_token": bc.median(logits["logits"]), "peak_rss_bytes": bc.rss_bytes()[1],
             "int4_compute_dtype": str(projection.compute_dtype).removeprefix("torch."),
             "int4_kernel": gemv.kernel_for(projection.compute_dtype, projection.quant_state()),
             "kernel_checks": gemv.checked_cases(), "build_seconds": build_seconds,
@@ -172,18 +187,18 @@ def job_estimate(spec: dict[str, Any]) -> dict[str, Any]:
     return estimate_10b.estimate("qlora", spec["tokens"], torch.float32, spec["config_path"])
 
 
-def run_decode(config_path: str | os.PathLike = estimate_10b.CONFIG_PATH, prompt_tokens: int = 64,
-               new_tokens: int = 16, dequantize_new_tokens: int = 2, threads: int | None = None) -> dict[str, Any]:
+def run_decode(config_path: str | os.PathLike = estimate_10b.CONFIG_PATH, prompt_tokens: int = 64, pairs: int = 5,
+               threads: int | None = None) -> dict[str, Any]:
     """Stage 6 in a fresh process, on all cores unless ``threads``."""
-    spec = {"config_path": str(config_path), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-            "dequantize_new_tokens": dequantize_new_tokens, "threads": threads or os.cpu_count() or 1}
+    spec = {"config_path": str(config_path), "prompt_tokens": prompt_tokens, "pairs": pairs,
+            "threads": threads or os.cpu_count() or 1}
     return {"setting": {k: v for k, v in spec.items() if k != "config_path"},
             **bc.run_isolated(job_decode, spec, timeout=6 * 3600)}
 
 
 def run_scale(workdir: str, config_path: str | os.PathLike = estimate_10b.CONFIG_PATH, tokens: int = 256,
               generate_tokens: int = 4, workers: int | None = None, progress: bool = True,
-              on_stage=None, log=print, decode_new_tokens: int = 16) -> dict[str, Any]:
+              on_stage=None, log=print, decode_pairs: int = 5) -> dict[str, Any]:
     """All stages in order; ``on_stage(results)`` is called after each (the caller saves partial JSON)."""
     config_path = str(config_path)
     dense = os.path.join(workdir, "scale-fp16.safetensors")
@@ -216,7 +231,7 @@ def run_scale(workdir: str, config_path: str | os.PathLike = estimate_10b.CONFIG
         Path(dense).unlink()
         step = stage("step", job_step, {"path": packed, "tokens": tokens, "generate_tokens": generate_tokens})
         Path(packed).unlink()
-        stage("decode", run_decode, {"config_path": config_path, "new_tokens": decode_new_tokens})
+        stage("decode", run_decode, {"config_path": config_path, "pairs": decode_pairs})
     finally:
         for path in (dense, packed):
             Path(path).unlink(missing_ok=True)
@@ -247,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workers", type=int, default=None, help="quantize workers (default: all cores)")
     parser.add_argument("--stages", choices=("all", "decode"), default="all",
                         help="decode: run stage 6 alone and add it to --out, keeping the other stages' results")
-    parser.add_argument("--new-tokens", type=int, default=16, help="decode: greedy tokens with the kernels")
+    parser.add_argument("--pairs", type=int, default=5,
+                        help="decode: pairs of greedy steps, one with the kernels and one without (default 5)")
     args = parser.parse_args(argv)
     bc.quiet()
     meta = {"command": " ".join(["python", "benchmarks/scale_10b.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -257,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.stages == "decode":
         results = json.loads(Path(args.out).read_text(encoding="utf-8")) if Path(args.out).is_file() else {}
         start = time.perf_counter()
-        decode = run_decode(args.config, new_tokens=args.new_tokens)
+        decode = run_decode(args.config, pairs=args.pairs)
         meta.update(env=bc.environment("cpu", decode["setting"]["threads"]), runtime_s=time.perf_counter() - start,
                     load_average_1m_at_end=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
         results["decode"] = {**decode, "meta": meta}
@@ -271,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         results = run_scale(workdir, args.config, args.tokens, workers=args.workers, on_stage=save,
                             log=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True),
-                            decode_new_tokens=args.new_tokens)
+                            decode_pairs=args.pairs)
         meta["runtime_s"] = time.perf_counter() - start
     save(results)
     return results

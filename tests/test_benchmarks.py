@@ -178,10 +178,9 @@ def test_scale_10b_stages_at_a_tiny_size(tmp_path):
     if (BENCH_DIR.parents[1] / "shared" / "cpm-bee" / "vocab" / "bee.txt").is_file():
         assert isinstance(step["generation"]["answer"], str) and step["generation"]["max_new_tokens"] == 2
     decode = out["decode"]
-    for run_name in ("int4", "int4_dequantize"):
-        r = decode["runs"][run_name]
-        assert r["prompt_tokens"] == 64 and r["decode_tokens"] > 0
-        assert positive(r["prompt_tokens_per_s"]) and positive(r["decode_tokens_per_s"])
+    assert decode["prompt_tokens"] == 64 and positive(decode["prompt_tokens_per_s"])
+    assert decode["pairs"] > 0 and all(len(s) >= decode["pairs"] for s in decode["step_seconds"].values())
+    assert all(positive(r) for r in decode["decode_tokens_per_s"].values())
     assert positive(decode["decode_speedup"]) and positive(decode["logits_seconds_per_token"])
     assert all(check["passed"] for check in decode["kernel_checks"])
     assert not list(work.iterdir())  # both checkpoints removed
