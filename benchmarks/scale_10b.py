@@ -272,9 +272,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.stages == "decode":
         results = json.loads(Path(args.out).read_text(encoding="utf-8")) if Path(args.out).is_file() else {}
+        meta["env"] = bc.environment("cpu", os.cpu_count() or 1)  # the stage runs on all cores
         start = time.perf_counter()
         decode = run_decode(args.config, pairs=args.pairs)
-        meta.update(env=bc.environment("cpu", decode["setting"]["threads"]), runtime_s=time.perf_counter() - start,
+        meta.update(runtime_s=time.perf_counter() - start,
                     load_average_1m_at_end=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
         results["decode"] = {**decode, "meta": meta}
         atomic_write_text(args.out, json.dumps(results, indent=1) + "\n")
