@@ -237,6 +237,29 @@ def test_without_a_compiler_decoding_falls_back(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(not has_kernel(), reason=f"no 4-bit kernel on this CPU: {native.unavailable_reason()}")
+def test_every_strategy_decodes_through_the_kernel_with_lora_unmerged(tmp_path):
+    from cpm_live.delta import LoraSettings, add_lora
+    from cpm_live.generation import CPMBeeBeamSearch, CPMBeeGreedy, CPMBeeSampling
+    from cpm_live.models import CPMBee, CPMBeeConfig
+    from cpm_live.tokenizers import CPMBeeTokenizer, build_tiny_vocab
+
+    tokenizer = CPMBeeTokenizer(build_tiny_vocab(tmp_path / "vocab.txt"))
+    config = CPMBeeConfig.from_json_file(ROOT / "src" / "config" / "cpm-bee-tiny.json", int4=True,
+                                         int4_compute_dtype="float32", vocab_size=tokenizer.vocab_size)
+    model = CPMBee(config)
+    add_lora(model, LoraSettings())
+    strategies = {"greedy": (CPMBeeGreedy(model, tokenizer), {}),
+                  "sampling": (CPMBeeSampling(model, tokenizer, seed=0), {}),
+                  "beam": (CPMBeeBeamSearch(model, tokenizer), {"beam_size": 3})}
+    for name, (generator, options) in strategies.items():
+        def generate(generator=generator, options=options):
+            generator.generate([{"input": "hello world", "<ans>": ""}], max_length=3, **options)
+
+        assert KERNEL in paths(generate), name
+    assert not any(getattr(m, "merged", False) for m in model.modules())  # peft's layers still add B(A(x))
+
+
 def test_greedy_tokens_match_the_dequantize_path(tiny):
     """The QLoRA setting of the demo at a smaller size: the trained tiny int4 base plus a LoRA adapter
     with non-zero weights, greedy on held-out prompts, kernels vs dequantize-then-matmul."""
