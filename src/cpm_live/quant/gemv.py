@@ -90,10 +90,12 @@ def _avx2(x: torch.Tensor, packed: torch.Tensor, state: bnbF.QuantState) -> torc
     # The kernel trusts these sizes; a mismatch would read past the tensors.
     if not (sizes and code.numel() == 16 and packed.numel() >= dim_out * dim_in // 2):
         raise ValueError(f"4-bit state does not match the weight shape {list(state.shape)}")
-    native.library().cpm_gemv_4bit(
+    status = native.library().cpm_gemv_4bit(
         x32.data_ptr(), rows, x32.stride(0), packed.data_ptr(), dim_out, dim_in, code.data_ptr(),
         None if absmax is None else absmax.data_ptr(), *nested_args, state.blocksize, out.data_ptr(),
         out.stride(0), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"gemv_4bit.c could not allocate its scratch for {rows} rows of {dim_in}")
     return out.to(x.dtype)
 
 
@@ -151,12 +153,12 @@ KERNELS: dict[str, Kernel] = {"avx2": _avx2, "bnb_avx512bf16": _bnb_avx512bf16}
 def kernel_for(dtype: torch.dtype, state: bnbF.QuantState) -> str | None:
     """The kernel that would serve a weight of ``state`` for inputs of ``dtype``, before any check.
 
-    Both need rows that are whole blocks (each output then owns its blocks) of at least 16 values;
+    Both need rows that are whole blocks (each output then owns its blocks) of a multiple of 32 values;
     bitsandbytes' kernel also needs ``dim_out % 32 == 0`` (its tiles; other sizes abort the process)."""
     if len(state.shape) != 2 or state.quant_type not in ("nf4", "fp4"):
         return None
     dim_out, dim_in = state.shape
-    if dim_in % state.blocksize or state.blocksize % 16:
+    if dim_in % state.blocksize or state.blocksize % 32:
         return None
     if dtype == torch.bfloat16 and dim_out % 32 == 0 and bnb_kernel_available():
         return "bnb_avx512bf16"

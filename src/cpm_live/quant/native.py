@@ -91,7 +91,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except OSError as e:
         return None, f"loading {path} failed: {e}"
     lib.cpm_gemv_4bit.argtypes = GEMV_ARGTYPES
-    lib.cpm_gemv_4bit.restype = None
+    lib.cpm_gemv_4bit.restype = ctypes.c_int
     return lib, ""
 
 
