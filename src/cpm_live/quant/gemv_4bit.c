@@ -22,7 +22,9 @@
  * Per block, x . levels is accumulated and multiplied by the block's absmax once, so the result
  * differs from "dequantize, then matmul" only by rounding order (checked against the exact product
  * in tests/test_gemv.py). Rows of x go in tiles of up to 4, so each decoded level serves up to 4
- * rows; output rows n are split over `threads` OpenMP threads (each writes only its own outputs).
+ * rows; output rows n go to `threads` OpenMP threads 32 at a time, as each thread becomes free
+ * (each writes only its own outputs), so a thread that the machine's other work delays holds up
+ * the call by one chunk, not by its fixed share.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -161,7 +163,7 @@ int cpm_gemv_4bit(const float *x, long long rows, long long x_stride, const uint
 #else
         float *scale = scratch + rows * dim_in;
 #endif
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 32)
         for (long long n = 0; n < dim_out; ++n) {
             const uint8_t *w = packed + n * (dim_in / 2);
             for (long long b = 0; b < blocks; ++b) scale[b] = block_scale(&scales, n * blocks + b);
