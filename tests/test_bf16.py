@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cpm_live.config import ConfigError, CPMBeeConfig, resolve_compute_dtype
-from cpm_live.delta import LoraSettings, add_lora, lora_layers, merged_dense_weight
 from cpm_live.generation import CPMBeeBeamSearch, CPMBeeGreedy
 from cpm_live.layers import Linear4bit
+from cpm_live.lora import LoraSettings, add_lora, lora_layers, merged_dense_weight
 from cpm_live.models import CPMBee
 from cpm_live.tokenizers import CPMBeeTokenizer, build_tiny_vocab
 from cpm_live.training.cli import main as finetune

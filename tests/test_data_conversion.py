@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cpm_live.dataset import DataFormatError
-from cpm_live.inputs import IGNORE_INDEX
+from cpm_live.data.encode import convert_data_to_id, rel_to_bucket
+from cpm_live.data.pack import BatchPacker
+from cpm_live.data.tensors import IGNORE_INDEX
+from cpm_live.errors import DataFormatError
 from cpm_live.tokenizers import CPMBeeTokenizer, build_tiny_vocab
-from cpm_live.training_tasks.bee import BatchPacker, convert_data_to_id, rel_to_bucket
 
 REAL_VOCAB = Path(__file__).resolve().parents[2] / "shared/cpm-bee/vocab/bee.txt"
 

@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from cpm_live.dataset import (
+from cpm_live.data import (
     DataFormatError,
     DistributedDataset,
     JsonlDataset,
@@ -19,7 +19,7 @@ from cpm_live.dataset import (
     safe_pickle_loads,
     shuffle_dataset,
 )
-from cpm_live.dataset.preprocess import main as preprocess_main
+from cpm_live.data.preprocess import main as preprocess_main
 from cpm_live.engine import get_engine
 
 SMALL_BLOCK = 64  # a few records per block, so tests see many blocks

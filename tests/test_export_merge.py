@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from cpm_live.checkpoint import load_model_weights
+from cpm_live.checkpoint.adapters import save_adapter
 from cpm_live.convert.compress import quantize_state_dict
 from cpm_live.convert.export import main as export_main
-from cpm_live.delta import LoraSettings, add_lora, save_adapter
+from cpm_live.lora import LoraSettings, add_lora
 from cpm_live.models import CPMBee
 from tests.test_model import packed_batch, run, small_vocab_config
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from cpm_live.dataset import DataFormatError, PickleSerializer, build_dataset
-from cpm_live.inputs import IGNORE_INDEX
+from cpm_live.data import DataFormatError, PickleSerializer, build_dataset
+from cpm_live.data.pack import FinetuneDataset
+from cpm_live.data.tensors import IGNORE_INDEX
 from cpm_live.tokenizers import CPMBeeTokenizer, build_tiny_vocab
-from cpm_live.training_tasks.bee import FinetuneDataset
 
 CCPM_EVAL = Path(__file__).resolve().parents[2] / "shared/cpm-bee/ccpm/bee_data/eval.jsonl"
 REAL_VOCAB = Path(__file__).resolve().parents[2] / "shared/cpm-bee/vocab/bee.txt"

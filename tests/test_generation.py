@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from cpm_live.checkpoint import build_model
+from cpm_live.checkpoint.adapters import save_adapter
 from cpm_live.convert.compress import quantize_state_dict
-from cpm_live.delta import LoraSettings, add_lora, lora_layers, save_adapter
+from cpm_live.data.encode import convert_data_to_id
 from cpm_live.evaluation import compute_metrics
 from cpm_live.generation import (
     CPMBeeBeamSearch,
@@ -30,9 +31,9 @@ from cpm_live.generation import (
 )
 from cpm_live.generation.cli import main as generation_main
 from cpm_live.layers import Linear8bit
+from cpm_live.lora import LoraSettings, add_lora, lora_layers
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.tokenizers import CPMBeeTokenizer, build_tiny_vocab
-from cpm_live.training_tasks.bee.pretrain import convert_data_to_id
 
 CONFIG_DIR = Path(__file__).parents[1] / "src" / "config"
 REAL_VOCAB = Path(__file__).resolve().parents[2] / "shared/cpm-bee/vocab/bee.txt"

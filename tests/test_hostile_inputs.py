@@ -15,11 +15,12 @@ import torch
 from safetensors.torch import save_file
 
 from cpm_live.checkpoint import CheckpointError, CheckpointReader, build_model
+from cpm_live.checkpoint.adapters import load_adapter, save_adapter
 from cpm_live.convert.compress import quantize_state_dict
 from cpm_live.convert.export import main as export_main
-from cpm_live.dataset import DataFormatError, RawSerializer, SimpleDataset, build_dataset, safe_pickle_loads
-from cpm_live.dataset.serializer import UnsafePickleError
-from cpm_live.delta import AdapterError, LoraSettings, add_lora, load_adapter, save_adapter
+from cpm_live.data import RawSerializer, SimpleDataset, build_dataset, safe_pickle_loads
+from cpm_live.errors import AdapterError, DataFormatError, UnsafePickleError
+from cpm_live.lora import LoraSettings, add_lora
 from cpm_live.models import ConfigError, CPMBee, CPMBeeConfig
 from cpm_live.utils import atomic_path
 
@@ -60,7 +61,7 @@ def test_config_json_booleans_and_numbers_still_load(tmp_path):
 
 
 def test_config_nested_too_deep_names_the_file_and_line(tmp_path):
-    from cpm_live.model_dir import config_values
+    from cpm_live.checkpoint.hf_dir import config_values
 
     path = tmp_path / "config.json"
     path.write_text('{\n  "vocab_size": 64,\n  "dim_model": ' + "[" * 100_000 + "\n}\n")
@@ -74,7 +75,7 @@ DEEP = b"[" * 100_000
 
 
 def test_jsonl_record_nested_too_deep_names_the_file_and_line(tmp_path):
-    from cpm_live.dataset import JsonlDataset
+    from cpm_live.data import JsonlDataset
 
     path = tmp_path / "data.jsonl"
     path.write_bytes(b'{"input": "a", "<ans>": "b"}\n' + DEEP + b"\n")

@@ -13,17 +13,21 @@ import pytest
 
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "cpm_live"
 
+# Old import paths kept for CPM-Bee users' scripts: re-exports only, on the top floor.
+COMPATIBILITY = ["delta", "dataset", "training_tasks", "model_dir"]
 # Bottom to top. A package may import its own modules and the packages on lower floors, never one
 # on its own floor or above.
 FLOORS: list[list[str]] = [
-    ["utils"],
-    ["config", "inputs", "quant", "tokenizers"],
-    ["layers", "engine", "dataset", "model_dir"],
-    ["models", "training_tasks", "evaluation"],
-    ["checkpoint", "delta"],
+    ["utils", "errors"],
+    ["config", "quant", "tokenizers"],
+    ["layers", "data"],
+    ["models", "engine", "evaluation"],
+    ["lora"],
+    ["checkpoint"],
     ["convert", "generation"],
     ["training"],
     ["demo"],
+    COMPATIBILITY,
 ]
 FLOOR = {pkg: i for i, pkgs in enumerate(FLOORS) for pkg in pkgs}
 
@@ -69,6 +73,18 @@ def test_imports_run_down_a_floor(module):
     here = _package(module)
     upward = sorted(t for t in GRAPH[module] if _package(t) != here and FLOOR[_package(t)] >= FLOOR[here])
     assert not upward, f"{module} (floor {FLOOR[here]}) imports {upward} on its floor or above"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _package(m) in COMPATIBILITY))
+def test_compatibility_paths_only_re_export(module):
+    """The old import paths hold no code, and nothing in the package goes through them."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    code = [type(n).__name__ for n in tree.body if not isinstance(n, (ast.Import, ast.ImportFrom, ast.Assign))
+            and not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    assert not code, f"{module} defines {code}: a compatibility path only re-exports"
+    assert "compatibility" in (ast.get_docstring(tree) or "").lower(), f"{module}: say why the path is kept"
+    users = sorted(m for m, targets in GRAPH.items() if module in targets and _package(m) not in COMPATIBILITY)
+    assert not users, f"{users} import {module}; import from the package it re-exports instead"
 
 
 def test_no_import_cycles():

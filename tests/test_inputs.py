@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cpm_live.inputs import IGNORE_INDEX, CPMBeeInputs, LabelledInputs
+from cpm_live.data.tensors import IGNORE_INDEX, CPMBeeInputs, LabelledInputs
 from cpm_live.models import CPMBee
 from tests.test_model import packed_batch, run, tiny_config
 
@@ -76,8 +76,8 @@ def test_from_arrays_casts_context_and_reports_what_is_missing():
 
 def test_packer_output_is_the_contract(tmp_path):
     """The packer's arrays carry every field forward needs (names, not a table of keys)."""
+    from cpm_live.data.pack import FinetuneDataset
     from cpm_live.tokenizers import CPMBeeTokenizer, build_tiny_vocab
-    from cpm_live.training_tasks.bee import FinetuneDataset
 
     vocab = build_tiny_vocab(tmp_path / "vocab.txt")
     tokenizer = CPMBeeTokenizer(str(vocab))

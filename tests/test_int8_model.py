@@ -9,17 +9,11 @@ from safetensors import safe_open
 from torch import nn
 
 from cpm_live.checkpoint import CheckpointError, build_model
+from cpm_live.checkpoint.adapters import save_adapter
 from cpm_live.convert.cli import main as quantize_main
 from cpm_live.convert.export import main as export_main
-from cpm_live.delta import (
-    LoraQuantized,
-    LoraSettings,
-    add_lora,
-    merged_dense_weight,
-    save_adapter,
-    trainable_parameter_report,
-)
 from cpm_live.layers import Linear8bit
+from cpm_live.lora import LoraQuantized, LoraSettings, add_lora, merged_dense_weight, trainable_parameter_report
 from cpm_live.models import CPMBee, CPMBeeConfig
 from tests.test_model import packed_batch, run, small_vocab_config
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cpm_live.config import ConfigError, CPMBeeConfig, Int4Quantization, Int8Quantization
-from cpm_live.delta.layers import CUSTOM_MODULES
 from cpm_live.layers import PROJECTION_TYPES, Linear, Linear4bit, Linear8bit, make_linear
+from cpm_live.lora.layers import CUSTOM_MODULES
 from cpm_live.quant import int8 as qint8
 from cpm_live.quant.format import QuantFormatError
 

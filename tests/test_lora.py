@@ -1,4 +1,4 @@
-"""cpm_live.delta: LoRA on Linear and Linear4bit through peft, adapter files, merge/export math."""
+"""cpm_live.lora: LoRA on Linear and Linear4bit through peft, adapter files, merge/export math."""
 
 import argparse
 import json
@@ -11,27 +11,28 @@ import torch
 from peft import LoraConfig, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from cpm_live.delta import (
-    AdapterError,
+from cpm_live.checkpoint.adapters import (
     LoraDelta,
+    load_adapter,
+    merge_lora_into_state_dict,
+    read_adapter,
+    save_adapter,
+)
+from cpm_live.errors import AdapterError, MergeError
+from cpm_live.layers import Linear, Linear4bit
+from cpm_live.lora import (
     LoraLinear,
     LoraQuantized,
     LoraSettings,
-    MergeError,
     add_lora,
     add_lora_args,
-    load_adapter,
     lora_layers,
     lora_settings_from_args,
     lora_state_dict,
-    merge_lora_into_state_dict,
     merged_dense_weight,
-    read_adapter,
-    save_adapter,
     trainable_parameter_report,
 )
-from cpm_live.delta.lora import lora_parameters
-from cpm_live.layers import Linear, Linear4bit
+from cpm_live.lora.inject import lora_parameters
 from cpm_live.models import CPMBee, CPMBeeConfig
 
 CONFIG_DIR = Path(__file__).parents[1] / "src" / "config"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from cpm_live.checkpoint.writer import SafetensorsWriter
 from cpm_live.quant import format as qformat
-from cpm_live.quant.stream import SafetensorsWriter
 from tests import int4_reference as ref
 
 SETTINGS = [

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
+from cpm_live.checkpoint import resume
 from cpm_live.engine.torch_engine import TorchEngine
-from cpm_live.training import state as ckpt
 from cpm_live.training.cli import main as finetune
 from cpm_live.training.metrics import read_metrics
 from tests.conftest import DATA, base_args
@@ -63,7 +63,7 @@ def test_latest_is_advisory_and_never_followed(tiny, tmp_path, capsys, pointer):
     save = tmp_path / "run"
     finetune(qlora_args(tiny, save, 2, "--save-iters", "2"))
     (save / "checkpoints" / "latest").write_text(pointer)
-    assert ckpt.find_checkpoint("auto", str(save)) == str(save / "checkpoints" / "step-00000002")
+    assert resume.find_checkpoint("auto", str(save)) == str(save / "checkpoints" / "step-00000002")
     assert "which is not the newest complete checkpoint" in capsys.readouterr().out
 
 
@@ -81,21 +81,21 @@ def test_pruning_keeps_newer_checkpoints_and_saving_a_step_twice_keeps_it_whole(
     trainable = {"w": torch.arange(4.0)}
 
     def save(step):
-        return ckpt.save_checkpoint(engine, str(tmp_path), step, trainable, {"o": torch.zeros(1)},
+        return resume.save_checkpoint(engine, str(tmp_path), step, trainable, {"o": torch.zeros(1)},
                                     {"step": step}, keep=2)
 
     for step in (4, 6, 8):
         save(step)
     save(2)  # an older step written into a newer history: nothing newer may go
-    assert [s for s, _ in ckpt.complete_checkpoints(str(tmp_path))] == [2, 6, 8]
+    assert [s for s, _ in resume.complete_checkpoints(str(tmp_path))] == [2, 6, 8]
     path = save(8)  # the same step again (SIGTERM right after a --save-iters save)
-    assert ckpt._is_complete(path)
+    assert resume._is_complete(path)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-00000006", "step-00000008"]
 
 
 LOCKER = """
 import sys, time
-from cpm_live.training.state import SaveDirLock
+from cpm_live.checkpoint.resume import SaveDirLock
 lock = SaveDirLock(sys.argv[1])
 print("locked", flush=True)
 time.sleep(120)
@@ -208,16 +208,16 @@ def test_a_checkpoint_file_holding_code_is_refused_in_one_line(tiny, tmp_path):
 DISK_FULL = """
 import resource, signal, sys, torch
 from cpm_live.engine.torch_engine import TorchEngine
-from cpm_live.training import state as ckpt
+from cpm_live.checkpoint import resume
 engine = TorchEngine(device="cpu")
 small, big = {"w": torch.zeros(4)}, {"w": torch.zeros(1 << 18)}  # 1 MiB
-ckpt.save_checkpoint(engine, sys.argv[1], 2, small, small, {"step": 2})
+resume.save_checkpoint(engine, sys.argv[1], 2, small, small, {"step": 2})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 19, 1 << 19))
 trainable, optimizer = (big, small) if sys.argv[2] == "trainable" else (small, big)
 try:
-    ckpt.save_checkpoint(engine, sys.argv[1], 4, trainable, optimizer, {"step": 4})
-except ckpt.TrainingError as e:
+    resume.save_checkpoint(engine, sys.argv[1], 4, trainable, optimizer, {"step": 4})
+except resume.TrainingError as e:
     print(e)
 """
 
@@ -229,11 +229,11 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_
                          env=env, timeout=120)
     message = run.stdout.strip()
     partial = tmp_path / "checkpoints" / "step-00000004.partial"
-    name = ckpt.TRAINABLE_FILE if too_big == "trainable" else ckpt.OPTIMIZER_FILE
+    name = resume.TRAINABLE_FILE if too_big == "trainable" else resume.OPTIMIZER_FILE
     assert message.startswith(f"cannot write {partial / name} (") and "\n" not in message, run.stdout + run.stderr
     assert "is the disk full?" in message and "MiB free there" in message and "--resume auto" in message
     assert steps_on_disk(tmp_path) == ["step-00000002"]
-    assert ckpt._is_complete(tmp_path / "checkpoints" / "step-00000002")
+    assert resume._is_complete(tmp_path / "checkpoints" / "step-00000002")
     assert not partial.exists() and (tmp_path / "checkpoints" / "latest").read_text() == "step-00000002\n"
 
 

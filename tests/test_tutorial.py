@@ -23,10 +23,10 @@ import torch
 from safetensors import safe_open
 
 from cpm_live.convert.export import export_checkpoint
+from cpm_live.data.encode import convert_data_to_id
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.tokenizers import CPMBeeTokenizer, build_tiny_vocab
 from cpm_live.training.metrics import read_metrics
-from cpm_live.training_tasks.bee.pretrain import convert_data_to_id
 
 REPO = Path(__file__).parents[1]
 TUTORIAL = REPO / "tutorials" / "basic_task_finetune"

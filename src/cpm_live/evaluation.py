@@ -31,8 +31,8 @@ from typing import Any
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from cpm_live.dataset.errors import DataFormatError
-from cpm_live.dataset.jsonl import answered_records
+from cpm_live.data.jsonl import answered_records
+from cpm_live.errors import DataFormatError
 from cpm_live.utils import atomic_write_text
 
 METRICS = ("accuracy", "rouge", "bleu")

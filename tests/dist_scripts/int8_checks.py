@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from cpm_live.delta import LoraSettings, add_lora
 from cpm_live.engine import get_engine, local_parameter_bytes
 from cpm_live.layers import Linear8bit
+from cpm_live.lora import LoraSettings, add_lora
 from cpm_live.models import CPMBee, CPMBeeConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # torchrun runs this file as a script

@@ -9,9 +9,9 @@ import dataclasses
 import pytest
 import torch
 
-from cpm_live.delta import LoraSettings, add_lora
 from cpm_live.engine import recompute_activations
 from cpm_live.layers import Linear4bit
+from cpm_live.lora import LoraSettings, add_lora
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.quant.format import quant_state
 from cpm_live.training.cli import main as finetune

@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cpm_live.checkpoint import CheckpointError
 from cpm_live.convert.compress import quantize_state_dict
+from cpm_live.errors import CheckpointError
 from cpm_live.quant.format import BLOCKSIZES, QUANT_TYPES, QuantFormatError
 
 

@@ -5,7 +5,7 @@ aside: :func:`quant_targets`) becomes the bitsandbytes layout of :mod:`cpm_live.
 (int4) or :mod:`cpm_live.quant.int8` (int8, ``Linear8bitLt``'s ``weight``/``SCB``/``weight_format``);
 every other tensor is copied unchanged. The input is read lazily
 (:class:`cpm_live.checkpoint.CheckpointReader`) and the output streamed
-(:class:`cpm_live.quant.stream.SafetensorsWriter`), so peak memory is a few times the largest
+(:class:`cpm_live.checkpoint.writer.SafetensorsWriter`), so peak memory is a few times the largest
 tensor. The file is written to a temp path, read back and checked (every key, shape and dtype;
 a ``QuantState.from_dict`` per weight), and only then renamed into place.
 
@@ -41,11 +41,11 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from cpm_live.checkpoint import CheckpointError, CheckpointReader, check_finite, open_checkpoint
+from cpm_live.checkpoint.writer import DTYPES, SafetensorsWriter
 from cpm_live.config import CPMBeeConfig
 from cpm_live.models import quantized_weight_keys
 from cpm_live.quant import format as qformat
 from cpm_live.quant import int8 as qint8
-from cpm_live.quant.stream import DTYPES, SafetensorsWriter
 from cpm_live.utils import atomic_path
 
 

@@ -9,7 +9,7 @@ casts the other tensors; ``.pt`` output is a ``torch.save``d plain ``OrderedDict
 in memory: peak = the exported model), ``.safetensors`` output is streamed one tensor at a time.
 int4/int8 output runs :func:`cpm_live.convert.compress.quantize_state_dict` with the config's settings.
 
-``--format hf`` writes a Hugging Face style model directory instead (:mod:`cpm_live.model_dir`):
+``--format hf`` writes a Hugging Face style model directory instead (:mod:`cpm_live.checkpoint.hf_dir`):
 ``config.json`` in the HF port's field names, the weights as safetensors shards of at most
 ``--max-shard-mb`` with ``model.safetensors.index.json`` and ``cpmbee.``-prefixed keys (the tied
 ``lm_head.weight`` is left out: ``CpmBeeForCausalLM`` ties it on load), and ``vocab.txt``. The
@@ -34,16 +34,22 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from cpm_live import model_dir
-from cpm_live.checkpoint import CheckpointError, CheckpointReader, check_checkpoint, check_finite, open_checkpoint
-from cpm_live.config import ConfigError
+from cpm_live.checkpoint import (
+    CheckpointError,
+    CheckpointReader,
+    check_checkpoint,
+    check_finite,
+    hf_dir,
+    open_checkpoint,
+)
+from cpm_live.checkpoint.writer import SafetensorsWriter
 from cpm_live.convert.compress import check_output_path, quantize_state_dict
-from cpm_live.delta.merge import MergeError, merge_in_fp32
-from cpm_live.inputs import CPMBeeInputs
+from cpm_live.data.tensors import CPMBeeInputs
+from cpm_live.errors import ConfigError
+from cpm_live.lora.merge import MergeError, merge_in_fp32
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.quant import format as qformat
 from cpm_live.quant import int8 as qint8
-from cpm_live.quant.stream import SafetensorsWriter
 from cpm_live.utils import atomic_path
 
 DENSE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -207,11 +213,11 @@ def _export_hf_dir(reader: CheckpointReader, expected: dict[str, tuple[int, ...]
     try:
         weight_map = {}
         for name, keys in zip(names, shards):
-            layout = {model_dir.HF_PREFIX + k: (expected[k], dtype) for k in keys}
+            layout = {hf_dir.HF_PREFIX + k: (expected[k], dtype) for k in keys}
             writer = SafetensorsWriter(os.path.join(tmp, name), layout, metadata={"format": "pt"})
             try:
                 for key, tensor in _dense_tensors(reader, keys, dtype, delta_fn, merged, progress):
-                    writer.write(model_dir.HF_PREFIX + key, tensor)
+                    writer.write(hf_dir.HF_PREFIX + key, tensor)
             except BaseException:
                 writer.abort()
                 raise
@@ -219,9 +225,9 @@ def _export_hf_dir(reader: CheckpointReader, expected: dict[str, tuple[int, ...]
             weight_map.update({k: name for k in layout})
         index = {"metadata": {"total_size": sum(size * torch.Size(s).numel() for s in expected.values())},
                  "weight_map": weight_map}
-        _write_json(os.path.join(tmp, model_dir.WEIGHT_FILES[0][0]), index)
-        _write_json(os.path.join(tmp, model_dir.CONFIG_FILE), model_dir.hf_config(hf_config))
-        shutil.copyfile(vocab, os.path.join(tmp, model_dir.VOCAB_FILE))
+        _write_json(os.path.join(tmp, hf_dir.WEIGHT_FILES[0][0]), index)
+        _write_json(os.path.join(tmp, hf_dir.CONFIG_FILE), hf_dir.hf_config(hf_config))
+        shutil.copyfile(vocab, os.path.join(tmp, hf_dir.VOCAB_FILE))
         if os.path.isdir(output_dir):
             shutil.rmtree(output_dir)
         elif os.path.exists(output_dir):
@@ -278,8 +284,7 @@ def merge_adapter(config: CPMBeeConfig, load_path: str, adapter_path: str, outpu
     logits drift against the merged fp32 model is printed: re-quantizing moves every merged weight to
     the nearest 4-bit/int8 level, which is a second rounding the adapter was not trained with.
     """
-    from cpm_live.delta import read_adapter
-    from cpm_live.delta.adapter_files import LoraDelta
+    from cpm_live.checkpoint.adapters import LoraDelta, read_adapter
 
     settings, state = read_adapter(adapter_path)
     delta = LoraDelta(state, settings, source=adapter_path)
@@ -351,8 +356,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="--format hf: largest safetensors shard in MB (default 5000)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = parser.parse_args(argv)
-    from cpm_live.delta.adapter_files import AdapterError
-    from cpm_live.model_dir import load_config
+    from cpm_live.checkpoint.hf_dir import load_config
+    from cpm_live.errors import AdapterError
     from cpm_live.tokenizers import find_vocab
 
     try:

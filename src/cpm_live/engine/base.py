@@ -35,14 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed._composable import checkpoint
 
-from cpm_live.inputs import IGNORE_INDEX
+from cpm_live.data.tensors import IGNORE_INDEX
+from cpm_live.errors import EngineError
 from cpm_live.utils import key_mismatch
 
 DEFAULT_TIMEOUT_S = 1800.0  # torch.distributed's default collective timeout (gloo)
-
-
-class EngineError(RuntimeError):
-    """Wrong engine choice, launch environment or call order; the message says what to do."""
 
 
 def is_collective_timeout(error: BaseException) -> bool:

@@ -42,6 +42,7 @@ from bmtrain.store import allgather_objects
 from bmtrain.zero_context import ZeroContext
 from torch import nn
 
+from cpm_live.data.tensors import IGNORE_INDEX
 from cpm_live.engine.base import (
     Engine,
     EngineError,
@@ -49,7 +50,6 @@ from cpm_live.engine.base import (
     launch_env,
     parameter_signature,
 )
-from cpm_live.inputs import IGNORE_INDEX
 
 _LOAD_BEFORE_WRAP = ("with --engine bmtrain, load the base checkpoint (4-bit state included) into the model "
                      "before engine.wrap(); afterwards only floating-point parameters can be loaded")

@@ -36,15 +36,14 @@ import torch
 from tqdm import tqdm
 
 from cpm_live.checkpoint import CheckpointError, build_model
-from cpm_live.dataset.errors import DataFormatError
-from cpm_live.dataset.jsonl import answered_records
-from cpm_live.delta import AdapterError, load_adapter
+from cpm_live.checkpoint.adapters import load_adapter
+from cpm_live.checkpoint.hf_dir import load_config
+from cpm_live.data.jsonl import answered_records
+from cpm_live.errors import AdapterError, DataFormatError, SampleTooLong
 from cpm_live.generation.bee import CPMBeeBeamSearch, CPMBeeGeneration, CPMBeeGreedy, CPMBeeSampling
 from cpm_live.generation.prompt import build_prompt
-from cpm_live.model_dir import load_config
 from cpm_live.models import ConfigError, CPMBee, CPMBeeConfig
 from cpm_live.tokenizers import CPMBeeTokenizer, find_vocab
-from cpm_live.training_tasks.bee import SampleTooLong
 
 
 def _int_at_least(minimum: int):

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpm_live.inputs import CPMBeeInputs
+from cpm_live.data.encode import convert_data_to_id
+from cpm_live.data.tensors import CPMBeeInputs
 from cpm_live.tokenizers import CPMBeeTokenizer
-from cpm_live.training_tasks.bee.pretrain import convert_data_to_id
 
 ANSWER_KEY = "<ans>"
 MAX_DEPTH = 8  # every original script converts with max_depth 8

@@ -28,6 +28,7 @@ import bitsandbytes.functional as bnbF
 import torch
 from bitsandbytes.utils import unpack_tensor_to_dict
 
+from cpm_live.errors import QuantFormatError
 from cpm_live.quant.dequant import dequantize_4bit
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -35,10 +36,6 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # quantize_4bit double-quantizes absmax with 8-bit blocks of 256 (fp32 nested absmax); fixed in bnb.
 NESTED_BLOCKSIZE = 256
 BLOB_PREFIX = "quant_state.bitsandbytes__"
-
-
-class QuantFormatError(ValueError):
-    """A 4-bit weight's tensors do not match the expected layout or settings."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..utils import atomic_path
+from cpm_live.errors import VocabError
+from cpm_live.utils import atomic_path
 
 # Fixed ids 0..10 of the real vocab (spec §2); a vocab missing any of these cannot encode a sample.
 SPECIAL_TOKENS_IN_ORDER = (
@@ -40,10 +41,6 @@ class Token:
     start: int
     is_unk: bool
     is_special: bool
-
-
-class VocabError(ValueError):
-    """The vocab file is malformed; the message names the file and the line."""
 
 
 def load_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:

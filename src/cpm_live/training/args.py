@@ -20,8 +20,8 @@ DEFAULT_TRAIN_ITERS = 1000000  # the original default
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    from cpm_live.delta import add_lora_args
     from cpm_live.engine import add_engine_args
+    from cpm_live.lora import add_lora_args
 
     p = argparse.ArgumentParser(description=description or "Fine-tune CPM-Bee (full, LoRA or QLoRA).")
     model = p.add_argument_group("model")

@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from cpm_live.checkpoint import CheckpointError
-from cpm_live.dataset.errors import DataFormatError
-from cpm_live.delta import AdapterError
 from cpm_live.engine import EngineError
 from cpm_live.engine.base import is_collective_timeout
+from cpm_live.errors import AdapterError, CheckpointError, DataFormatError
 from cpm_live.models import ConfigError
 from cpm_live.tokenizers.bee import VocabError
 from cpm_live.training.args import build_parser, validate

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
+from cpm_live.data.pack import open_record_source
 from cpm_live.evaluation import compute_metrics
 from cpm_live.generation import CPMBeeGreedy
-from cpm_live.training_tasks.bee.finetune import open_record_source
 
 MAX_ANSWER_TOKENS = 32
 

@@ -18,26 +18,20 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cpm_live.checkpoint import build_model
+from cpm_live.checkpoint import build_model, resume
+from cpm_live.checkpoint.adapters import save_adapter, save_cpm_bee_delta
+from cpm_live.checkpoint.hf_dir import load_config
 from cpm_live.config import CPMBeeConfig
-from cpm_live.delta import (
-    add_lora,
-    lora_settings_from_args,
-    save_adapter,
-    save_cpm_bee_delta,
-    trainable_parameter_report,
-)
+from cpm_live.data.pack import FinetuneDataset
+from cpm_live.data.tensors import IGNORE_INDEX, LabelledInputs
 from cpm_live.engine import engine_from_args, format_summary, inspect_model
-from cpm_live.inputs import IGNORE_INDEX, LabelledInputs
-from cpm_live.model_dir import load_config
+from cpm_live.errors import TrainingError
+from cpm_live.lora import add_lora, lora_settings_from_args, trainable_parameter_report
 from cpm_live.models import CPMBee
 from cpm_live.tokenizers import CPMBeeTokenizer, find_vocab
-from cpm_live.training import state as run_state  # resume directories; not cpm_live.checkpoint (weight files)
 from cpm_live.training.args import DEFAULT_TRAIN_ITERS, length_note
 from cpm_live.training.metrics import MetricsLogger
 from cpm_live.training.schedulers import LRSchedule
-from cpm_live.training.state import TrainingError
-from cpm_live.training_tasks.bee import FinetuneDataset
 
 DROPPED_WARN_SHARE = 0.1  # warn once more than this share of the records read is longer than --max-length
 
@@ -50,7 +44,7 @@ class Trainer:
         self._stop_requested = False
         self._saved_step: int | None = None
         self._last_batch: LabelledInputs | None = None
-        self._lock: run_state.SaveDirLock | None = None
+        self._lock: resume.SaveDirLock | None = None
         self._told_dropped = self._warned_share = False
 
     def close(self) -> None:
@@ -89,7 +83,7 @@ class Trainer:
         return self.lora is not None
 
     # ---------------------------------------------------------------- setup
-    def _lock_save_dir(self) -> run_state.SaveDirLock | None:
+    def _lock_save_dir(self) -> resume.SaveDirLock | None:
         """Rank 0 takes the save-dir lock; every rank raises if it could not (no rank left waiting)."""
         if not self.args.save:
             return None
@@ -97,7 +91,7 @@ class Trainer:
         if self.engine.is_main:
             os.makedirs(self.args.save, exist_ok=True)
             try:
-                lock = run_state.SaveDirLock(self.args.save)
+                lock = resume.SaveDirLock(self.args.save)
             except TrainingError as e:
                 error = e
         if self.engine.all_reduce_sum(float(error is not None)) > 0:
@@ -155,34 +149,34 @@ class Trainer:
 
     def _resume(self) -> None:
         args = self.args
-        path = run_state.find_checkpoint(args.resume, args.save, warn=self.engine.print_rank0) if args.resume else None
-        run_state.check_history(path, args.save)
+        path = resume.find_checkpoint(args.resume, args.save, warn=self.engine.print_rank0) if args.resume else None
+        resume.check_history(path, args.save)
         self._resumed_from = path
         if path is None:
             self.step = args.start_step
             if args.resume == "auto":
                 self.engine.print_rank0(f"no checkpoint under {args.save}; starting from step {self.step}")
             return
-        saved = run_state.load_checkpoint(path, self.engine.rank)
-        run_state.compare_run(saved["trainer"].get("run"), self._run_settings(), path, self.engine.print_rank0)
+        saved = resume.load_checkpoint(path, self.engine.rank)
+        resume.compare_run(saved["trainer"].get("run"), self._run_settings(), path, self.engine.print_rank0)
         self.engine.load_state_dict(self.model, saved["trainable"], strict=False)
         self.engine.load_training_state(self.optimizer, saved["optimizer"])
         trainer = saved["trainer"]
         self.step, self.epoch = trainer["step"], trainer["epoch"]
         self.best_eval, self.patience = trainer["best_eval"], trainer["patience"]
         self.train_data.load_state_dict(trainer["data"])
-        run_state.set_rng_state(saved["rng"])
+        resume.set_rng_state(saved["rng"])
         self.engine.print_rank0(f"resumed from {path} at step {self.step}, epoch {self.epoch}")
 
     def _run_settings(self) -> dict[str, Any]:
-        """What a resume must continue with (compared by :func:`run_state.compare_run`)."""
+        """What a resume must continue with (compared by :func:`resume.compare_run`)."""
         args, lora = self.args, self.lora
         return {
             "model": {k: v for k, v in self.config.to_dict().items() if not k.startswith("int4_")},
             "int4": self.config.int4,
             "lora": None if lora is None else {"r": lora.r, "alpha": lora.alpha, "targets": sorted(lora.targets)},
             "max_length": args.max_length,
-            "data": run_state.data_fingerprint(args.dataset),
+            "data": resume.data_fingerprint(args.dataset),
             "batch": {"batch_size": args.batch_size, "world_size": self.engine.world_size,
                       "accumulation": args.gradient_accumulation_steps},
         }
@@ -328,19 +322,19 @@ class Trainer:
             return
         if self.use_lora:
             adapter = os.path.join(args.save, f"{args.save_name}-delta-{tag}")
-            with run_state.writing(adapter):
+            with resume.writing(adapter):
                 save_adapter(state, self.lora, adapter, base_config=self.config)
                 if args.delta_format == "opendelta":
                     save_cpm_bee_delta(state, self.lora, adapter + ".pt")
         else:
-            run_state.save_weights_pt(state, os.path.join(args.save, f"{args.save_name}-{tag}.pt"))
+            resume.save_weights_pt(state, os.path.join(args.save, f"{args.save_name}-{tag}.pt"))
 
     def save_checkpoint(self) -> None:
         trainable = self.engine.state_dict(self.model, trainable_only=True)
         optimizer = self.engine.training_state(self.optimizer)
         trainer = {"step": self.step, "epoch": self.epoch, "best_eval": self.best_eval,
                    "patience": self.patience, "data": self.train_data.state_dict(), "run": self._run_settings()}
-        path = run_state.save_checkpoint(self.engine, self.args.save, self.step, trainable, optimizer, trainer,
+        path = resume.save_checkpoint(self.engine, self.args.save, self.step, trainable, optimizer, trainer,
                                          keep=self.args.keep_checkpoints)
         self._saved_step = self.step
         self.engine.print_rank0(f"saved checkpoint {path}")

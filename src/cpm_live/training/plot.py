@@ -17,11 +17,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from cpm_live.errors import PlotError
 from cpm_live.utils import atomic_path
-
-
-class PlotError(ValueError):
-    pass
 
 
 def _read(path: str) -> list[dict[str, Any]]:

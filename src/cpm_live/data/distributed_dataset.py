@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from ..utils import atomic_path
-from .errors import DataFormatError
-from .serializer import AutoSerializer, JsonSerializer, Serializer
+from cpm_live.data.serializer import AutoSerializer, JsonSerializer, Serializer
+from cpm_live.errors import DataFormatError
+from cpm_live.utils import atomic_path
 
 _DEFAULT_BLOCK_SIZE = 16 << 20
 _RECORD_MAGIC = b"\x1f"

@@ -17,10 +17,12 @@ from typing import Any, Protocol, TypedDict
 import numpy as np
 from numpy.typing import NDArray
 
-from ...dataset import DataFormatError, JsonlDataset, SimpleDataset
-from ...inputs import IGNORE_INDEX
-from ...tokenizers import CPMBeeTokenizer
-from .pretrain import ExtTableStates, SampleTooLong, convert_data_to_id
+from cpm_live.data.distributed_dataset import SimpleDataset
+from cpm_live.data.encode import ExtTableStates, convert_data_to_id
+from cpm_live.data.jsonl import JsonlDataset
+from cpm_live.data.tensors import IGNORE_INDEX
+from cpm_live.errors import DataFormatError, SampleTooLong
+from cpm_live.tokenizers import CPMBeeTokenizer
 
 _STATE_VERSION = 1
 

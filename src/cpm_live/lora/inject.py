@@ -14,8 +14,8 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from cpm_live.delta.layers import CUSTOM_MODULES, LoraLinear
 from cpm_live.layers.linear_factory import PROJECTION_TYPES, is_quantized
+from cpm_live.lora.layers import CUSTOM_MODULES, LoraLinear
 
 ADAPTER_NAME = "default"  # peft's adapter name; it never appears in saved keys
 

@@ -15,10 +15,10 @@ import tempfile
 
 from tqdm import tqdm
 
-from .distributed_dataset import _DEFAULT_BLOCK_SIZE, build_dataset
-from .errors import DataFormatError
-from .jsonl import JsonlDataset
-from .utils import shuffle_dataset
+from cpm_live.data.distributed_dataset import _DEFAULT_BLOCK_SIZE, build_dataset
+from cpm_live.data.jsonl import JsonlDataset
+from cpm_live.data.shuffle import shuffle_dataset
+from cpm_live.errors import DataFormatError
 
 
 def convert_file(jsonl_path: str, output_dir: str, output_name: str, seed: int, block_size: int) -> int:

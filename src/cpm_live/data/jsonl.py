@@ -8,9 +8,8 @@ from typing import Any
 
 import jsonlines
 
+from cpm_live.errors import DataFormatError
 from cpm_live.utils import JSON_TOO_DEEP
-
-from .errors import DataFormatError
 
 
 class JsonlDataset:

@@ -10,8 +10,8 @@ import tempfile
 
 from tqdm import tqdm
 
-from .distributed_dataset import _DEFAULT_BLOCK_SIZE, SimpleDataset, build_dataset
-from .serializer import RawSerializer
+from cpm_live.data.distributed_dataset import _DEFAULT_BLOCK_SIZE, SimpleDataset, build_dataset
+from cpm_live.data.serializer import RawSerializer
 
 _DEFAULT_SHUFFLE_BUCKET_SIZE = 1 << 30
 _LENGTH = struct.Struct("<I")

@@ -35,6 +35,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cpm_live.checkpoint.safe_load import RefusedPickle, safe_torch_load
+from cpm_live.errors import CheckpointError, TrainingError
 from cpm_live.utils import atomic_path, atomic_write_text
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -44,11 +46,7 @@ LATEST_FILE = "latest"
 LOCK_FILE = ".lock"
 _STEP_DIR = re.compile(r"step-(\d+)")
 _LEFTOVER = re.compile(r"step-\d+\.(partial|replaced)")
-
-
-class TrainingError(RuntimeError):
-    """A run cannot go on (save dir in use, history at risk, non-finite values, unusable data); the
-    message names the file or step and what to do."""
+_ELSEWHERE = "resume from another checkpoint (--resume <save>/checkpoints/step-*)"
 
 
 def checkpoint_root(save_dir: str) -> str:
@@ -304,7 +302,7 @@ def load_checkpoint(path: str, rank: int) -> dict[str, Any]:
 
 
 def _load_pt(path: str) -> Any:
-    return torch.load(path, weights_only=True)
+    return safe_torch_load(path)
 
 
 def _read(load: Callable[[str], Any], path: str) -> Any:
@@ -312,12 +310,14 @@ def _read(load: Callable[[str], Any], path: str) -> Any:
     one line naming the file."""
     try:
         return load(path)
-    except Exception as e:  # torch.load/safetensors report damage as many exception types
+    except RefusedPickle as e:
+        raise TrainingError(f"cannot read checkpoint file {path}: it holds objects other than tensors and plain "
+                            f"data ({e.refused}), which are never unpickled; {_ELSEWHERE}") from None
+    except CheckpointError as e:
+        raise TrainingError(f"{e}; {_ELSEWHERE}") from None
+    except Exception as e:  # safetensors reports damage as several exception types
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        if "Weights only load failed" in str(e):
-            reason = "it holds objects other than tensors and plain data, which are never unpickled"
-        raise TrainingError(f"cannot read checkpoint file {path}: {reason}; resume from another "
-                            f"checkpoint (--resume <save>/checkpoints/step-*)") from None
+        raise TrainingError(f"cannot read checkpoint file {path}: {reason}; {_ELSEWHERE}") from None
 
 
 def save_weights_pt(state_dict: dict[str, torch.Tensor], path: str) -> None:

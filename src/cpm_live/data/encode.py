@@ -14,7 +14,8 @@ from typing import Any, TypedDict
 import numpy as np
 from numpy.typing import NDArray
 
-from ...tokenizers import CPMBeeTokenizer
+from cpm_live.errors import SampleTooLong
+from cpm_live.tokenizers import CPMBeeTokenizer
 
 CPMBeeInputType = str | dict[str, "CPMBeeInputType"]
 
@@ -25,15 +26,6 @@ class ExtTableStates(TypedDict):
 
     ext_table: dict[int, str]
     token_id_table: dict[str, dict[int, int]]
-
-
-class SampleTooLong(ValueError):
-    """A sample has more tokens than the caller's ``max_length`` (``length`` is a lower bound:
-    conversion stops as soon as the limit is passed, before the large arrays are built)."""
-
-    def __init__(self, length: int, max_length: int):
-        super().__init__(f"the sample has at least {length} tokens, more than the limit of {max_length}")
-        self.length, self.max_length = length, max_length
 
 
 @dataclass

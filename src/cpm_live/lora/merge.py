@@ -12,9 +12,7 @@ import math
 
 import torch
 
-
-class MergeError(ValueError):
-    """Merging an adapter gave non-finite weights (the adapter is broken)."""
+from cpm_live.errors import MergeError
 
 
 def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:

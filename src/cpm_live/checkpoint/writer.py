@@ -1,4 +1,7 @@
-"""Write a ``.safetensors`` file one tensor at a time, so peak memory is one tensor, not the model.
+"""Write ``.safetensors`` files one tensor at a time, so peak memory is one tensor, not the model.
+
+:class:`SafetensorsWriter` streams planned tensors into a file (the quantizer and export use it);
+:func:`save_state_dict` writes a whole state dict through it, atomically.
 
 The file format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
 ``data_offsets``; plus string ``__metadata__``), then the raw bytes, without holes. The header must
@@ -26,6 +29,9 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 import torch
+
+from cpm_live.errors import CheckpointError
+from cpm_live.utils import atomic_path, non_plain_tensors
 
 MAX_TAIL_BYTES = 4096
 
@@ -168,3 +174,25 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self.file.close()
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                    metadata: Mapping[str, str] | None = None) -> None:
+    """Write ``state_dict`` as safetensors, atomically (temp file, then rename), one tensor at a time.
+
+    Values must be plain tensors: gather a sharded model's with ``Engine.state_dict`` first.
+    """
+    sharded = non_plain_tensors(state_dict)
+    if sharded:
+        raise CheckpointError(f"{sharded[:3]} are {type(state_dict[sharded[0]]).__name__}s, not plain tensors: "
+                              "gather a sharded model's weights with Engine.state_dict first")
+    with atomic_path(path) as tmp:
+        writer = SafetensorsWriter(tmp, {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()},
+                                   metadata=metadata)
+        try:
+            for key, value in state_dict.items():
+                writer.write(key, value)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()

@@ -23,10 +23,10 @@ from peft.tuners.lora import LoraConfig, LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from cpm_live.delta.merge import lora_delta, merge_in_fp32
 from cpm_live.layers.linear import Linear
 from cpm_live.layers.linear4bit import Linear4bit
 from cpm_live.layers.linear8bit import Linear8bit
+from cpm_live.lora.merge import lora_delta, merge_in_fp32
 
 
 class LoraLinear(nn.Module, LoraLayer):
@@ -70,7 +70,7 @@ class LoraLinear(nn.Module, LoraLayer):
         """Fold the active (or the named) adapters into the base weight.
 
         The sum is computed in fp32 on a copy and rounded once into the weight; with ``safe_merge``
-        a non-finite result raises :class:`~cpm_live.delta.merge.MergeError` (naming the adapter) before
+        a non-finite result raises :class:`~cpm_live.errors.MergeError` (naming the adapter) before
         the weight is touched.
         """
         weight = self.get_base_layer().weight
@@ -119,7 +119,7 @@ class LoraQuantized(LoraLinear):
     Merging in place would re-quantize ``W + delta``, rounding away much of the adapter
     and changing the base for every later step, so it is refused. Export instead: take
     :func:`merged_dense_weight` (dequantized base plus adapter, fp32) or
-    :func:`cpm_live.delta.merge_lora_into_state_dict` on a dense checkpoint.
+    :func:`cpm_live.checkpoint.adapters.merge_lora_into_state_dict` on a dense checkpoint.
     """
 
     def dense_base_weight(self) -> torch.Tensor:
@@ -130,8 +130,8 @@ class LoraQuantized(LoraLinear):
         raise RuntimeError(
             f"cannot merge LoRA into a quantized {type(self.get_base_layer()).__name__} in place (re-quantizing "
             "would round the adapter away); export a merged dense weight instead with "
-            "cpm_live.delta.merged_dense_weight(layer) or "
-            "cpm_live.delta.merge_lora_into_state_dict on the dense checkpoint"
+            "cpm_live.lora.merged_dense_weight(layer) or "
+            "cpm_live.checkpoint.adapters.merge_lora_into_state_dict on the dense checkpoint"
         )
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import bitsandbytes.functional as bnbF
 import torch
 
+from cpm_live.errors import PRCheckpointError, QuantFormatError
 from cpm_live.quant import format as qformat
 
 SAFE_GLOBALS = [bnbF.QuantState]
@@ -36,10 +37,6 @@ STATE_KEY, QUANT_KEY = "state_dict", "quant_state_dict"
 
 def is_pr_checkpoint(obj: Any) -> bool:
     return isinstance(obj, Mapping) and set(obj) == {STATE_KEY, QUANT_KEY}
-
-
-class PRCheckpointError(ValueError):
-    """A qlora-PR checkpoint's content is not what its quantize script writes."""
 
 
 def _fail(path: str, key: str, what: str) -> PRCheckpointError:
@@ -137,7 +134,7 @@ def convert(obj: Mapping[str, Any], path: str) -> tuple[dict[str, torch.Tensor],
         packed = qformat.pack(key, data, qs)
         try:
             qformat.validate(key, packed, settings, tuple(qs.shape), "the file is damaged")
-        except qformat.QuantFormatError as e:
+        except QuantFormatError as e:
             raise PRCheckpointError(f"{path}: {e}") from None
         entries.update(packed)
         originals[key] = (tuple(qs.shape), qs.dtype)

@@ -12,13 +12,10 @@ import json
 import pickle
 from typing import Any
 
+from cpm_live.errors import UnsafePickleError
 from cpm_live.utils import JSON_TOO_DEEP
 
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickled record asks for more than plain data (code, classes, sets, bytes)."""
 
 
 class Serializer:

@@ -1,22 +1,14 @@
-"""Read CPM-Bee checkpoints safely and load them into a model.
+"""Read every checkpoint format this project loads, one tensor at a time, without running code.
 
-Formats: ``.pt``/``.bin`` (a ``torch.save``d dict of tensors, read with ``weights_only=True``,
-memory-mapped), safetensors (dense, or int4-compressed by :mod:`cpm_live.quant`; recognised by its
-content whatever the file is called), the pickled int4 checkpoints of CPM-Bee's qlora PR
-(:mod:`cpm_live.quant.pr_checkpoint`: bitsandbytes' ``QuantState`` is the one class allowed besides
-tensors) and Hugging Face model directories (:mod:`cpm_live.model_dir`: single or sharded files,
-``cpmbee.`` key prefix, tied ``lm_head.weight``). Nothing else is unpickled.
-:func:`open_checkpoint` gives a reader of any of them that reads one tensor at a time, so tools
-that stream (the quantizer, export) hold one tensor, not the model.
-
-Loading pairs model and checkpoint as follows (``load_model_weights``):
-
-    model   checkpoint   action
-    fp      fp           strict load
-    int4    int4         check quant settings against the config, strict load
-    int8    int8         strict load (bitsandbytes' Linear8bitLt layout: weight, SCB, weight_format)
-    int4/8  fp           quantize each projection on the fly (bit-identical to cpm-bee-quantize), load
-    other   int4/int8    error: set "int4"/"int8": true in the config, or export the checkpoint to fp16
+Formats: ``.pt``/``.bin`` (a ``torch.save``d dict of tensors, read through
+:func:`~cpm_live.checkpoint.safe_load.safe_torch_load`, memory-mapped), safetensors (dense, or int4-
+or int8-compressed by :mod:`cpm_live.convert`; recognised by its content whatever the file is
+called), the pickled int4 checkpoints of CPM-Bee's qlora PR (:mod:`~cpm_live.checkpoint.qlora_pr`:
+bitsandbytes' ``QuantState`` is the one class allowed besides tensors) and Hugging Face model
+directories (:mod:`~cpm_live.checkpoint.hf_dir`: single or sharded files, ``cpmbee.`` key prefix,
+tied ``lm_head.weight``). Nothing else is unpickled. :func:`open_checkpoint` gives a reader of any
+of them in CPM-Bee's key layout, so tools that stream (the quantizer, export) hold one tensor, not
+the model; :mod:`~cpm_live.checkpoint.load` puts the tensors into a model.
 """
 
 from __future__ import annotations
@@ -26,33 +18,21 @@ import json
 import math
 import mmap
 import os
-import pickle
-import re
 import struct
 import sys
 from collections.abc import Iterator, Mapping
-from itertools import chain
 
 import torch
-from torch import nn
 
-from cpm_live import model_dir
-from cpm_live.config import CPMBeeConfig
-from cpm_live.layers.linear4bit import Linear4bit
-from cpm_live.layers.linear_factory import quantized_layers
-from cpm_live.models.bee import CPMBee
+from cpm_live.checkpoint import hf_dir, qlora_pr
+from cpm_live.checkpoint.safe_load import RefusedPickle, is_zip_archive, safe_torch_load
+from cpm_live.checkpoint.writer import DTYPE_NAMES, nbytes
+from cpm_live.errors import CheckpointError, PRCheckpointError, QuantFormatError
 from cpm_live.quant import format as qformat
 from cpm_live.quant import int8 as qint8
-from cpm_live.quant import pr_checkpoint
-from cpm_live.quant.stream import DTYPE_NAMES, SafetensorsWriter, nbytes
-from cpm_live.utils import atomic_path, key_mismatch, non_plain_tensors
 
 _MAX_HEADER = 100_000_000  # safetensors' own limit
 _MADV_DONTNEED = 4
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the model; the message names the file and the fix."""
 
 
 class CheckpointReader:
@@ -122,33 +102,18 @@ class CheckpointReader:
             ) from None
 
     def _open_pt(self) -> None:
+        # Only torch.save's zip format can be memory-mapped; a legacy (pre-1.6) file is read whole.
+        self._mapped = is_zip_archive(self.path)
         try:
             # QuantState is allowed for the qlora PR's files; it is rebuilt from plain attributes.
-            with torch.serialization.safe_globals(pr_checkpoint.SAFE_GLOBALS):
-                try:
-                    state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-                    self._mapped = True
-                except RuntimeError as e:
-                    if "mmap" not in str(e):
-                        raise
-                    state = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy non-zip file
-        except pickle.UnpicklingError as e:
-            # torch names the refused class or function as "[Uu]nsupported global: GLOBAL x" or "GLOBAL x whose module".
-            found = re.search(r"[Uu]nsupported GLOBAL:? ?(?:GLOBAL )?(\S+)", str(e), re.IGNORECASE)
-            if found is None:
-                raise CheckpointError(f"cannot read {self.path}: it is not a torch.save state dict; the file is "
-                                      f"truncated or corrupt: re-download or re-create it") from None
-            raise CheckpointError(
-                f"{self.path} holds objects other than tensors ({found.group(1).strip()}), which are refused "
-                f"without running any of them: only tensors and bitsandbytes' QuantState (qlora-PR files) are "
-                f"read. Save a plain dict of tensors, or re-create the file from the fp16 checkpoint"
-            ) from None
-        except Exception as e:  # torch.load reports damage as RuntimeError, EOFError, KeyError, ...
-            raise CheckpointError(
-                f"cannot read {self.path} ({type(e).__name__}: {e}); the file is truncated or corrupt: "
-                f"re-download or re-create it"
-            ) from None
-        if pr_checkpoint.is_pr_checkpoint(state):
+            state = safe_torch_load(self.path, mmap=self._mapped, allowed=qlora_pr.SAFE_GLOBALS)
+        except RefusedPickle as e:
+            raise CheckpointError(f"{e}: only tensors and bitsandbytes' QuantState (qlora-PR files) are read. "
+                                  f"Save a plain dict of tensors, or re-create the file from the fp16 "
+                                  f"checkpoint") from None
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}: re-download or re-create it") from None
+        if qlora_pr.is_pr_checkpoint(state):
             self._open_pr(state)
             return
         if not isinstance(state, Mapping):
@@ -163,8 +128,8 @@ class CheckpointReader:
     def _open_pr(self, state: Mapping) -> None:
         """The qlora PR's pickled int4 checkpoint, presented in this project's compressed layout."""
         try:
-            tensors, settings, originals = pr_checkpoint.convert(state, self.path)
-        except (pr_checkpoint.PRCheckpointError, qformat.QuantFormatError) as e:
+            tensors, settings, originals = qlora_pr.convert(state, self.path)
+        except (PRCheckpointError, QuantFormatError) as e:
             raise CheckpointError(str(e)) from None
         self.origin = "qlora-pr"
         self.metadata = qformat.checkpoint_metadata(settings, "float32", self.path, originals)
@@ -245,7 +210,7 @@ class CheckpointReader:
         """The settings of an int4-compressed checkpoint (from its metadata), else None."""
         try:
             return qformat.settings_from_metadata(self.metadata, self.path)
-        except qformat.QuantFormatError as e:
+        except QuantFormatError as e:
             raise CheckpointError(str(e)) from None
 
     def is_compressed(self) -> bool:
@@ -267,7 +232,7 @@ class CheckpointReader:
         """Key -> dense shape in CPM-Bee's layout (a quantized weight counts as one key)."""
         try:
             shapes = qformat.logical_shapes({k: s for k, (s, _) in self._infos.items()}, self.read)
-        except qformat.QuantFormatError as e:
+        except QuantFormatError as e:
             raise CheckpointError(f"{self.path}: {e}") from None
         return qint8.logical_shapes(shapes)
 
@@ -286,7 +251,7 @@ class ModelDirReader(CheckpointReader):
         self._file = None
         self._mapped = False
         try:
-            files, index = (files, None) if files is not None else model_dir.weight_files(self.path)
+            files, index = (files, None) if files is not None else hf_dir.weight_files(self.path)
         except (FileNotFoundError, ValueError) as e:
             raise CheckpointError(str(e)) from None
         self._readers: list[CheckpointReader] = []
@@ -314,10 +279,10 @@ class ModelDirReader(CheckpointReader):
                                       f"hold the dense "
                                       f"weights (quantize the directory with cpm-bee-quantize instead)")
             for stored in reader.keys():
-                if stored == model_dir.LM_HEAD:
+                if stored == hf_dir.LM_HEAD:
                     lm_head = (reader, stored)
                     continue
-                key = model_dir.original_key(stored)
+                key = hf_dir.original_key(stored)
                 if key in self._source:
                     raise CheckpointError(f"{self.path}: {key} is stored twice ({stored} in {reader.path})")
                 self._source[key] = (reader, stored)
@@ -326,7 +291,7 @@ class ModelDirReader(CheckpointReader):
 
     def _check_index(self, index: str) -> None:
         try:
-            listed = {model_dir.original_key(k) for k in model_dir.read_index(index) if k != model_dir.LM_HEAD}
+            listed = {hf_dir.original_key(k) for k in hf_dir.read_index(index) if k != hf_dir.LM_HEAD}
         except ValueError as e:
             raise CheckpointError(str(e)) from None
         if listed != set(self._source):
@@ -335,12 +300,12 @@ class ModelDirReader(CheckpointReader):
                                   f"but not listed {extra[:3]}; re-download the directory")
 
     def _check_tied(self, reader: CheckpointReader, stored: str) -> None:
-        if model_dir.EMBEDDING not in self._source:
+        if hf_dir.EMBEDDING not in self._source:
             return  # the key check of the loader names the missing embedding
         head = reader.read(stored)
-        embedding = self.read(model_dir.EMBEDDING)
+        embedding = self.read(hf_dir.EMBEDDING)
         if head.shape != embedding.shape or not torch.equal(head, embedding):
-            model_dir.warn(f"{reader.path}: lm_head.weight differs from input_embedding.weight; CPM-Bee computes "
+            hf_dir.warn(f"{reader.path}: lm_head.weight differs from input_embedding.weight; CPM-Bee computes "
                            f"logits from the embedding (as CpmBeeForCausalLM does), so lm_head.weight is ignored")
         reader.release(head)
         self.release(embedding)
@@ -373,7 +338,7 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
     if os.path.isdir(path):
         return ModelDirReader(path)
     reader = CheckpointReader(path)
-    if reader.origin == "qlora-pr" or not model_dir.is_hf_key_layout(reader.keys()):
+    if reader.origin == "qlora-pr" or not hf_dir.is_hf_key_layout(reader.keys()):
         return reader
     reader.close()
     return ModelDirReader(path, files=[path])
@@ -422,159 +387,3 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata of a safetensors checkpoint (empty for ``.pt``)."""
     with CheckpointReader(path) as reader:
         return dict(reader.metadata)
-
-
-def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                    metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``state_dict`` as safetensors, atomically (temp file, then rename), one tensor at a time.
-
-    Values must be plain tensors: gather a sharded model's with ``Engine.state_dict`` first.
-    """
-    sharded = non_plain_tensors(state_dict)
-    if sharded:
-        raise CheckpointError(f"{sharded[:3]} are {type(state_dict[sharded[0]]).__name__}s, not plain tensors: "
-                              "gather a sharded model's weights with Engine.state_dict first")
-    with atomic_path(path) as tmp:
-        writer = SafetensorsWriter(tmp, {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()},
-                                   metadata=metadata)
-        try:
-            for key, value in state_dict.items():
-                writer.write(key, value)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
-
-
-def check_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], path: str,
-               where: str) -> None:
-    """Raise :class:`CheckpointError` naming missing, unexpected and mis-shaped keys (dense shapes), in one line."""
-    mismatch = key_mismatch(found, expected, found_shapes=found, expected_shapes=expected)
-    if not mismatch:
-        return
-    raise CheckpointError(f"{path} does not match the model built from {where}: {'; '.join(mismatch)}. Fix: "
-                          f"use the model config this checkpoint was made with (vocab_size, dim_model, num_heads, "
-                          f"dim_head, dim_ff, num_layers, mask_modules in {where}), or a checkpoint that fits it")
-
-
-def _check_dtype(key: str, stored: torch.dtype, wanted: torch.dtype | None, path: str) -> None:
-    """Only float-to-float casts are conversions; anything else (a packed uint8 weight stored as
-    F8_E4M3 or BOOL, a float where bytes belong) would silently turn the bits into other values."""
-    if wanted is None or stored == wanted or (stored.is_floating_point and wanted.is_floating_point):
-        return
-    raise CheckpointError(f"{path}: {key} is stored as {stored} but the model needs {wanted}; the file is "
-                          f"corrupt or was altered: re-create it (cpm-bee-quantize for 4-bit weights)")
-
-
-def check_checkpoint(reader: CheckpointReader, model: nn.Module, config: CPMBeeConfig) -> None:
-    """Refuse ``reader``'s checkpoint for ``model`` (built from ``config``, on the meta device is fine)
-    before any weight data is read: the quantization kind and int4 settings against the config, the keys
-    and dense shapes, every stored tensor's dtype, and each 4-bit or int8 weight's stored layout and
-    quant state, checked by its layer (``validate_entries``). Only tensors of at most
-    ``_PEEK_BYTES`` (quant-state JSON, code tables, ``weight_format``) are read; larger ones are
-    checked by shape and dtype. ``load_model_weights`` and ``cpm-bee-export`` both start with it.
-    """
-    path, where = reader.path, config.source or "the model config"
-    kind = reader.quant_kind
-    wanted_kind = config.quantization.kind if config.quantization is not None else None
-    if kind is not None and kind != wanted_kind:
-        now = f'"{wanted_kind}": true' if wanted_kind else "no quantization"
-        raise CheckpointError(
-            f'this checkpoint is {kind}-compressed: set "{kind}": true in {where} (it has {now}; or pass '
-            f"--{kind}) to use it, or export it first: cpm-bee-export --model-config {where} "
-            f"--load {path} --{kind} --output model.pt --dtype fp16"
-        )
-    settings = reader.quant_settings
-    wanted = qformat.QuantSettings(**config.quant_settings)
-    if settings is not None and settings != wanted:
-        raise CheckpointError(
-            f"{path} was quantized with {settings.describe()} but {where} asks for {wanted.describe()}: "
-            f'set "int4_quant_type": "{settings.quant_type}", "int4_blocksize": {settings.blocksize}, '
-            f'"int4_double_quant": {str(settings.double_quant).lower()} in {where}, or re-quantize the '
-            f"fp16 checkpoint with those settings"
-        )
-    current = model.state_dict(keep_vars=True)
-    check_keys(reader.logical_shapes(), qint8.logical_shapes(qformat.logical_shapes(
-        {k: tuple(v.shape) for k, v in current.items()}, current.__getitem__)), path, where)
-    layers = quantized_layers(model)
-    for key in reader.keys():
-        # A dense checkpoint's weight for a quantized layer is quantized on load: it must be dense.
-        dense_for = layers.get(key) if kind is None else None
-        want = dense_for.dtype if dense_for is not None else current[key].dtype if key in current else None
-        _check_dtype(key, reader.info(key)[1], want, path)
-    if kind is None:
-        return
-    for key, layer in layers.items():
-        prefix = key[:-len("weight")]
-        entries = {k: _peek(reader, k) for k in reader.keys() if k.startswith(prefix)}
-        try:
-            layer.validate_entries(key, entries)
-        except qformat.QuantFormatError as e:
-            raise CheckpointError(f"{path}: {e} (model config: {where})") from None
-
-
-_PEEK_BYTES = 4096
-
-
-def _peek(reader: CheckpointReader, key: str) -> torch.Tensor:
-    """``key``'s tensor when it is small, else an empty meta tensor of its shape and dtype."""
-    if reader.nbytes(key) <= _PEEK_BYTES:
-        return reader.read(key)
-    return torch.empty(reader.info(key)[0], dtype=reader.info(key)[1], device="meta")
-
-
-def check_finite(path: str, key: str, tensor: torch.Tensor) -> None:
-    """Refuse a floating-point tensor holding NaN or inf: a converted copy would keep them."""
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise CheckpointError(f"{path}: {key} holds NaN or inf values; the checkpoint is damaged: fix it or "
-                              f"re-create it from a good copy")
-
-
-def build_model(config: CPMBeeConfig, path: str | os.PathLike, device: torch.device | str = "cpu") -> CPMBee:
-    """``CPMBee(config)`` with the weights of ``path``: built on the meta device, then filled by
-    :func:`load_model_weights`, so no memory goes to (and no 4-bit quantization to) a random init."""
-    with torch.device("meta"):
-        model = CPMBee(config)
-    load_model_weights(model, config, path, device=device)
-    return model
-
-
-def load_model_weights(model: nn.Module, config: CPMBeeConfig, path: str | os.PathLike,
-                       device: torch.device | str = "cpu") -> None:
-    """Load a checkpoint into ``model`` (built from ``config``), strictly; see the module docstring.
-
-    A model built on the meta device (``with torch.device("meta"): CPMBee(config)``: no memory, and
-    no random weights quantized at construction) gets the loaded tensors assigned on ``device``.
-    Call before wrapping the model in an engine: parameters must still be plain tensors.
-    """
-    path = os.fspath(path)
-    where = config.source or "the model config"
-    with open_checkpoint(path) as reader:
-        check_checkpoint(reader, model, config)
-        kind = reader.quant_kind
-        current = model.state_dict(keep_vars=True)
-        on_meta = any(t.is_meta for t in current.values())
-        layers = quantized_layers(model)
-        quantize_now = {} if kind else layers
-        state_dict = {}
-        for key, tensor in reader.iter_tensors():
-            layer = quantize_now.get(key)
-            if layer is None:
-                entries = {key: tensor}
-            else:
-                quant_device = device if on_meta else layer.weight.device
-                # Never round the stored weight before quantizing (an fp16 file into a bf16 model: fp32).
-                dense = tensor.to(device=quant_device, dtype=torch.promote_types(tensor.dtype, config.dtype))
-                entries = (qformat.quantize_entries(key, dense, layer.settings) if isinstance(layer, Linear4bit)
-                           else qint8.quantize_entries(key, dense))
-            if on_meta:  # assigned, not copied: own the memory, in the model's dtype
-                entries = {k: v.to(device=device, dtype=current[k].dtype, copy=True) for k, v in entries.items()}
-            state_dict.update(entries)
-        try:
-            model.load_state_dict(state_dict, strict=True, assign=on_meta)
-        except qformat.QuantFormatError as e:
-            raise CheckpointError(f"{path}: {e} (model config: {where})") from None
-    left = [k for k, v in chain(model.named_parameters(), model.named_buffers()) if v.is_meta]
-    if left:
-        raise CheckpointError(f"{left[:5]} are still on the meta device after loading {path}: they are not "
-                              f"in the state dict; build the model on a real device instead")
