@@ -49,9 +49,9 @@ def test_unknown_engine_name_is_rejected_with_the_choices():
 
 def test_bmtrain_without_cuda_points_to_the_torch_engine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(EngineError, match="needs a CUDA GPU.*--engine torch"):
+    with pytest.raises(EngineError, match="needs a CUDA GPU.*`engine` torch"):
         get_engine("bmtrain")
-    with pytest.raises(EngineError, match="CUDA only.*--device cpu"):
+    with pytest.raises(EngineError, match="CUDA only.*`device` cpu"):
         get_engine("bmtrain", device="cpu")
 
 
@@ -59,7 +59,7 @@ def test_bmtrain_not_installed_says_what_to_install(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "bmtrain", None)  # makes `import bmtrain` raise ImportError
     monkeypatch.delitem(sys.modules, "cpm_live.engine.bmtrain_engine", raising=False)
-    with pytest.raises(EngineError, match=r"pip install 'cpm_live\[gpu\]'.*--engine torch"):
+    with pytest.raises(EngineError, match=r"pip install 'cpm_live\[gpu\]'.*`engine` torch"):
         get_engine("bmtrain")
 
 
@@ -97,9 +97,9 @@ def test_single_process_engine_has_no_process_group():
 
 
 def test_loss_scaler_rejects_bad_settings():
-    with pytest.raises(ValueError, match="--loss-scale-factor must be > 1"):
+    with pytest.raises(ValueError, match="`loss_scale_factor` must be > 1"):
         DynamicLossScaler(1024, factor=1.0)
-    with pytest.raises(ValueError, match="--loss-scale-steps"):
+    with pytest.raises(ValueError, match="`loss_scale_steps`"):
         DynamicLossScaler(1024, window=0)
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cpm_live.tokenizers import CPMBeeTokenizer, build_tiny_vocab, find_vocab, load_vocab
+from cpm_live.checkpoint.base_model import find_vocab
+from cpm_live.tokenizers import CPMBeeTokenizer, build_tiny_vocab, load_vocab
 from cpm_live.tokenizers.bee import SPECIAL_TOKENS_IN_ORDER
 
 REAL_VOCAB = Path(__file__).resolve().parents[2] / "shared/cpm-bee/vocab/bee.txt"

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cpm_live.models import CPMBeeConfig
 from cpm_live.training.cli import main as finetune
+from cpm_live.training.cli import qlora_main
 from cpm_live.training.metrics import read_metrics
 from cpm_live.training.schedulers import LRSchedule
 from tests.conftest import REPO, base_args
@@ -124,6 +126,19 @@ def test_int4_without_lora_is_refused(tiny, tmp_path):
         finetune(base_args(tiny, tmp_path, 5, "--model-config", str(tiny / "config-int4.json")))
 
 
+def test_qlora_script_trains_the_int8_base_its_config_asks_for(tiny, tmp_path):
+    """finetune_cpm_bee_qlora.py's int4 default applies only when neither a flag nor the config
+    chooses a quantization: a config with "int8": true gets an int8 base, without --int8."""
+    config = tmp_path / "config-int8.json"
+    CPMBeeConfig.from_json_file(tiny / "config.json", int8=True).to_json_file(config)
+    run = tmp_path / "run"
+    qlora_main(base_args(tiny, run, 2, "--model-config", str(config), "--load", str(tiny / "base.pt"),
+                         "--lora-r", "4"))
+    saved = CPMBeeConfig.from_json_file(run / "model_config.cpm_live.json")
+    assert saved.quantization.kind == "int8"
+    assert len(losses(run)) == 2
+
+
 def test_schedules_follow_bmtrain_formulas():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     noam = LRSchedule(opt, "noam", 1.0, warmup_iter=4, end_iter=100)
@@ -135,5 +150,5 @@ def test_schedules_follow_bmtrain_formulas():
     assert cosine.lr_at(50) == pytest.approx(0.5)
     assert LRSchedule(opt, "exponential", 1.0, 0, 10).lr_at(2) == pytest.approx(0.95 ** 2)
     assert LRSchedule(opt, "constant", 1.0, 0, 10).apply(7) == 1.0 and opt.param_groups[0]["lr"] == 1.0
-    with pytest.raises(ValueError, match="lr-decay-style"):
+    with pytest.raises(ValueError, match="`lr_decay_style`"):
         LRSchedule(opt, "step", 1.0, 0, 10)

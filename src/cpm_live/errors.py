@@ -1,17 +1,27 @@
 """Every error a user can cause, as one family: each ``main`` catches :class:`CPMLiveError` once.
 
 Each class also keeps the built-in base it always had (``ValueError`` for bad files and values,
-``RuntimeError`` for a run that cannot go on), so older ``except ValueError`` code still catches it.
-The message names the file, key or setting and the fix; anything else escaping a ``main`` is a bug.
+``RuntimeError`` for a run that cannot go on, ``FileNotFoundError`` for a missing path), so older
+``except ValueError`` code still catches it. The message names the file, key or setting and the fix;
+anything else escaping a ``main`` is a bug.
+
+Library code names a setting as ```name``` (the field or parameter, e.g. ```max_length```);
+:func:`for_cli` shows it as the command's flag (``--max-length``), so one message serves both.
 """
 
 from __future__ import annotations
 
+import argparse
 import pickle
+import re
 
 
 class CPMLiveError(Exception):
     """Base of every user-facing error of cpm_live."""
+
+
+class MissingFileError(CPMLiveError, FileNotFoundError):
+    """A file or directory the user named does not exist; the message names it."""
 
 
 class ConfigError(CPMLiveError, ValueError):
@@ -70,3 +80,13 @@ class TrainingError(CPMLiveError, RuntimeError):
 
 class PlotError(CPMLiveError, ValueError):
     """A metrics file cannot be plotted; the message names the file."""
+
+
+_SETTING = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def for_cli(error: BaseException, parser: argparse.ArgumentParser) -> str:
+    """``error``'s message on a command line: each setting it names as ```name``` becomes the flag
+    ``parser`` declares for it (``--max-length``); a setting without a flag keeps its plain name."""
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    return _SETTING.sub(lambda m: flags.get(m.group(1), m.group(1)), str(error))

@@ -16,8 +16,9 @@ fields keep CPM-Bee's names, but two defaults differ (``half`` is false and
 under the ``cpmbee.`` prefix of ``CpmBeeForCausalLM``, plus ``lm_head.weight``, which that class ties
 to ``cpmbee.input_embedding.weight`` and never uses for logits.
 
-This module names the layout (files, config fields, keys) and resolves a run's model config
-(:func:`load_config`); :func:`cpm_live.checkpoint.readers.open_checkpoint` reads the tensors, one at a time.
+This module only names the layout (files, config fields, keys);
+:func:`cpm_live.checkpoint.readers.open_checkpoint` reads the tensors, one at a time, and
+:func:`cpm_live.checkpoint.base_model.load_config` resolves a command's model config.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import warnings
 from typing import Any
 
 from cpm_live.config import CPMBeeConfig
-from cpm_live.errors import ConfigError
+from cpm_live.errors import ConfigError, MissingFileError
 from cpm_live.utils import read_json_file
 
 CONFIG_FILE = "config.json"
@@ -72,10 +73,10 @@ def weight_files(directory: str) -> tuple[list[str], str | None]:
         files = list(dict.fromkeys(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
         if missing:
-            raise FileNotFoundError(f"{path} names shard(s) {missing[:3]} that are not in {directory}: "
+            raise MissingFileError(f"{path} names shard(s) {missing[:3]} that are not in {directory}: "
                                     f"download every shard listed in the index")
         return [os.path.join(directory, f) for f in files], path
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{directory} holds no model weights: expected one of {', '.join(n for n, _ in WEIGHT_FILES)}"
     )
 
@@ -136,44 +137,6 @@ def read_config(path: str, **overrides: Any) -> CPMBeeConfig:
     values = config_values(path)
     values.update(overrides)
     return CPMBeeConfig.from_dict(values, source=path)
-
-
-def dir_file(load: str | os.PathLike | None, name: str) -> str | None:
-    """``load/name`` when ``load`` is a directory holding that file, else None."""
-    if load is None or not os.path.isdir(load):
-        return None
-    path = os.path.join(os.fspath(load), name)
-    return path if os.path.isfile(path) else None
-
-
-def load_config(model_config: str | os.PathLike | None, load: str | os.PathLike | None,
-                int4: bool = False, int8: bool = False, **overrides: Any) -> CPMBeeConfig:
-    """The model config of a run: ``--model-config`` if given, else ``config.json`` of the ``--load`` directory.
-
-    ``int4=True`` / ``int8=True`` (the ``--int4`` / ``--int8`` flags) turn that base quantization on
-    and the other off; without them the file's own ``int4``/``int8`` stand (both flags: an error).
-    When both configs exist and describe different models, the explicit ``--model-config`` wins and a
-    :class:`CompatibilityWarning` names the fields that differ.
-    """
-    if int4 and int8:
-        raise ConfigError("--int4 and --int8 were both given: choose one base quantization")
-    if int4 or int8:
-        overrides.update(int4=bool(int4), int8=bool(int8))
-    beside = dir_file(load, CONFIG_FILE)
-    if model_config is None:
-        if beside is None:
-            where = f"--load {load} is not a model directory with {CONFIG_FILE}" if load else "no --load given"
-            raise ConfigError(f"--model-config is required: {where} (pass a CPM-Bee JSON config, e.g. "
-                              f"src/config/cpm-bee-10b.json, or --load a Hugging Face model directory)")
-        return read_config(beside, **overrides)
-    config = CPMBeeConfig.from_json_file(model_config, **overrides)
-    if beside is not None:
-        theirs = config_values(beside)
-        differ = [f for f in ARCHITECTURE_FIELDS if f in theirs and theirs[f] != getattr(config, f)]
-        if differ:
-            warn(f"--model-config {model_config} and {beside} differ in {', '.join(differ)}; "
-                 f"using --model-config {model_config}")
-    return config
 
 
 def hf_config(config: CPMBeeConfig) -> dict[str, Any]:

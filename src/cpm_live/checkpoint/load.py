@@ -65,7 +65,7 @@ def check_checkpoint(reader: CheckpointReader, model: nn.Module, config: CPMBeeC
         now = f'"{wanted_kind}": true' if wanted_kind else "no quantization"
         raise CheckpointError(
             f'this checkpoint is {kind}-compressed: set "{kind}": true in {where} (it has {now}; or pass '
-            f"--{kind}) to use it, or export it first: cpm-bee-export --model-config {where} "
+            f"`{kind}`) to use it, or export it first: cpm-bee-export --model-config {where} "
             f"--load {path} --{kind} --output model.pt --dtype fp16"
         )
     settings = reader.quant_settings

@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cpm_live.checkpoint.safe_load import RefusedPickle, safe_torch_load
-from cpm_live.errors import CheckpointError, TrainingError
+from cpm_live.errors import CheckpointError, MissingFileError, TrainingError
 from cpm_live.utils import atomic_path, atomic_write_text
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -46,7 +46,7 @@ LATEST_FILE = "latest"
 LOCK_FILE = ".lock"
 _STEP_DIR = re.compile(r"step-(\d+)")
 _LEFTOVER = re.compile(r"step-\d+\.(partial|replaced)")
-_ELSEWHERE = "resume from another checkpoint (--resume <save>/checkpoints/step-*)"
+_ELSEWHERE = "resume from another checkpoint (`resume` <save>/checkpoints/step-*)"
 
 
 def checkpoint_root(save_dir: str) -> str:
@@ -127,7 +127,7 @@ def writing(path: str, remove: str | None = None) -> Iterator[None]:
             where = os.path.dirname(where)
         free = shutil.disk_usage(where).free / 2**20
         raise TrainingError(f"cannot write {path} ({reason}): is the disk full? {free:.0f} MiB free there; free "
-                            f"space or --save elsewhere, then --resume auto (earlier checkpoints are intact)") from None
+                            f"space or `save` elsewhere, then `resume` auto (earlier checkpoints are intact)") from None
 
 
 def remove_leftovers(root: str) -> None:
@@ -173,8 +173,8 @@ def find_checkpoint(resume: str, save_dir: str | None, warn: Callable[[str], Non
     """
     if resume != "auto":
         if not os.path.isfile(os.path.join(resume, TRAINER_FILE)):
-            raise FileNotFoundError(
-                f"--resume {resume}: not a training checkpoint (no {TRAINER_FILE}); pass a "
+            raise MissingFileError(
+                f"`resume` {resume}: not a training checkpoint (no {TRAINER_FILE}); pass a "
                 f"<save>/checkpoints/step-* directory or 'auto'"
             )
         return resume
@@ -203,14 +203,14 @@ def check_history(resume_path: str | None, save_dir: str | None) -> None:
     newest_step, newest = found[-1]
     if resume_path is None:
         raise TrainingError(
-            f"--save {save_dir} already holds checkpoints of an earlier run (newest {newest}); pass "
-            f"--resume auto to continue it, or choose another --save directory"
+            f"`save` {save_dir} already holds checkpoints of an earlier run (newest {newest}); pass "
+            f"`resume` auto to continue it, or choose another `save` directory"
         )
     resumed = _read(_load_pt, os.path.join(resume_path, TRAINER_FILE))["step"]
     if resumed < newest_step:
         raise TrainingError(
-            f"--resume {resume_path} is step {resumed} but --save {save_dir} already holds the later "
-            f"{newest}; continuing would mix two histories: pass --resume auto, or save into another --save"
+            f"`resume` {resume_path} is step {resumed} but `save` {save_dir} already holds the later "
+            f"{newest}; continuing would mix two histories: pass `resume` auto, or save into another `save`"
         )
 
 
@@ -245,7 +245,7 @@ def compare_run(saved: dict[str, Any] | None, current: dict[str, Any], path: str
     if changed:
         detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items())
         raise TrainingError(f"cannot resume {path} with other settings ({detail}); use the checkpoint's "
-                            f"settings and data, or start a new run in another --save directory")
+                            f"settings and data, or start a new run in another `save` directory")
     if saved.get("batch") != current["batch"]:
         old, new = saved.get("batch") or {}, current["batch"]
         warn(f"warning: resuming {path} with another batch geometry (checkpoint {old}, now {new}): global "
@@ -274,8 +274,8 @@ class SaveDirLock:
             holder = os.read(fd, 200).decode("utf-8", errors="replace").strip() or "unknown process"
             os.close(fd)
             raise TrainingError(
-                f"--save {save_dir} is in use by another run ({holder}, lock {self.path}); wait for it, stop "
-                f"that process, or choose another --save directory"
+                f"`save` {save_dir} is in use by another run ({holder}, lock {self.path}); wait for it, stop "
+                f"that process, or choose another `save` directory"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.ctime()}\n".encode())

@@ -42,10 +42,11 @@ from cpm_live.checkpoint import (
     hf_dir,
     open_checkpoint,
 )
+from cpm_live.checkpoint.base_model import ModelArgs, add_model_args, find_vocab
 from cpm_live.checkpoint.writer import SafetensorsWriter
 from cpm_live.convert.compress import check_output_path, quantize_state_dict
 from cpm_live.data.tensors import CPMBeeInputs
-from cpm_live.errors import ConfigError
+from cpm_live.errors import CPMLiveError, for_cli
 from cpm_live.lora.merge import MergeError, merge_in_fp32
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.quant import format as qformat
@@ -139,12 +140,12 @@ def export_checkpoint(config: CPMBeeConfig, load_path: str | os.PathLike, output
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if fmt == "hf":
         if dtype in QUANT_DTYPES:
-            raise CheckpointError("--format hf writes the dense weights Hugging Face's CpmBee model reads: use "
-                                  "--dtype fp16, bf16 or fp32")
+            raise CheckpointError("`fmt` hf writes the dense weights Hugging Face's CpmBee model reads: use "
+                                  "`dtype` fp16, bf16 or fp32")
         if vocab is None:
-            raise CheckpointError("--format hf needs the vocab for the directory's vocab.txt: pass --vocab")
+            raise CheckpointError("`fmt` hf needs the vocab for the directory's vocab.txt: pass `vocab`")
         if os.path.exists(output_path) and not force:
-            raise CheckpointError(f"{output_path} already exists; pass --force to replace it")
+            raise CheckpointError(f"{output_path} already exists; pass `force` to replace it")
     else:
         suffixes = (".safetensors",) if dtype in QUANT_DTYPES else (".pt", ".safetensors")
         check_output_path(load_path, output_path, force, suffixes)
@@ -336,43 +337,38 @@ def logits_drift(dense_config: CPMBeeConfig, dense_path: str, quant_path: str, l
     return float((logits[1] - logits[0]).norm() / logits[0].norm())
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpm-bee-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-config", default=None,
-                        help="CPM-Bee JSON config of the checkpoint (default: config.json of a --load directory)")
-    parser.add_argument("--int4", action="store_true", help="the --load checkpoint is int4 (sets the config's int4)")
-    parser.add_argument("--int8", action="store_true", help="the --load checkpoint is int8 (sets the config's int8)")
-    parser.add_argument("--load", required=True,
-                        help="checkpoint (.pt/.bin/.safetensors, dense, int4 or int8, qlora-PR .pt) or model directory")
-    parser.add_argument("--delta", default=None, help="LoRA adapter (peft dir or CPM-Bee *-delta-best.pt) to merge")
+    add_model_args(parser, load_required=True, adapter=True)
     parser.add_argument("--output", required=True,
                         help="file to write (.pt or .safetensors picks the format), or the directory of --format hf")
     parser.add_argument("--dtype", choices=(*DENSE_DTYPES, *QUANT_DTYPES), default="fp16",
                         help="default fp16; int4/int8 re-quantize (with --delta: after the fp32 merge)")
     parser.add_argument("--format", dest="fmt", choices=FORMATS, default="original",
                         help="original: one file in CPM-Bee's key layout (default); hf: a Hugging Face model directory")
-    parser.add_argument("--vocab", default=None, help="--format hf: vocab.txt to copy (default: beside --load)")
     parser.add_argument("--max-shard-mb", type=int, default=DEFAULT_SHARD_BYTES // 10**6,
                         help="--format hf: largest safetensors shard in MB (default 5000)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
-    args = parser.parse_args(argv)
-    from cpm_live.checkpoint.hf_dir import load_config
-    from cpm_live.errors import AdapterError
-    from cpm_live.tokenizers import find_vocab
+    return parser
 
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        config = load_config(args.model_config, args.load, int4=args.int4, int8=args.int8)
+        model_args = ModelArgs.from_args(args)
+        config = model_args.resolve_config()
         options = {}
         if args.fmt == "hf":
-            options = {"fmt": "hf", "vocab": find_vocab(args.vocab, args.load),
+            options = {"fmt": "hf", "vocab": find_vocab(model_args.vocab, model_args.load),
                        "max_shard_bytes": args.max_shard_mb * 10**6}
         if args.delta is not None:
             summary = merge_adapter(config, args.load, args.delta, args.output, args.dtype, force=args.force,
                                     **options)
         else:
             summary = export_checkpoint(config, args.load, args.output, args.dtype, force=args.force, **options)
-    except (ConfigError, CheckpointError, AdapterError, FileNotFoundError, qformat.QuantFormatError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except CPMLiveError as e:
+        raise SystemExit(f"error: {for_cli(e, parser)}") from None
     merged = f", adapter merged into {len(summary.merged)} weights" if summary.merged else ""
     print(f"wrote {summary.output_path} ({summary.dtype}, {summary.keys} tensors{merged})")
 

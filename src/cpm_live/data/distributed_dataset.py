@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from cpm_live.data.serializer import AutoSerializer, JsonSerializer, Serializer
-from cpm_live.errors import DataFormatError
+from cpm_live.errors import DataFormatError, MissingFileError
 from cpm_live.utils import atomic_path
 
 _DEFAULT_BLOCK_SIZE = 16 << 20
@@ -48,7 +48,7 @@ class FileInfo:
 
 def read_info_list(meta_path: str) -> list[FileInfo]:
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{meta_path} not found: not a CPM-Bee binary dataset directory")
+        raise MissingFileError(f"{meta_path} not found: not a CPM-Bee binary dataset directory")
     info: list[FileInfo] = []
     with open(meta_path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -152,7 +152,7 @@ class DatasetBuilder:
         info = read_info_list(meta_path) if os.path.exists(meta_path) else []
         if any(v.file_name == dbname for v in info):
             raise ValueError(f"Dataset name exists: {dbname} is already listed in {meta_path}; remove the output "
-                             f"folder {path} (or choose another --output_name) and run again")
+                             f"folder {path} (or choose another `output_name`) and run again")
         self._db_path = os.path.join(path, dbname)
         if os.path.exists(self._db_path):
             raise ValueError(f"File exists `{self._db_path}`")
@@ -326,7 +326,7 @@ class DistributedDataset:
             self.close()
             path = os.path.join(self._path, fname)
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"data file {path} listed in meta.bin is missing")
+                raise MissingFileError(f"data file {path} listed in meta.bin is missing")
             self._fp = open(path, "rb")
             self._curr_fname = fname
         self._fp.seek(offset)

@@ -8,7 +8,7 @@ from typing import Any
 
 import jsonlines
 
-from cpm_live.errors import DataFormatError
+from cpm_live.errors import DataFormatError, MissingFileError
 from cpm_live.utils import JSON_TOO_DEEP
 
 
@@ -22,7 +22,7 @@ class JsonlDataset:
     def __init__(self, path: str | os.PathLike) -> None:
         self._path = os.fspath(path)
         if not os.path.isfile(self._path):
-            raise FileNotFoundError(f"dataset file {self._path} does not exist")
+            raise MissingFileError(f"dataset file {self._path} does not exist")
         self._fp = open(self._path, "rb")
         self._lineno = 0
         self._exhausted = False

@@ -21,7 +21,7 @@ from cpm_live.data.distributed_dataset import SimpleDataset
 from cpm_live.data.encode import ExtTableStates, convert_data_to_id
 from cpm_live.data.jsonl import JsonlDataset
 from cpm_live.data.tensors import IGNORE_INDEX
-from cpm_live.errors import DataFormatError, SampleTooLong
+from cpm_live.errors import DataFormatError, MissingFileError, SampleTooLong
 from cpm_live.tokenizers import CPMBeeTokenizer
 
 _STATE_VERSION = 1
@@ -284,11 +284,11 @@ def open_record_source(path: str) -> JsonlDataset | SimpleDataset:
     """A binary dataset directory (with meta.bin) read in original order, or a .jsonl file."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "meta.bin")):
-            raise FileNotFoundError(f"{path} is a directory without meta.bin; expected a CPM-Bee binary dataset")
+            raise MissingFileError(f"{path} is a directory without meta.bin; expected a CPM-Bee binary dataset")
         return SimpleDataset(path, shuffle=False)
     if os.path.isfile(path):
         return JsonlDataset(path)
-    raise FileNotFoundError(f"dataset {path} does not exist (expected a .jsonl file or a binary dataset dir)")
+    raise MissingFileError(f"dataset {path} does not exist (expected a .jsonl file or a binary dataset dir)")
 
 
 class FinetuneDataset:

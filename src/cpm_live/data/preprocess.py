@@ -18,7 +18,7 @@ from tqdm import tqdm
 from cpm_live.data.distributed_dataset import _DEFAULT_BLOCK_SIZE, build_dataset
 from cpm_live.data.jsonl import JsonlDataset
 from cpm_live.data.shuffle import shuffle_dataset
-from cpm_live.errors import DataFormatError
+from cpm_live.errors import CPMLiveError, DataFormatError, for_cli
 
 
 def convert_file(jsonl_path: str, output_dir: str, output_name: str, seed: int, block_size: int) -> int:
@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--input {args.input} is not a folder")
     try:
         done = convert_folder(args.input, args.output_path, args.output_name, args.seed, args.block_size)
-    except DataFormatError as e:
-        raise SystemExit(f"error: {e}") from None
+    except CPMLiveError as e:
+        raise SystemExit(f"error: {for_cli(e, parser)}") from None
     for name, out_dir, count in done:
         print(f"{name}: {count} records -> {os.path.join(out_dir, args.output_name)}")
     return 0

@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
+from cpm_live.errors import ConfigError
 from cpm_live.layers.linear_factory import PROJECTION_TYPES, is_quantized
 from cpm_live.lora.layers import CUSTOM_MODULES, LoraLinear
 
@@ -34,15 +35,15 @@ class LoraSettings:
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
         self.targets = tuple(self.targets)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got r={self.r!r}")
+            raise ConfigError(f"LoRA rank r must be a positive integer, got r={self.r!r}")
         if not self.alpha > 0:
-            raise ValueError(f"LoRA alpha must be positive, got alpha={self.alpha!r}")
+            raise ConfigError(f"LoRA alpha must be positive, got alpha={self.alpha!r}")
         if float(self.alpha).is_integer():
             self.alpha = int(self.alpha)  # 16, not 16.0, in adapter_config.json (as peft writes it)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={self.dropout!r}")
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got dropout={self.dropout!r}")
         if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-            raise ValueError(f"LoRA targets must be non-empty module names, got targets={self.targets!r}")
+            raise ConfigError(f"LoRA targets must be non-empty module names, got targets={self.targets!r}")
 
     @property
     def scaling(self) -> float:
@@ -59,7 +60,7 @@ class LoraSettings:
     def from_peft_config(cls, config: LoraConfig) -> LoraSettings:
         targets = config.target_modules
         if isinstance(targets, str):
-            raise ValueError(
+            raise ConfigError(
                 f"adapter target_modules is the regex {targets!r}; only a list of module names is supported"
             )
         return cls(r=config.r, alpha=config.lora_alpha, dropout=config.lora_dropout,
@@ -82,14 +83,14 @@ def _check_targets(model: nn.Module, targets: Iterable[str]) -> None:
     for target in targets:
         hits = [name for name, _ in model.named_modules() if name and matches_target(name, target)]
         if not hits:
-            raise ValueError(
+            raise ConfigError(
                 f"LoRA target {target!r} matches no module of {type(model).__name__}; "
                 f"available projection names: {available}"
             )
         others = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
                   if name in hits and name not in projections]
         if others:
-            raise ValueError(
+            raise ConfigError(
                 f"LoRA target {target!r} matches modules that are not Linear/Linear4bit/Linear8bit projections: "
                 f"{others[:3]}; available projection names: {available}"
             )

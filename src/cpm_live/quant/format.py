@@ -28,7 +28,7 @@ import bitsandbytes.functional as bnbF
 import torch
 from bitsandbytes.utils import unpack_tensor_to_dict
 
-from cpm_live.errors import QuantFormatError
+from cpm_live.errors import ConfigError, QuantFormatError
 from cpm_live.quant.dequant import dequantize_4bit
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -48,11 +48,11 @@ class QuantSettings:
 
     def __post_init__(self) -> None:
         if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+            raise ConfigError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
         if self.blocksize not in BLOCKSIZES:
-            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
+            raise ConfigError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
         if not isinstance(self.double_quant, bool):
-            raise ValueError(f"double_quant must be a bool, got {self.double_quant!r}")
+            raise ConfigError(f"double_quant must be a bool, got {self.double_quant!r}")
 
     @property
     def blob_suffix(self) -> str:
