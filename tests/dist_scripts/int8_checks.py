@@ -1,4 +1,4 @@
-"""2-rank checks of an int8 base with LoRA under an engine (run by torchrun; see tests/test_int8_multiprocess.py
+"""2-rank checks of an int8 base with LoRA under an engine (run by torchrun; see tests/e2e/test_int8_multiprocess.py
 and tests/gpu/test_int8_gpu.py): sharded forward == unsharded, the int8 weights stay int8 and are split
 between ranks, and LoRA steps on N ranks with 1/N of the rows each == 1 process on all rows."""
 

@@ -3,7 +3,7 @@
 The packer (``training_tasks.bee``) and the prompt builder (``generation.prompt``) produce it;
 training, evaluation, generation and export consume it with ``model(**inputs.forward_kwargs())`` or
 ``model.inference(**inputs.inference_kwargs())``. ``CPMBee.forward`` keeps its original 12
-positional parameters for CPM-Bee users; ``tests/test_inputs.py`` checks that the field names here
+positional parameters for CPM-Bee users; ``tests/unit/data/test_tensors.py`` checks that the field names here
 are exactly those parameters, so the two cannot drift apart.
 """
 

@@ -120,7 +120,7 @@ def join_absmax(parts: list[torch.Tensor], shape: torch.Size, dtype: torch.dtype
                 settings: QuantSettings) -> bnbF.QuantState:
     """The ``QuantState`` of a whole weight from the absmax of its parts in order (their packed bytes
     just concatenate): ``quantize_4bit``'s double quantization over the whole absmax, bit for bit
-    (tests/test_quant_format.py holds :func:`quantize` equal to ``quantize_4bit``)."""
+    (tests/unit/quant/test_format.py holds :func:`quantize` equal to ``quantize_4bit``)."""
     absmax = torch.cat(parts) if len(parts) > 1 else parts[0]
     code = bnbF.get_4bit_type(settings.quant_type, device=absmax.device)
     if not settings.double_quant:
