@@ -1,4 +1,4 @@
-"""No run loses work, hangs or trains on garbage (issue 17): checkpoint history, crash leftovers,
+"""No run loses work, hangs or trains on garbage: checkpoint history, crash leftovers,
 the save-dir lock, non-finite values and data without answers, on the real training CLI."""
 
 import json

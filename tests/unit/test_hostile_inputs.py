@@ -1,4 +1,4 @@
-"""Hostile or damaged inputs (issue 17): every reader bounds what a file can make it allocate or
+"""Hostile or damaged inputs: every reader bounds what a file can make it allocate or
 loop over, and refuses with one line naming the file and the fix."""
 
 import json

@@ -277,7 +277,7 @@ class BatchPacker:
                              f"this run has {self._max_length}")
         self._rows = [_Row.from_state(row) for row in state["rows"]]
         self.num_skipped = int(state["num_skipped"])
-        self.num_read = int(state.get("num_read", self.num_skipped))  # not saved before issue 17
+        self.num_read = int(state.get("num_read", self.num_skipped))  # absent from states saved by older versions
 
 
 def open_record_source(path: str) -> JsonlDataset | SimpleDataset:

@@ -1,6 +1,6 @@
 """LoRA settings, injection through peft, freezing, the trainable-parameter report and CLI options.
 
-Order in a run (DESIGN.md): build model -> load base weights -> :func:`add_lora` (inject + freeze)
+Order in a run (docs/architecture.md, Training): build model -> load base weights -> :func:`add_lora` (inject + freeze)
 -> engine.wrap -> optimizer over the parameters that still require grad.
 """
 

@@ -1,6 +1,6 @@
 """LoRA layers for CPM-Bee's ``Linear``, ``Linear4bit`` and ``Linear8bit``, plugged into peft as custom modules.
 
-Math (CPM-Bee / OpenDelta "parallel" LoRA, spec §4.2 item 2)::
+Math (CPM-Bee / OpenDelta "parallel" LoRA)::
 
     y = base(x) + scaling * B(A(dropout(x)))        scaling = alpha / r
 

@@ -95,8 +95,8 @@ def quantized_bytes(shape: tuple[int, ...], settings: QuantSettings, blob_bytes:
 
 
 # Elements per part when one weight is quantized in parts: small enough that the kernel's fp32
-# temporaries stay in cache (a 42M-element weight quantizes 1.4x faster in parts of 1M than whole)
-# and that the parts of one weight keep every worker busy.
+# temporaries stay in cache (benchmarks/README.md has the timings of a whole 10B projection vs its
+# parts) and that the parts of one weight keep every worker busy.
 PART_ELEMENTS = 1 << 20
 
 

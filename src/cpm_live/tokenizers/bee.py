@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from cpm_live.errors import MissingFileError, VocabError
 from cpm_live.utils import atomic_path
 
-# Fixed ids 0..10 of the real vocab (spec §2); a vocab missing any of these cannot encode a sample.
+# Fixed ids 0..10 of the real vocab; a vocab missing any of these cannot encode a sample.
 SPECIAL_TOKENS_IN_ORDER = (
     "<pad>",
     "<unk>",
@@ -100,7 +100,7 @@ class CPMBeeTokenizer:
             k: v for k, v in self.encoder.items() if k.startswith("<") and k.endswith(">")
         }
         # Lengths of the non-special keys per first character, longest first: the greedy match only
-        # tries prefix lengths that some key has, instead of all 32 (same result, ~10x faster).
+        # tries prefix lengths that some key has, instead of all 32 (same result, far fewer lookups).
         lens: dict[str, set[int]] = {}
         for key in self.encoder:
             if key not in self._special_tokens:

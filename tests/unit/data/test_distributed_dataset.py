@@ -1,4 +1,4 @@
-"""Binary dataset format (spec §3.2/§3.3): layout, sharding, state, safe payloads, shuffle, preprocess."""
+"""Binary dataset format: layout, sharding, state, safe payloads, shuffle, preprocess."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""convert_data_to_id (spec §3.4, worked example §3.6) and the batch packer's targets (§3.5)."""
+"""convert_data_to_id against a worked example written out by hand, and the batch packer's targets."""
 
 import random
 
@@ -20,7 +20,7 @@ def tok(tmp_path_factory) -> CPMBeeTokenizer:
     return CPMBeeTokenizer(build_tiny_vocab(tmp_path_factory.mktemp("vocab") / "vocab.txt"))
 
 
-# The non-zero segment_rel entries (q, k) -> value of §3.6.
+# The non-zero segment_rel entries (q, k) -> value of the worked example.
 EXAMPLE_REL = {
     (1, 0): 9, (0, 1): 2, (2, 1): 9, (1, 2): 2, (2, 0): 17, (0, 2): 3, (3, 0): 9, (0, 3): 2, (3, 1): 10,
     (1, 3): 10, (3, 2): 11, (2, 3): 18, (4, 3): 9, (3, 4): 2, (4, 0): 17, (0, 4): 3, (4, 1): 18, (1, 4): 11,
