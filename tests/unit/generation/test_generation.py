@@ -568,3 +568,15 @@ def test_cli_refuses_a_prompt_longer_than_the_limit_before_loading(tmp_path, che
     with pytest.raises(SystemExit, match=rf"^error: {inp}:2: .*--max-prompt-length {bound}") as info:
         generation_main(cli_args(checkpoint, inp, tmp_path / "out.jsonl", *limit))
     assert "\n" not in str(info.value) and not (tmp_path / "out.jsonl").exists()
+
+
+def test_beam_candidates_break_ties_towards_the_lower_column_like_argmax():
+    from cpm_live.generation.beam_search import best_pairs
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (3, 50), generator=generator).float()  # many exact ties
+    values, columns = best_pairs(scores, 6)
+    for row, vals, cols in zip(scores, values, columns):
+        expected = sorted(range(row.numel()), key=lambda c: (-row[c].item(), c))[:6]
+        assert cols == expected and vals == [row[c].item() for c in expected]
+        assert cols[0] == row.argmax().item()
