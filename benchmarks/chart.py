@@ -24,7 +24,8 @@ def _grouped_bars(ax, groups: list[str], series: dict[str, list[float]], ylabel:
     ax.set_xticks(range(len(groups)), groups, fontsize=7)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    if series:
+        ax.legend(fontsize=7)
 
 
 def _finetune(ax_time, ax_mem, finetune: dict[str, Any]) -> None:
