@@ -105,7 +105,8 @@ def write_chart(results: dict[str, Any], path: str) -> None:
         _estimate(axes[5], results["estimate_10b"], results.get("measured_10b"))
     meta = results.get("meta", {})
     env = meta.get("env", {})
-    fig.suptitle(f"cpm_live benchmarks ({'quick' if meta.get('quick') else 'full'}, {env.get('device', '?')}, "
+    plan = "tiny" if meta.get("tiny") else "quick" if meta.get("quick") else "full"
+    fig.suptitle(f"cpm_live benchmarks ({plan}, {env.get('device', '?')}, "
                  f"torch {env.get('torch', '?')}, bitsandbytes {env.get('bitsandbytes', '?')}, "
                  f"{env.get('torch_threads', '?')} thread(s) of {env.get('cpu_count', '?')} cores)", fontsize=11)
     fig.tight_layout()
