@@ -27,7 +27,7 @@ OUTDIR=
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
-        -h|--help) sed -n 2,22p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,21p "$0"; exit 0 ;;
         -*) echo "error: unknown option $arg (see --help)" >&2; exit 2 ;;
         *) OUTDIR=$arg ;;
     esac
