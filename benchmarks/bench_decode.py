@@ -304,8 +304,8 @@ def compare_greedy(model, tokenizer, samples: list[dict[str, Any]], max_length: 
 def job_agree(spec: dict[str, Any]) -> dict[str, Any]:
     """:func:`compare_greedy` on a saved model (``cpm-bee-generate``'s loading) and a jsonl of samples."""
     from cpm_live.checkpoint import build_model
-    from cpm_live.dataset.jsonl import answered_records
-    from cpm_live.delta import load_adapter
+    from cpm_live.checkpoint.adapters import load_adapter
+    from cpm_live.data.jsonl import answered_records
     from cpm_live.model_dir import load_config
     from cpm_live.tokenizers import CPMBeeTokenizer, find_vocab
 

@@ -1,4 +1,4 @@
-"""CPM-Bee beam search, step for step the original `CPMBeeBeamSearch._decode` (spec §5 step 3).
+"""CPM-Bee beam search, step for step the original `CPMBeeBeamSearch._decode`.
 
 Per step and sentence, the top ``2 * beam_size`` (beam, token) pairs by cumulative log-probability
 are visited in order: a finished answer goes to the sentence's `BeamHypotheses`, anything else
