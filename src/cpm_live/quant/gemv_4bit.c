@@ -21,8 +21,8 @@
  *
  * Per block, x . levels is accumulated and multiplied by the block's absmax once, so the result
  * differs from "dequantize, then matmul" only by rounding order (checked against the exact product
- * in tests/test_gemv.py). Rows of x go in tiles of up to 4, so each decoded level serves up to 4
- * rows; output rows n go to `threads` OpenMP threads 32 at a time, as each thread becomes free
+ * in tests/unit/quant/test_gemv.py). Rows of x go in tiles of up to 4, so each decoded level serves
+ * up to 4 rows; output rows n go to `threads` OpenMP threads 32 at a time, as each thread becomes free
  * (each writes only its own outputs), so a thread that the machine's other work delays holds up
  * the call by one chunk, not by its fixed share.
  */
