@@ -1,6 +1,6 @@
 """Peak memory of a CPU LoRA run before and after its first ``--eval-metrics accuracy`` evaluation.
 
-    python benchmarks/eval_memory.py --out eval-memory.json [--vocab bee.txt --data ccpm/bee_data]
+    python benchmarks/eval_memory.py --out eval-memory.json [--vocab bee.txt --train a.jsonl --eval b.jsonl]
 
 Trains a 2-layer d=64 CPM-Bee (random init, the real 86k vocabulary when ``--vocab`` is given, else
 a synthetic vocabulary of the same size) with LoRA for ``--steps`` steps, evaluating loss and
@@ -54,12 +54,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--vocab", default=None, help="CPM-Bee bee.txt (default: a synthetic vocab of its size)")
-    p.add_argument("--data", default=None, help="folder with train.jsonl and eval.jsonl (with --vocab)")
+    p.add_argument("--train", default=None, help="training records (.jsonl, with --vocab)")
+    p.add_argument("--eval", default=None, help="eval records (.jsonl, with --vocab; default --train)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--max-eval-samples", type=int, default=200)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as root:
-        vocab, data = (args.vocab, args.data) if args.vocab else synthetic_inputs(root, 300)
+        if args.vocab:
+            vocab, train, evaluation = args.vocab, args.train, args.eval or args.train
+        else:
+            vocab, data = synthetic_inputs(root, 300)
+            train, evaluation = os.path.join(data, "train.jsonl"), os.path.join(data, "eval.jsonl")
         with open(os.path.join(REPO, "src", "config", "cpm-bee-tiny.json"), encoding="utf-8") as f:
             config = json.load(f)
         config["vocab_size"] = VOCAB_SIZE
@@ -69,7 +74,7 @@ def main() -> None:
         middle = args.steps // 2
         cmd = [sys.executable, os.path.join(REPO, "src", "finetune_cpm_bee_qlora.py"), "--device", "cpu",
                "--model-config", os.path.join(root, "config.json"), "--vocab", vocab, "--int4",
-               "--dataset", os.path.join(data, "train.jsonl"), "--eval_dataset", os.path.join(data, "eval.jsonl"),
+               "--dataset", train, "--eval_dataset", evaluation,
                "--save", save, "--epoch", "100", "--train-iters", str(args.steps), "--batch-size", "2",
                "--max-length", "512", "--lr", "1e-3", "--warmup-iters", "1", "--eval-interval", str(middle),
                "--eval-metrics", "accuracy", "--max-eval-samples", str(args.max_eval_samples)]

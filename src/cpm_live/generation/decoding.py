@@ -74,7 +74,7 @@ class Decoder:
         self._ext_ids = batch.ext_table_ids.tolist()
         self._ext_subs = batch.ext_table_sub.tolist()
         inputs = batch.inputs
-        _, _, self.state = model.inference(**inputs.inference_kwargs(), past_key_values=None)
+        _, _, self.state = model.inference(**inputs.inference_kwargs(), past_key_values=None, with_logits=False)
         # Generated tokens take num_segments / segment_rel_offset from the last (never padded) column.
         self._num_segments = inputs.num_segments[:, -1:]
         self._segment_rel_offset = inputs.segment_rel_offset[:, -1:]

@@ -75,7 +75,7 @@ class LogitEdit(nn.Module):
 
     def inference(self, **kwargs):
         logits, hidden, state = self.model.inference(**kwargs)
-        return self.edit(logits, kwargs), hidden, state
+        return (None if logits is None else self.edit(logits, kwargs)), hidden, state
 
 
 def restricted(model: CPMBee, allowed: list[int], bias: torch.Tensor | None = None) -> LogitEdit:
