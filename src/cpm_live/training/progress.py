@@ -64,7 +64,7 @@ class StepProgress:
                 f"elapsed {clock(time.monotonic() - self.started)} | eta {'?' if eta is None else clock(eta)} | "
                 f"loss {record['loss']:.4f} | lr {record['lr']:.2e} | tokens/s {record['tokens_per_s']:.0f} | "
                 f"grad_norm {record['grad_norm']:.4f} | scale {record['loss_scale']:g} | "
-                f"peak {record['peak_memory_mb']:.0f} MiB | dropped {record['dropped_records']}")
+                f"peak {record['peak_memory_mb']:.0f} MiB | dropped {record['dropped_records']} |")
 
     def close(self) -> None:
         self.bar.close()
