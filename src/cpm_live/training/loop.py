@@ -20,7 +20,7 @@ from cpm_live.checkpoint import resume
 from cpm_live.checkpoint.adapters import save_adapter, save_cpm_bee_delta
 from cpm_live.checkpoint.base_model import load_base
 from cpm_live.config import CPMBeeConfig
-from cpm_live.data.pack import FinetuneDataset
+from cpm_live.data.pack import FinetuneDataset, check_records
 from cpm_live.data.tensors import IGNORE_INDEX, LabelledInputs
 from cpm_live.engine import engine_from_args, format_summary, inspect_model
 from cpm_live.errors import TrainingError
@@ -65,6 +65,10 @@ class Trainer:
             self.engine.print_rank0("warning: no --save given: this run keeps nothing (no adapter, no checkpoint); "
                                     "pass --save DIR to keep its results")
         self._lock = self._lock_save_dir()
+        # The data before the model: a wrong path or a record without "<ans>" fails in seconds.
+        check_records(args.train.dataset, "`dataset`")
+        if args.eval.eval_dataset:
+            check_records(args.eval.eval_dataset, "`eval_dataset`")
         self.config = self._load_config()
         self.tokenizer = self._load_tokenizer()
         self.model = self._build_model()
