@@ -20,8 +20,8 @@ from tests.conftest import DATA, REPO
 
 VOCAB_SIZE = 86583  # CPM-Bee's: the logits of a whole eval set's prompts are what used to blow up memory
 STEPS, EVAL_AT = 200, 100
-STEP_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \| step (\d+)/200 \| epoch \d+ \| elapsed (\d+:\d\d:\d\d) \| "
-                       r"eta (\d+:\d\d:\d\d) \| loss [\d.]+ \| lr ", re.M)
+STEP_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \| step (\d+)/200 \| epoch \d+ \| "
+                       r"elapsed (\d+:\d\d:\d\d) \| eta (\d+:\d\d:\d\d) \| loss [\d.]+ \| lr ", re.M)
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,7 @@ from cpm_live.lora.merge import MergeError, merge_in_fp32
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.quant import format as qformat
 from cpm_live.quant import int8 as qint8
-from cpm_live.utils import atomic_path
+from cpm_live.utils import atomic_path, set_cpu_threads
 
 DENSE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 QUANT_DTYPES = ("int4", "int8")
@@ -355,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_cpu_threads()
     try:
         model_args = ModelArgs.from_args(args)
         config = model_args.resolve_config()

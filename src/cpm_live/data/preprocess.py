@@ -23,7 +23,6 @@ from cpm_live.data.serializer import JsonSerializer, PickleSerializer, Serialize
 from cpm_live.data.shuffle import shuffle_dataset
 from cpm_live.errors import CPMLiveError, DataFormatError, for_cli
 
-
 RECORD_FORMATS = ("json", "original")
 
 
