@@ -21,6 +21,7 @@ import pytest
 from cpm_live.data.distributed_dataset import SimpleDataset
 from cpm_live.data.preprocess import main as preprocess
 from cpm_live.data.serializer import JsonSerializer, PickleSerializer
+from tests.conftest import SHARED
 
 CPM_BEE_COMMIT = "95cc575"
 ORIGINAL_FILES = ("src/cpm_live/dataset/distributed_dataset.py", "src/cpm_live/dataset/serializer.py")
@@ -30,7 +31,7 @@ RECORDS = [{"input": f"passage {i}", "options": {"<option_0>": "a", "<option_1>"
 
 def original_sources() -> dict[str, str] | None:
     root = os.environ.get("CPM_BEE_REPO") or next(
-        (p for p in ("../shared/CPM-Bee", "/work/.mirror/OpenBMB+CPM-Bee/repo") if os.path.isdir(p)), None)
+        (p for p in (str(SHARED.parent / "CPM-Bee"),) if os.path.isdir(p)), None)
     if root is None:
         return None
     root = Path(root)
