@@ -33,7 +33,7 @@ from rouge_score import rouge_scorer
 
 from cpm_live.data.jsonl import answered_records
 from cpm_live.errors import ConfigError, CPMLiveError, DataFormatError, for_cli
-from cpm_live.utils import atomic_write_text
+from cpm_live.utils import atomic_write_text, set_cpu_threads
 
 METRICS = ("accuracy", "rouge", "bleu")
 ANSWER_KEY = "<ans>"
@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_cpu_threads()
     names = [name.strip() for name in args.metrics.split(",") if name.strip()]
     try:
         scores = evaluate_files(args.pred, args.ref, names)

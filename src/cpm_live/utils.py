@@ -152,3 +152,26 @@ def key_mismatch(found: Iterable[str], expected: Iterable[str], *, missing_ok: b
             more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
             lines.append(f"{title} ({len(keys)}): " + "; ".join(show(k) for k in keys[:limit]) + more)
     return lines
+
+
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before any entry point changed it
+_USER_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def set_cpu_threads(preferred: int | None = None) -> int:
+    """Give torch a CPU thread count that does not oversubscribe the cores; returns the count in use.
+
+    A count the user chose stands: ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` in the environment, or a
+    ``torch.set_num_threads`` call made after this package was imported. Otherwise: ``preferred``
+    (a tiny model's choice; capped at the cores), else the cores this process may run on divided
+    among the processes torchrun starts on this node (``LOCAL_WORLD_SIZE``), so N ranks never run
+    N x cores threads.
+    """
+    if any(os.environ.get(name) for name in _USER_THREAD_VARIABLES) or \
+            torch.get_num_threads() != _TORCH_DEFAULT_THREADS:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    threads = max(1, min(preferred, cores) if preferred else cores // local_ranks)
+    torch.set_num_threads(threads)
+    return threads

@@ -132,16 +132,27 @@ def test_nan_in_the_base_stops_at_the_first_step_and_saves_nothing(tiny, tmp_pat
     assert not [p for p in save.iterdir() if "delta" in p.name]
 
 
-def test_data_without_answers_is_refused(tiny, tmp_path):
+@pytest.mark.parametrize("flag", ["--dataset", "--eval_dataset"])
+def test_data_without_answers_is_refused_before_the_model_loads(tiny, tmp_path, capsys, flag):
+    """A later record without "<ans>" (line 15 of 20) is named by file:line before any model exists."""
     bad = tmp_path / "typo.jsonl"
     with open(DATA / "train.jsonl", encoding="utf-8") as f:
         records = [json.loads(line) for line in f][:20]
-    bad.write_text("".join(json.dumps({("answer" if k == "<ans>" else k): v for k, v in r.items()}) + "\n"
-                           for r in records))
-    args = qlora_args(tiny, tmp_path / "run", 5)
-    args[args.index("--dataset") + 1] = str(bad)
-    with pytest.raises(SystemExit, match=r"step 1: .*typo\.jsonl.*'<ans>'"):
+    records[14] = {("answer" if k == "<ans>" else k): v for k, v in records[14].items()}
+    bad.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = qlora_args(tiny, tmp_path / "run", 5, "--eval_dataset", str(DATA / "eval.jsonl"))
+    args[args.index(flag) + 1] = str(bad)
+    with pytest.raises(SystemExit, match=rf"error: {bad}:15: the record has no \"<ans>\".* {flag} "):
         finetune(args)
+    assert "trainable params" not in capsys.readouterr().out
+
+
+def test_a_wrong_dataset_path_fails_before_the_model_loads(tiny, tmp_path, capsys):
+    args = qlora_args(tiny, tmp_path / "run", 5)
+    args[args.index("--dataset") + 1] = str(tmp_path / "missing.jsonl")
+    with pytest.raises(SystemExit, match=r"error: dataset .*missing\.jsonl does not exist"):
+        finetune(args)
+    assert "trainable params" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("change, message", [
@@ -250,7 +261,7 @@ def test_records_longer_than_max_length_are_reported_as_they_are_dropped(tiny, t
     out = capsys.readouterr().out
     first = f"warning: {data}:3: the record has at least "
     assert first in out and "tokens, more than --max-length 64: dropped" in out
-    assert out.index(first) < out.index("| step 1 |")  # reported at the step that read it, not at epoch end
+    assert out.index(first) < out.index("| step 1/")  # reported at the step that read it, not at epoch end
     assert "records read so far (" in out and "were longer than --max-length 64 and dropped: raise" in out
     dropped = [r["dropped_records"] for r in read_metrics(str(tmp_path / "run" / "metrics.jsonl")) if "loss" in r]
     assert dropped == sorted(dropped) and dropped[0] >= 1 and f"| dropped {dropped[-1]} |" in out

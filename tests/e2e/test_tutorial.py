@@ -44,6 +44,14 @@ SCALE_QLORA = {
     "--eval-interval 50": "--eval-interval 3",
     "--lr 1e-4": "--lr 1e-2",
 }
+# The same walkthrough without an eval set (as the CPU stand-in section runs it): every later command
+# still finds <name>-delta-best, which is then the last adapter.
+SCALE_QLORA_NO_EVAL = {
+    "--dataset bin_data/train --eval_dataset bin_data/eval": "--dataset bin_data/train",
+    "--eval-interval 50 --early-stop-patience 5 --eval-metrics accuracy --max-eval-samples 200": "",
+    **SCALE_QLORA,
+}
+del SCALE_QLORA_NO_EVAL["--eval-interval 50"]
 SCALE_PLAIN = {
     # finetune_cpm_bee.py trains every --epoch (CPM-Bee's meaning); the test stops it after 4 steps.
     "--epoch 5 --batch-size 5 --max-length 2048":
@@ -194,6 +202,20 @@ def test_qlora_walkthrough(inputs, tmp_path):
         assert set(exported.keys()) == set(base8.keys())
         changed8 = {k for k in base8.keys() if not torch.equal(exported.get_tensor(k), base8.get_tensor(k))}
     assert {k.rsplit(".", 1)[0] for k in changed8} == {k.rsplit(".", 1)[0] for k in targets}
+
+
+def test_qlora_walkthrough_without_eval_set(inputs, tmp_path):
+    folder = run_tutorial("README_qlora.md", SCALE_QLORA_NO_EVAL, inputs, tmp_path)
+    results = folder / "results"
+    assert not any("eval_loss" in r for r in read_metrics(results / "metrics.jsonl"))
+    best, last = results / "ccpm_qlora-delta-best", results / "ccpm_qlora-delta-last"
+    assert (best / "adapter_model.safetensors").read_bytes() == (last / "adapter_model.safetensors").read_bytes()
+    assert "no `eval_dataset` was given" in (best / "README.md").read_text()
+    assert "no `eval_dataset` was given" in json.loads((best / "adapter_config.json").read_text())["auto_mapping"][
+        "selected"]
+    check_predictions(folder, "results/eval_predictions.jsonl", "results/eval_scores.json")
+    check_predictions(folder, "results-int8/eval_predictions.jsonl", "results-int8/eval_scores.json")
+    assert (folder / "ckpts" / "cpm-bee-ccpm-fp16.pt").is_file()
 
 
 def test_plain_walkthrough(inputs, tmp_path):

@@ -41,6 +41,7 @@ from cpm_live.utils import atomic_path, atomic_write_text, non_plain_tensors, re
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+README_NAME = "README.md"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 SHAPE_FIELDS = ("vocab_size", "dim_model", "num_heads", "dim_head", "dim_ff", "num_layers")
@@ -89,8 +90,12 @@ def _base_model_shape(config: CPMBeeConfig) -> dict[str, int]:
 
 
 def save_adapter(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], settings: LoraSettings,
-                 directory: str | os.PathLike, base_config: CPMBeeConfig | None = None) -> None:
+                 directory: str | os.PathLike, base_config: CPMBeeConfig | None = None,
+                 note: str | None = None) -> None:
     """Write ``directory/adapter_config.json`` and ``adapter_model.safetensors`` in peft's format.
+
+    ``note`` (how these weights were chosen, e.g. "lowest eval loss ... at step N") goes into
+    ``README.md`` beside them and into the config's ``auto_mapping`` as ``selected``.
 
     Takes a model with LoRA (its config is the default ``base_config``) or a full, gathered LoRA
     state dict as :func:`lora_state_dict` returns it. Each file is written atomically; the weights
@@ -127,12 +132,26 @@ def save_adapter(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], se
     config["auto_mapping"] = {"base_model_class": "CPMBee", "parent_library": "cpm_live.models.bee"}
     if base_config is not None:
         config["auto_mapping"]["base_model_shape"] = _base_model_shape(base_config)
+    if note is not None:
+        config["auto_mapping"]["selected"] = note
 
     os.makedirs(directory, exist_ok=True)
     with atomic_path(os.path.join(directory, WEIGHTS_NAME)) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     atomic_write_text(os.path.join(directory, CONFIG_NAME), text)
+    if note is not None:
+        atomic_write_text(os.path.join(directory, README_NAME), adapter_readme(settings, note))
+
+
+def adapter_readme(settings: LoraSettings, note: str) -> str:
+    """The adapter folder's README.md: what it is, how it was chosen, how to load it."""
+    return (f"# CPM-Bee LoRA adapter\n\nLoRA r={settings.r}, alpha={settings.alpha:g} on "
+            f"{', '.join(sorted(settings.targets))}, in peft's format.\n\n"
+            f"These weights are {note}.\n\n"
+            "Load them with `text_generation.py` / `export_model.py` `--delta <this folder>`, with\n"
+            "`cpm_live.checkpoint.load_adapter(model, folder)`, or with\n"
+            "`peft.PeftModel.from_pretrained(model, folder)` on a model built by cpm_live.\n")
 
 
 def save_cpm_bee_delta(state_dict: Mapping[str, torch.Tensor], settings: LoraSettings,

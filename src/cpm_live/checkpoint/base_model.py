@@ -9,11 +9,12 @@ meaning (:func:`add_model_args`), parsed once into :class:`ModelArgs`:
                     Hugging Face model directory
     --vocab         vocab file (default: vocab.txt beside or inside --load)
     --int4, --int8  the base quantization: sets the config's int4 or int8 and clears the other;
-                    without either, the config's own fields stand
+                    without either, the config's own fields stand, and when the config names none a
+                    compressed --load gives its own (int4 with its recorded settings, or int8)
     --delta         a LoRA adapter loaded on top (generate, export)
 
-An entry point may name a default quantization, used only when neither a flag nor the config
-chooses one: the QLoRA script's int4, so a config with ``"int8": true`` trains an int8 base there
+An entry point may name a default quantization, used only when neither a flag, the config nor the
+checkpoint chooses one: the QLoRA script's int4, so a config with ``"int8": true`` trains an int8 base there
 too. :func:`load_config` and :func:`find_vocab` resolve the flags' paths and say so in the flags'
 words; :class:`ModelArgs` names its settings (```load```), which a command shows as its flags.
 """
@@ -21,6 +22,7 @@ words; :class:`ModelArgs` names its settings (```load```), which a command shows
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import filecmp
 import os
 import warnings
@@ -32,6 +34,7 @@ import torch
 from cpm_live.checkpoint.adapters import load_adapter
 from cpm_live.checkpoint.hf_dir import ARCHITECTURE_FIELDS, CONFIG_FILE, config_values, read_config, warn
 from cpm_live.checkpoint.load import build_model
+from cpm_live.checkpoint.readers import CheckpointReader, open_checkpoint
 from cpm_live.config import CPMBeeConfig
 from cpm_live.errors import ConfigError, MissingFileError
 from cpm_live.models import CPMBee
@@ -51,9 +54,11 @@ def add_model_args(parser: argparse.ArgumentParser, *, load_required: bool = Fal
                             "Hugging Face model directory")
     group.add_argument("--vocab", default=None, help="vocab file (default: vocab.txt beside or inside --load)")
     group.add_argument("--int4", action="store_true",
-                       help="4-bit base: sets the config's int4 (and clears int8); default: the config decides")
+                       help="4-bit base: sets the config's int4 (and clears int8); default: the config, else what a "
+                            "compressed --load says it is")
     group.add_argument("--int8", action="store_true",
-                       help="LLM.int8 base: sets the config's int8 (and clears int4); default: the config decides")
+                       help="LLM.int8 base: sets the config's int8 (and clears int4); default: the config, else what a "
+                            "compressed --load says it is")
     if adapter:
         group.add_argument("--delta", default=None, help="LoRA adapter: peft directory or CPM-Bee *-delta-best.pt")
     return parser
@@ -94,12 +99,29 @@ class ModelArgs:
     def resolve_config(self) -> CPMBeeConfig:
         """The config these flags mean (:func:`load_config`), with the default quantization applied."""
         config = load_config(self.model_config, self.load, int4=self.int4, int8=self.int8)
+        if config.quantization is None and self.load is not None and not (self.int4 or self.int8):
+            with open_checkpoint(self.load) as reader:  # a compressed checkpoint says what it is
+                config = stored_config(config, reader)
         if config.quantization is None and self.default_quantization and not (self.int4 or self.int8):
             config = config.with_quantization(self.default_quantization)
         return config
 
     def tokenizer(self) -> CPMBeeTokenizer:
         return CPMBeeTokenizer(find_vocab(self.vocab, self.load))
+
+
+def stored_config(config: CPMBeeConfig, reader: CheckpointReader) -> CPMBeeConfig:
+    """``config`` with the quantization of ``reader``'s checkpoint when the config names none, with the
+    int4 settings the file records: a compressed checkpoint says what it is, so ``--int4``/``--int8``
+    are optional for every command that loads one."""
+    kind = reader.quant_kind
+    if config.quantization is not None or kind is None:
+        return config
+    settings = reader.quant_settings
+    recorded = {} if settings is None else {
+        "int4_quant_type": settings.quant_type, "int4_blocksize": settings.blocksize,
+        "int4_double_quant": settings.double_quant}
+    return dataclasses.replace(config.with_quantization(kind), **recorded)
 
 
 def load_base(args: ModelArgs, config: CPMBeeConfig | None = None, device: torch.device | str = "cpu") -> CPMBee:

@@ -21,6 +21,7 @@ import sys
 from cpm_live.convert.compress import quantize_state_dict
 from cpm_live.errors import CPMLiveError, for_cli
 from cpm_live.quant.format import BLOCKSIZES, QUANT_TYPES
+from cpm_live.utils import set_cpu_threads
 
 
 def positive_int(text: str) -> int:
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_cpu_threads()
     if not args.output_path.endswith(".safetensors"):
         print(f"note: {args.output_path} will hold safetensors (this project's compressed format), not a "
               f"pickle; every cpm_live script reads it by its content", file=sys.stderr)

@@ -22,7 +22,6 @@ input may be any checkpoint ``--load`` accepts, Hugging Face directories include
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -42,7 +41,7 @@ from cpm_live.checkpoint import (
     hf_dir,
     open_checkpoint,
 )
-from cpm_live.checkpoint.base_model import ModelArgs, add_model_args, find_vocab
+from cpm_live.checkpoint.base_model import ModelArgs, add_model_args, find_vocab, stored_config
 from cpm_live.checkpoint.writer import SafetensorsWriter
 from cpm_live.convert.compress import check_output_path, quantize_state_dict
 from cpm_live.data.tensors import CPMBeeInputs
@@ -51,7 +50,7 @@ from cpm_live.lora.merge import MergeError, merge_in_fp32
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.quant import format as qformat
 from cpm_live.quant import int8 as qint8
-from cpm_live.utils import atomic_path
+from cpm_live.utils import atomic_path, set_cpu_threads
 
 DENSE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 QUANT_DTYPES = ("int4", "int8")
@@ -76,19 +75,6 @@ def expected_shapes(config: CPMBeeConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = CPMBee(config.with_quantization(None))
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
-
-
-def stored_config(config: CPMBeeConfig, reader: CheckpointReader) -> CPMBeeConfig:
-    """``config`` with the quantization of ``reader``'s checkpoint when the config names none (export
-    reads any checkpoint; ``--int4``/``--int8`` are optional), with the int4 settings the file records."""
-    kind = reader.quant_kind
-    if config.quantization is not None or kind is None:
-        return config
-    settings = reader.quant_settings
-    recorded = {} if settings is None else {
-        "int4_quant_type": settings.quant_type, "int4_blocksize": settings.blocksize,
-        "int4_double_quant": settings.double_quant}
-    return dataclasses.replace(config.with_quantization(kind), **recorded)
 
 
 def read_dense(reader: CheckpointReader, key: str) -> torch.Tensor:
@@ -355,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_cpu_threads()
     try:
         model_args = ModelArgs.from_args(args)
         config = model_args.resolve_config()

@@ -291,6 +291,35 @@ def open_record_source(path: str) -> JsonlDataset | SimpleDataset:
     raise MissingFileError(f"dataset {path} does not exist (expected a .jsonl file or a binary dataset dir)")
 
 
+def check_records(path: str, flag: str) -> int:
+    """Read every record of ``path`` once, before a model is built: it exists, parses, and each record
+    has an ``"<ans>"`` (what training learns and evaluation scores). Returns the record count.
+
+    Raises one error naming ``flag`` and the first offending record (``file:line`` for ``.jsonl``);
+    without this a wrong path showed only after the model loaded, and a record without an answer at
+    the step that read it.
+    """
+    source = open_record_source(path)
+    count = 0
+    try:
+        while True:
+            try:
+                record = source.read()
+            except EOFError:
+                break
+            count += 1
+            if not isinstance(record, dict) or "<ans>" not in record:
+                keys = sorted(record)[:6] if isinstance(record, dict) else type(record).__name__
+                raise DataFormatError(f"{source.location}: the record has no \"<ans>\" (keys: {keys}); every "
+                                      f"record of {flag} {path} needs the answer to learn or score under "
+                                      "\"<ans>\": fix or remove that record")
+    finally:
+        source.close()
+    if count == 0:
+        raise DataFormatError(f"{flag} {path} has no records")
+    return count
+
+
 class FinetuneDataset:
     """Fine-tuning batches: global batch `batch_size * world_size`, rank r gets rows [r*bs, (r+1)*bs).
 

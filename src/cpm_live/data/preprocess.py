@@ -1,7 +1,9 @@
 """Convert a folder of `.jsonl` files into shuffled CPM-Bee binary datasets (JSON records).
 
 For each file `X.ext` in `--input` this writes the dataset `OUTPUT_PATH/X/` with data file
-`OUTPUT_NAME` (plus `meta.bin`), like the original `src/preprocess_dataset.py`, which stored pickles.
+`OUTPUT_NAME` (plus `meta.bin`), like the original `src/preprocess_dataset.py`. Records are JSON by
+default (read here without unpickling anything); `--format original` stores them as pickles, as
+the original did, so teams still running CPM-Bee's own training code can read the output.
 The datasets appear only once every file has converted; a bad record stops the run naming its file
 and line and leaves no output folder.
 """
@@ -17,11 +19,22 @@ from tqdm import tqdm
 
 from cpm_live.data.distributed_dataset import _DEFAULT_BLOCK_SIZE, build_dataset
 from cpm_live.data.jsonl import JsonlDataset
+from cpm_live.data.serializer import JsonSerializer, PickleSerializer, Serializer
 from cpm_live.data.shuffle import shuffle_dataset
 from cpm_live.errors import CPMLiveError, DataFormatError, for_cli
 
+RECORD_FORMATS = ("json", "original")
 
-def convert_file(jsonl_path: str, output_dir: str, output_name: str, seed: int, block_size: int) -> int:
+
+def record_serializer(fmt: str) -> Serializer:
+    """``json`` (this package's default) or ``original`` (pickles, what CPM-Bee's ``DistributedDataset`` reads)."""
+    if fmt not in RECORD_FORMATS:
+        raise DataFormatError(f"`format` must be one of {', '.join(RECORD_FORMATS)}, got {fmt!r}")
+    return PickleSerializer() if fmt == "original" else JsonSerializer()
+
+
+def convert_file(jsonl_path: str, output_dir: str, output_name: str, seed: int, block_size: int,
+                 fmt: str = "json") -> int:
     """Write one jsonl file as a shuffled binary dataset in `output_dir`; returns the record count.
 
     A bad record raises :class:`DataFormatError` naming `jsonl_path:line`.
@@ -30,7 +43,7 @@ def convert_file(jsonl_path: str, output_dir: str, output_name: str, seed: int, 
     tmp_dir = tempfile.mkdtemp(prefix=".preprocess-", dir=output_dir)
     try:
         source = JsonlDataset(jsonl_path)
-        with build_dataset(tmp_dir, "data", block_size=block_size) as writer:
+        with build_dataset(tmp_dir, "data", block_size=block_size, serializer=record_serializer(fmt)) as writer:
             with tqdm(total=len(source), desc=os.path.basename(jsonl_path), unit="rec") as bar:
                 while True:
                     try:
@@ -52,8 +65,8 @@ def convert_file(jsonl_path: str, output_dir: str, output_name: str, seed: int, 
     return count
 
 
-def convert_folder(input_dir: str, output_path: str, output_name: str, seed: int, block_size: int
-                   ) -> list[tuple[str, str, int]]:
+def convert_folder(input_dir: str, output_path: str, output_name: str, seed: int, block_size: int,
+                   fmt: str = "json") -> list[tuple[str, str, int]]:
     """Convert every file of `input_dir` to `output_path/<stem>/`; returns `(file name, output dir, records)`.
 
     All datasets are built in a temp folder inside `output_path` and renamed into place only when every
@@ -73,7 +86,7 @@ def convert_folder(input_dir: str, output_path: str, output_name: str, seed: int
     staging = tempfile.mkdtemp(prefix=".preprocess-", dir=output_path)
     try:
         counts = [convert_file(os.path.join(input_dir, name), os.path.join(staging, stem), output_name, seed,
-                               block_size) for name, stem in zip(names, stems)]
+                               block_size, fmt) for name, stem in zip(names, stems)]
         done = []
         for name, stem, count in zip(names, stems, counts):
             out_dir = os.path.join(output_path, stem)
@@ -114,12 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         default=_DEFAULT_BLOCK_SIZE,
         help="bytes per block (default 16 MiB)",
     )
+    parser.add_argument("--format", dest="format", choices=RECORD_FORMATS, default="json",
+                        help="record payloads: json (default; read by this package) or original (pickles, "
+                             "readable by CPM-Bee's own DistributedDataset as well as by this package)")
     args = parser.parse_args(argv)
 
     if not os.path.isdir(args.input):
         parser.error(f"--input {args.input} is not a folder")
     try:
-        done = convert_folder(args.input, args.output_path, args.output_name, args.seed, args.block_size)
+        done = convert_folder(args.input, args.output_path, args.output_name, args.seed, args.block_size,
+                              args.format)
     except CPMLiveError as e:
         raise SystemExit(f"error: {for_cli(e, parser)}") from None
     for name, out_dir, count in done:

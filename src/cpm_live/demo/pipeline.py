@@ -31,7 +31,7 @@ from cpm_live.models import CPMBeeConfig
 from cpm_live.tokenizers import CPMBeeTokenizer
 from cpm_live.tokenizers.bee import build_tiny_vocab
 from cpm_live.training.metrics import read_metrics
-from cpm_live.utils import atomic_write_text
+from cpm_live.utils import atomic_write_text, set_cpu_threads
 
 DEMO_WORDS = ("cat dog horse bird fish cow sheep lion tiger bear wolf fox duck goat frog mouse red blue green "
               "apple bread table chair stone river cloud paper glass spoon door window book lamp road sand "
@@ -184,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--qlora-steps", type=int, default=300, help="QLoRA steps on the new task")
     p.add_argument("--seed", type=int, default=1234, help="seed of both training runs")
     args = p.parse_args(argv)
+    set_cpu_threads()
     return run_demo(args.out, args.base_steps, args.qlora_steps, args.seed)
 
 

@@ -49,7 +49,7 @@ from cpm_live.generation.prompt import build_prompt
 from cpm_live.generation.stats import GenerationStats
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.tokenizers import CPMBeeTokenizer
-from cpm_live.utils import atomic_write_text
+from cpm_live.utils import atomic_write_text, set_cpu_threads
 
 
 def _int_at_least(minimum: int):
@@ -184,6 +184,7 @@ def run(args: argparse.Namespace) -> tuple[int, GenerationStats, torch.device]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_cpu_threads()
     if os.path.exists(args.output) and os.path.exists(args.input) \
             and os.path.samefile(args.input, args.output):
         parser.error(f"--output {args.output} is the input file; write the answers to another file")

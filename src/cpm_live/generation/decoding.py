@@ -78,7 +78,7 @@ class Decoder:
         inputs = batch.inputs
         self.stats = stats if stats is not None else GenerationStats()
         self._clock = self.stats.timer(inputs.input.device)
-        _, _, self.state = model.inference(**inputs.inference_kwargs(), past_key_values=None)
+        _, _, self.state = model.inference(**inputs.inference_kwargs(), past_key_values=None, with_logits=False)
         self._clock.prefill_done(sum(len(p.input_ids) for p in batch.prompts))
         # Generated tokens take num_segments / segment_rel_offset from the last (never padded) column.
         self._num_segments = inputs.num_segments[:, -1:]

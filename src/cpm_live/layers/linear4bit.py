@@ -47,6 +47,7 @@ import bitsandbytes.functional as bnbF
 import torch
 from torch import nn
 
+from cpm_live.layers.linear import Projection
 from cpm_live.quant import dequant, gemv
 from cpm_live.quant import format as qformat
 
@@ -54,7 +55,7 @@ _HINT = ("build the model with the checkpoint's int4 settings (int4_quant_type /
          "int4_double_quant in the model config) or re-create the checkpoint with cpm-bee-quantize")
 
 
-class Linear4bit(nn.Module):
+class Linear4bit(Projection):
     """``y = x @ deq(W).T / sqrt(dim_in)`` with ``W [dim_out, dim_in]`` frozen in 4 bits.
 
     Args:
@@ -71,9 +72,7 @@ class Linear4bit(nn.Module):
     def __init__(self, dim_in: int, dim_out: int, quant_type: str = "nf4", double_quant: bool = True,
                  blocksize: int = 64, compute_dtype: torch.dtype = torch.float32,
                  dtype: torch.dtype = torch.half, device: torch.device | str | None = None):
-        super().__init__()
-        self.dim_in = self.in_features = dim_in
-        self.dim_out = self.out_features = dim_out
+        super().__init__(dim_in, dim_out)
         self.settings = qformat.QuantSettings(quant_type, double_quant, blocksize)
         self.compute_dtype = compute_dtype
         self.dtype = dtype

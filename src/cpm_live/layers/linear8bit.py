@@ -22,11 +22,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from cpm_live.layers.linear import Projection
 from cpm_live.quant import int8
 from cpm_live.quant.format import QuantFormatError
 
 
-class Linear8bit(nn.Module):
+class Linear8bit(Projection):
     """``y = x @ deq(W).T / sqrt(dim_in)`` with ``W [dim_out, dim_in]`` frozen in 8 bits.
 
     Args:
@@ -39,9 +40,7 @@ class Linear8bit(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int, threshold: float = 6.0, dtype: torch.dtype = torch.half,
                  device: torch.device | str | None = None):
-        super().__init__()
-        self.dim_in = self.in_features = dim_in
-        self.dim_out = self.out_features = dim_out
+        super().__init__(dim_in, dim_out)
         self.threshold = float(threshold)
         self.dtype = dtype
         self.weight = nn.Parameter(torch.empty(dim_out, dim_in, dtype=torch.int8, device=device),

@@ -103,15 +103,17 @@ class CPMBee(nn.Module):
                   context: torch.Tensor, sample_ids: torch.Tensor, num_segments: torch.Tensor,
                   segment: torch.Tensor, segment_rel_offset: torch.Tensor, segment_rel: torch.Tensor,
                   ext_table_ids: torch.Tensor, ext_table_sub: torch.Tensor,
-                  past_key_values: PastKeyValues | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor, PastKeyValues]:
+                  past_key_values: PastKeyValues | None = None, with_logits: bool = True,
+                  ) -> tuple[torch.Tensor | None, torch.Tensor, PastKeyValues]:
         """Incremental forward for generation.
 
         ``position (B, Lq)`` is explicit; ``past_key_values`` holds the concatenated past inputs
         (``buffer_position``, ``buffer_context``, ``buffer_sample_ids``, ``buffer_num_segments``,
         ``buffer_segments``, each ``(B, Lbuf)``) and per-layer ``buffer`` of ``(k, v)``. Unlike
         ``forward``, spans are ignored, direction uses positions and padding is the keys with
-        ``num_segments == 0``. Returns logits, hidden states and the new state.
+        ``num_segments == 0``. Returns logits, hidden states and the new state; ``with_logits=False``
+        (a prompt's prefill, which only fills the cache) skips the vocabulary projection, whose
+        ``(B, L, V + X)`` logits are the largest tensor of a decode, and returns None for them.
         """
         context = context.bool()
         current = {"buffer_position": position, "buffer_context": context, "buffer_sample_ids": sample_ids,
@@ -137,5 +139,7 @@ class CPMBee(nn.Module):
         h = self.input_embedding(input, input_sub)
         position_bias = self.position_bias(position, key_position, bucket)
         h, present["buffer"] = self.encoder(h, mask, position_bias, past_buffer, use_cache=True)
+        if not with_logits:
+            return None, h, present
         ext_table = self.input_embedding(ext_table_ids, ext_table_sub)
         return self.input_embedding.projection(h, ext_table), h, present

@@ -74,7 +74,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--early-stop-patience", type=int, default=5)
     run.add_argument("--eval-metrics", default=None,
                      help="comma-separated generation metrics on the eval set: accuracy,rouge,bleu")
-    run.add_argument("--max-eval-samples", type=int, default=None, help="limit the eval set")
+    run.add_argument("--max-eval-samples", type=int, default=None,
+                     help="answer only the first N eval records for --eval-metrics (default all); the eval "
+                          "loss always covers the whole --eval_dataset")
     run.add_argument("--tensorboard", default=None, help="TensorBoard dir (default <save>/tensorboard)")
     run.add_argument("--inspect-iters", type=int, default=1000, help="print a parameter summary every N")
     run.add_argument("--log-interval", type=int, default=1)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from cpm_live.engine.base import is_collective_timeout
 from cpm_live.errors import CPMLiveError, for_cli
 from cpm_live.training.args import FinetuneArgs, build_parser, check_writable
+from cpm_live.utils import set_cpu_threads
 
 
 def main(argv: Sequence[str] | None = None, qlora: bool = False) -> dict:
@@ -18,6 +19,7 @@ def main(argv: Sequence[str] | None = None, qlora: bool = False) -> dict:
         # CPM-Bee's finetune only sized the schedule).
         parser.set_defaults(use_delta=True, stop_at_train_iters=True)
     namespace = parser.parse_args(argv)
+    set_cpu_threads()
     from cpm_live.training.loop import Trainer
 
     try:

@@ -15,13 +15,12 @@ import time
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from cpm_live.checkpoint import resume
 from cpm_live.checkpoint.adapters import save_adapter, save_cpm_bee_delta
 from cpm_live.checkpoint.base_model import load_base
 from cpm_live.config import CPMBeeConfig
-from cpm_live.data.pack import FinetuneDataset
+from cpm_live.data.pack import FinetuneDataset, check_records
 from cpm_live.data.tensors import IGNORE_INDEX, LabelledInputs
 from cpm_live.engine import engine_from_args, format_summary, inspect_model
 from cpm_live.errors import TrainingError
@@ -29,6 +28,7 @@ from cpm_live.lora import add_lora, trainable_parameter_report
 from cpm_live.tokenizers import CPMBeeTokenizer
 from cpm_live.training.args import FinetuneArgs
 from cpm_live.training.metrics import MetricsLogger
+from cpm_live.training.progress import RunOutcome, StepProgress, eval_bar, summary, timestamp
 from cpm_live.training.schedulers import LRSchedule
 
 DROPPED_WARN_SHARE = 0.1  # warn once more than this share of the records read is longer than --max-length
@@ -42,6 +42,8 @@ class Trainer:
         self.lora = args.lora
         self._stop_requested = False
         self._saved_step: int | None = None
+        self._last_checkpoint: str | None = None
+        self.best_step: int | None = None
         self._last_batch: LabelledInputs | None = None
         self._lock: resume.SaveDirLock | None = None
         self._told_dropped = self._warned_share = False
@@ -59,7 +61,14 @@ class Trainer:
         schedule -> data -> resume state -> metrics. Returns ``self``."""
         args = self.args
         self.engine = engine_from_args(args.engine)
+        if not args.saving.save:
+            self.engine.print_rank0("warning: no --save given: this run keeps nothing (no adapter, no checkpoint); "
+                                    "pass --save DIR to keep its results")
         self._lock = self._lock_save_dir()
+        # The data before the model: a wrong path or a record without "<ans>" fails in seconds.
+        check_records(args.train.dataset, "`dataset`")
+        if args.eval.eval_dataset:
+            check_records(args.eval.eval_dataset, "`eval_dataset`")
         self.config = self._load_config()
         self.tokenizer = self._load_tokenizer()
         self.model = self._build_model()
@@ -159,6 +168,8 @@ class Trainer:
         trainer = saved["trainer"]
         self.step, self.epoch = trainer["step"], trainer["epoch"]
         self.best_eval, self.patience = trainer["best_eval"], trainer["patience"]
+        self.best_step = trainer.get("best_step")
+        self._last_checkpoint = path
         self.train_data.load_state_dict(trainer["data"])
         resume.set_rng_state(saved["rng"])
         self.engine.print_rank0(f"resumed from {path} at step {self.step}, epoch {self.epoch}")
@@ -290,11 +301,13 @@ class Trainer:
         self.model.eval()
         data = self._dataset(self.args.eval.eval_dataset, self.args.train.batch_size, drop_last=False)
         loss_sum, tokens = 0.0, 0
-        for batch in data.epoch():
-            tensors, real = self._filled(batch)
-            loss, n = self._token_losses(tensors)
-            if real:
-                loss_sum, tokens = loss_sum + float(loss), tokens + n
+        with eval_bar("eval loss", None, self.engine.is_main) as bar:
+            for batch in data.epoch():
+                tensors, real = self._filled(batch)
+                loss, n = self._token_losses(tensors)
+                if real:
+                    loss_sum, tokens = loss_sum + float(loss), tokens + n
+                bar.update(data.num_read - bar.n)
         self.model.train()
         total_tokens = self.engine.all_reduce_sum(float(tokens))
         if total_tokens == 0:
@@ -307,31 +320,43 @@ class Trainer:
         return eval_loss
 
     # ---------------------------------------------------------------- saving
-    def save_weights(self, tag: str) -> None:
-        """Best/last weights: a peft adapter dir for LoRA, a CPM-Bee-layout .pt for full fine-tuning."""
-        args = self.args
-        if not args.saving.save:
+    def weights_path(self, tag: str) -> str | None:
+        """Where :meth:`save_weights` puts ``tag`` (``best``/``last``); None without ``--save``."""
+        saving = self.args.saving
+        if not saving.save:
+            return None
+        if self.use_lora:
+            return os.path.join(saving.save, f"{saving.save_name}-delta-{tag}")
+        return os.path.join(saving.save, f"{saving.save_name}-{tag}.pt")
+
+    def save_weights(self, notes: dict[str, str]) -> None:
+        """Best/last weights (``notes``: tag -> how they were chosen): a peft adapter dir for LoRA, whose
+        README.md and adapter_config.json carry the note; a CPM-Bee-layout .pt for full fine-tuning."""
+        if not self.args.saving.save:
             return
         state = self.engine.state_dict(self.model, trainable_only=self.use_lora)
         if not self.engine.is_main:
             return
-        if self.use_lora:
-            adapter = os.path.join(args.saving.save, f"{args.saving.save_name}-delta-{tag}")
-            with resume.writing(adapter):
-                save_adapter(state, self.lora, adapter, base_config=self.config)
-                if args.saving.delta_format == "opendelta":
-                    save_cpm_bee_delta(state, self.lora, adapter + ".pt")
-        else:
-            resume.save_weights_pt(state, os.path.join(args.saving.save, f"{args.saving.save_name}-{tag}.pt"))
+        for tag, note in notes.items():
+            path = self.weights_path(tag)
+            if self.use_lora:
+                with resume.writing(path):
+                    save_adapter(state, self.lora, path, base_config=self.config, note=note)
+                    if self.args.saving.delta_format == "opendelta":
+                        save_cpm_bee_delta(state, self.lora, path + ".pt")
+            else:
+                resume.save_weights_pt(state, path)
 
     def save_checkpoint(self) -> None:
         trainable = self.engine.state_dict(self.model, trainable_only=True)
         optimizer = self.engine.training_state(self.optimizer)
         trainer = {"step": self.step, "epoch": self.epoch, "best_eval": self.best_eval,
-                   "patience": self.patience, "data": self.train_data.state_dict(), "run": self._run_settings()}
+                   "patience": self.patience, "best_step": self.best_step, "data": self.train_data.state_dict(),
+                   "run": self._run_settings()}
         path = resume.save_checkpoint(self.engine, self.args.saving.save, self.step, trainable, optimizer, trainer,
                                          keep=self.args.saving.keep_checkpoints)
         self._saved_step = self.step
+        self._last_checkpoint = path
         self.engine.print_rank0(f"saved checkpoint {path}")
 
     # ---------------------------------------------------------------- loop
@@ -356,9 +381,8 @@ class Trainer:
             self.config.to_json_file(os.path.join(args.saving.save, "model_config.json"), original=True)
             self.config.to_json_file(os.path.join(args.saving.save, "model_config.cpm_live.json"))
         self.model.train()
-        # A bar on a terminal; plain log lines (every --log-interval steps) in files and CI logs.
-        self._bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                         disable=None if engine.is_main else True)
+        # A bar on a terminal; timestamped log lines (every --log-interval steps) in files and CI logs.
+        self._progress = StepProgress(self.max_steps, self.step, engine.is_main)
         stop_reason, first_epoch, resumed = None, True, self._resumed_from is not None
         while stop_reason is None:
             if self.epoch >= args.train.epoch:
@@ -376,9 +400,9 @@ class Trainer:
                 first_epoch = False
                 self.epoch += 1
                 self.train_data.start_next_epoch()
-        self._bar.close()
+        self._progress.close()
         if stop_reason != "SIGTERM":
-            self.save_weights("last")
+            self.save_weights(self._final_weights())
             if args.saving.save_iters and self._saved_step != self.step:
                 self.save_checkpoint()
         self.metrics.close()
@@ -388,7 +412,33 @@ class Trainer:
         dropped = self.train_data.num_skipped
         engine.print_rank0(f"training stopped at step {self.step} ({stop_reason})" + (
             f"; {dropped} record(s) longer than --max-length {args.train.max_length} were dropped" if dropped else ""))
+        engine.print_rank0(summary(self._outcome(stop_reason)))
         return {"step": self.step, "stop_reason": stop_reason, "best_eval": self.best_eval}
+
+    def _final_weights(self) -> dict[str, str]:
+        """The weights a finished run writes: ``last``, and ``best`` too when no evaluation chose one, so
+        ``<name>-delta-best`` (what generation and export take) always exists."""
+        notes = {"last": f"the weights after the last step, {self.step}"}
+        if not math.isfinite(self.best_eval):
+            reason = ("no `eval_dataset` was given" if not self.args.eval.eval_dataset else
+                      f"no evaluation ran (`eval_interval` {self.args.eval.eval_interval} > the steps trained)")
+            notes["best"] = f"the last weights, step {self.step}: {reason}, so no eval loss chose them"
+        return notes
+
+    def _outcome(self, stop_reason: str) -> RunOutcome:
+        def existing(path: str | None) -> str | None:
+            return path if path is not None and os.path.exists(path) else None
+
+        evaluated = math.isfinite(self.best_eval)
+        if evaluated:
+            best_note = f"lowest eval loss {self.best_eval:.4f}, step {self.best_step or '?'}"
+        else:
+            best_note = self._final_weights().get("best", "")
+        return RunOutcome(step=self.step, stop_reason=stop_reason, save=self.args.saving.save,
+                          best=existing(self.weights_path("best")), best_note=best_note,
+                          last=existing(self.weights_path("last")), checkpoint=self._last_checkpoint,
+                          best_eval=self.best_eval if evaluated else None,
+                          best_step=self.best_step)
 
     def _step_and_bookkeeping(self, micro: list[dict[str, Any] | None]) -> str | None:
         """Train one step, then log / evaluate / checkpoint; returns why to stop, or None."""
@@ -400,16 +450,11 @@ class Trainer:
         record.update(step=self.step, epoch=self.epoch, peak_memory_mb=engine.peak_memory_mb(),
                       dropped_records=self.train_data.num_skipped)
         self._report_dropped()
-        self._bar.update(1)
-        self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                              tok_s=f"{record['tokens_per_s']:.0f}", dropped=record["dropped_records"])
+        self._progress.update(record)
         if self.step % args.train.log_interval == 0:
             self.metrics.log(record)
-            if self._bar.disable:
-                engine.print_rank0(f"| epoch {self.epoch} | step {self.step} | loss {record['loss']:.4f} | "
-                                   f"lr {record['lr']:.2e} | scale {record['loss_scale']:g} | "
-                                   f"grad_norm {record['grad_norm']:.4f} | tokens/s {record['tokens_per_s']:.0f} | "
-                                   f"peak {record['peak_memory_mb']:.0f} MiB | dropped {record['dropped_records']} |")
+            if not self._progress.on_terminal:
+                engine.print_rank0(self._progress.line(record))
         if args.train.inspect_iters and self.step % args.train.inspect_iters == 0:
             engine.print_rank0(format_summary(inspect_model(self.model, engine=engine)))
         if args.eval.eval_dataset and self.step % args.eval.eval_interval == 0 and self._evaluate_and_stop():
@@ -426,22 +471,26 @@ class Trainer:
         return None
 
     def _evaluate_and_stop(self) -> bool:
+        started = time.monotonic()
         eval_loss = self.evaluate()
         record: dict[str, Any] = {"step": self.step, "eval_loss": eval_loss}
         if self.args.eval.eval_metrics:
             from cpm_live.training.eval_metrics import generation_metrics
 
-            record.update(generation_metrics(self.model, self.tokenizer, self.args.eval))
+            record.update(generation_metrics(self.model, self.tokenizer, self.args.eval,
+                                             progress=self.engine.is_main))
         improved = eval_loss < self.best_eval
         if improved:
-            self.best_eval, self.patience = eval_loss, 0
-            self.save_weights("best")
+            self.best_eval, self.best_step, self.patience = eval_loss, self.step, 0
+            self.save_weights({"best": f"lowest eval loss {eval_loss:.4f} on {self.args.eval.eval_dataset}, "
+                                       f"step {self.step}"})
         else:
             self.patience += 1
         record["best_eval_loss"] = self.best_eval
         self.metrics.log(record, tb_prefix="eval")
         scores = "".join(f" {k} {v:.4f} |" for k, v in record.items() if k not in ("step", "eval_loss",
                                                                                   "best_eval_loss"))
-        self.engine.print_rank0(f"| step {self.step} | eval loss {eval_loss:.4f} |{scores} best {self.best_eval:.4f} |"
-                                f" patience {self.patience}/{self.args.eval.early_stop_patience} |")
+        self.engine.print_rank0(f"{timestamp()} | step {self.step} | eval loss {eval_loss:.4f} |{scores} best "
+                                f"{self.best_eval:.4f} | patience {self.patience}/{self.args.eval.early_stop_patience}"
+                                f" | took {time.monotonic() - started:.1f} s")
         return self.patience >= self.args.eval.early_stop_patience

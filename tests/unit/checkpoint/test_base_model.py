@@ -62,3 +62,38 @@ def test_every_command_with_a_model_declares_the_same_model_flags():
         model_flags(export_parser())
     assert set(training) == {"model_config", "load", "vocab", "int4", "int8"}
     assert generation == export == {**training, "delta": (["--delta"], generation["delta"][1], None)}
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """A dense config and checkpoint, and the checkpoint compressed to fp4 (blocksize 128) and to int8."""
+    import torch
+
+    from cpm_live.convert.compress import quantize_state_dict
+    from cpm_live.models import CPMBee
+    from tests.tiny_models import small_vocab_config
+
+    root = tmp_path_factory.mktemp("compressed")
+    config = small_vocab_config()
+    config.to_json_file(root / "dense.json")
+    torch.manual_seed(0)
+    torch.save(dict(CPMBee(config).state_dict()), root / "dense.pt")
+    quantize_state_dict(root / "dense.pt", root / "fp4.safetensors", quant_type="fp4", blocksize=128, progress=False)
+    quantize_state_dict(root / "dense.pt", root / "int8.safetensors", int8=True, progress=False)
+    return root
+
+
+@pytest.mark.parametrize("default", [None, "int4"], ids=["plain", "qlora-script"])
+def test_a_compressed_checkpoint_gives_its_own_quantization(compressed, default):
+    """Generation, evaluation and fine-tuning read int4/int8 from the checkpoint, as export does."""
+    def resolve(load: str, **flags) -> CPMBeeConfig:
+        return ModelArgs(model_config=str(compressed / "dense.json"), load=str(compressed / load),
+                         default_quantization=default, **flags).resolve_config()
+
+    int8 = resolve("int8.safetensors")
+    assert (int8.int8, int8.int4) == (True, False)
+    fp4 = resolve("fp4.safetensors")
+    assert (fp4.int4, fp4.int4_quant_type, fp4.int4_blocksize) == (True, "fp4", 128)
+    dense = resolve("dense.pt")
+    assert dense.int4 == (default == "int4") and not dense.int8  # a dense file: the entry point's default
+    assert resolve("int8.safetensors", int4=True).int4  # a flag still wins (and the loader then refuses)

@@ -12,8 +12,9 @@ from tests.tiny_models import packed_batch, run, tiny_config
 
 
 def _params(fn) -> list[str]:
-    """The input parameters (the options past_key_values and logits_mask are not model inputs)."""
-    return [p for p in inspect.signature(fn).parameters if p not in ("self", "past_key_values", "logits_mask")]
+    """The input parameters (the options past_key_values, logits_mask, with_logits are not model inputs)."""
+    options = ("self", "past_key_values", "logits_mask", "with_logits")
+    return [p for p in inspect.signature(fn).parameters if p not in options]
 
 
 def test_field_names_are_forward_and_inference_parameters():
