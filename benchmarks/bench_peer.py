@@ -24,6 +24,7 @@ import gc
 import importlib.util
 import os
 import tempfile
+import warnings
 from typing import Any
 
 import bench_common as bc
@@ -44,7 +45,7 @@ def missing_peer() -> str | None:
     """Why the peer cannot run here (one line), or None."""
     absent = [name for name in ("transformers", "peft", "bitsandbytes") if importlib.util.find_spec(name) is None]
     if absent:
-        return f"skipped: {', '.join(absent)} not installed (pip install -e \".[peer]\")"
+        return f"{', '.join(absent)} not installed (pip install -e \".[peer]\")"
     return None
 
 
@@ -77,6 +78,8 @@ def build_peer(dim: int, dim_ff: int, layers: int, device: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per save and load would bury the benchmark's log
+    # peft asks transformers a question transformers 5 renamed; the answer is the same.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     dtype = compute_dtype(device)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=dim, intermediate_size=dim_ff, num_hidden_layers=layers,
                          num_attention_heads=dim // HEAD_DIM, num_key_value_heads=dim // HEAD_DIM,
@@ -171,7 +174,7 @@ def run_peer(configs: list[dict[str, Any]], device: str, threads: int, reps: int
     cpm_live over the peer, and how both grow with the tokens of a shape."""
     reason = missing_peer()
     if reason is not None:
-        log(f"  peer {reason}")
+        log(f"  peer skipped: {reason}")
         return {"skipped": reason}
     import peft
     import transformers

@@ -61,12 +61,13 @@ def test_key_ranges_cover_every_visible_key(small_blocks):
     mask[:, :, :9] = False  # no query sees the first keys: every range starts after them
     mask[1, 20:] = False  # padding queries
     bias, query_valid, ranges = attention_bias(torch.zeros(2, 3, 23, 29), mask.clone())
-    assert ranges.device.type == "cpu" and ranges.shape == (5, 2)
-    for i, (start, end) in enumerate(ranges.tolist()):
+    assert ranges.device.type == "cpu" and ranges.shape == (5, 3)
+    for i, (start, end, blind) in enumerate(ranges.tolist()):
         rows = mask[:, i * 5:(i + 1) * 5]
         seen = rows.any(dim=(0, 1)).nonzero().flatten()
         assert start % 4 == 0 and (end % 4 == 0 or end == 29) and start < end
         assert seen.min() >= start and seen.max() < end and start >= 8
+        assert blind == int(not rows.any(dim=-1).all())  # some query of the block sees nothing
     assert torch.equal(query_valid[..., 0], mask.any(-1))
     assert torch.equal(torch.isinf(bias), (~mask & mask.any(-1, keepdim=True))[:, None].expand_as(bias))
 

@@ -34,25 +34,49 @@ def attention_bias(position_bias: torch.Tensor, mask: torch.Tensor
     """Fold ``mask (B, Lq, Lk)`` (True = may attend) into ``position_bias (B, H, Lq, Lk)``, in place.
 
     Returns the additive mask (the bias, ``-inf`` where masked), ``query_valid (B, Lq, 1)``, False for
-    a query that may attend to nothing (padding), and ``key_ranges``: an int64 CPU tensor ``(nb, 2)``,
-    the keys ``[start, end)`` that any query of block ``i`` (rows ``i * QUERY_BLOCK ...``) may see.
-    A query with nothing to see keeps its finite bias, so no kernel meets a row of only ``-inf`` (a
-    NaN in some kernels); :class:`Attention` zeroes its output instead, as CPM-Bee's
-    softmax-then-zero does.
+    a query that may attend to nothing (padding), and the plan ``key_ranges``: an int64 CPU tensor
+    ``(nb, 3)``, for the queries of block ``i`` (rows ``i * QUERY_BLOCK ...``) the keys ``[start, end)``
+    that any of them may see and whether one of them sees nothing. Such a query keeps its finite
+    bias, so no kernel meets a row of only ``-inf`` (a NaN in some kernels); :class:`Attention`
+    zeroes its output instead, as CPM-Bee's softmax-then-zero does.
     """
     batch, len_q, len_k = mask.shape
     query_valid = mask.any(dim=-1, keepdim=True)  # (B, Lq, 1)
     bias = position_bias.masked_fill_((~mask & query_valid)[:, None], float("-inf"))
     blocks = -(-len_q // QUERY_BLOCK)
-    seen = mask.any(dim=0)  # (Lq, Lk): keys any row of the batch sees
-    seen = F.pad(seen, (0, 0, 0, blocks * QUERY_BLOCK - len_q)).view(blocks, QUERY_BLOCK, len_k).any(dim=1)
+    if mask.is_meta:  # a shape-only run (the memory estimate): no values to plan by, every key is seen
+        return bias, query_valid, torch.tensor([[0, len_k, 1]] * blocks)
+    pad = blocks * QUERY_BLOCK - len_q
+    seen = F.pad(mask.any(dim=0), (0, 0, 0, pad)).view(blocks, QUERY_BLOCK, len_k).any(dim=1)  # (nb, Lk)
     keys = torch.arange(len_k, device=mask.device)
     start = torch.where(seen, keys, len_k).amin(dim=1) // KEY_ALIGN * KEY_ALIGN
     end = ((torch.where(seen, keys + 1, 0).amax(dim=1) + KEY_ALIGN - 1) // KEY_ALIGN * KEY_ALIGN).clamp(max=len_k)
     # A block of padding only sees nothing; it attends to the first key and is zeroed.
     empty = ~seen.any(dim=1)
     start, end = start.masked_fill(empty, 0), end.masked_fill(empty, 1)
-    return bias, query_valid, torch.stack([start, end], dim=1).cpu()
+    blind = F.pad(~query_valid[..., 0], (0, pad)).view(batch, blocks, QUERY_BLOCK).any(dim=2).any(dim=0)
+    return bias, query_valid, torch.stack([start, end, blind.long()], dim=1).cpu()
+
+
+class _Slices(torch.autograd.Function):
+    """Views ``x[index]`` for each index, whose gradients backward adds into one zero tensor.
+
+    Slicing through autograd one view at a time would give each view's gradient a zero-filled copy
+    of the whole ``x`` (a ``(B, H, L, L)`` one for the bias, when it trains) and add them all up.
+    """
+
+    @staticmethod
+    def forward(ctx, x, *indices):
+        ctx.shape, ctx.indices = x.shape, indices
+        return tuple(x[index] for index in indices)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grad = next(g for g in grads if g is not None).new_zeros(ctx.shape)
+        for index, g in zip(ctx.indices, grads):
+            if g is not None:
+                grad[index] += g
+        return (grad, *(None for _ in ctx.indices))
 
 
 class Attention(nn.Module):
@@ -88,13 +112,17 @@ class Attention(nn.Module):
             k = torch.cat([past_kv[0], k], dim=-2)
             v = torch.cat([past_kv[1], v], dim=-2)
         dropout_p = self.dropout_p if self.training else 0.0
+        plan = key_ranges.tolist()
+        rows = [slice(i * QUERY_BLOCK, min(len_q, (i + 1) * QUERY_BLOCK)) for i in range(len(plan))]
+        keys = [(slice(None), slice(None), slice(start, end)) for start, end, _ in plan]
+        q_blocks = _Slices.apply(q, *((slice(None), slice(None), r) for r in rows))
+        k_blocks, v_blocks = _Slices.apply(k, *keys), _Slices.apply(v, *keys)
+        biases = _Slices.apply(bias, *((slice(None), slice(None), r, key[2]) for r, key in zip(rows, keys)))
         outs = []
-        for row, (q_block, (start, end)) in enumerate(zip(q.split(QUERY_BLOCK, dim=2), key_ranges.tolist())):
-            rows = slice(row * QUERY_BLOCK, row * QUERY_BLOCK + q_block.size(2))
-            out = F.scaled_dot_product_attention(q_block, k[:, :, start:end], v[:, :, start:end],
-                                                 attn_mask=bias[:, :, rows, start:end], dropout_p=dropout_p,
-                                                 scale=1.0 / math.sqrt(self.dim_head))
-            outs.append(out.transpose(1, 2))  # (B, rows, H, dh)
+        for i, (_, _, blind) in enumerate(plan):
+            out = F.scaled_dot_product_attention(q_blocks[i], k_blocks[i], v_blocks[i], attn_mask=biases[i],
+                                                 dropout_p=dropout_p, scale=1.0 / math.sqrt(self.dim_head))
+            out = out.transpose(1, 2)  # (B, rows, H, dh)
+            outs.append(out * query_valid[:, rows[i], :, None] if blind else out)
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        out = out.reshape(batch, len_q, self.num_heads * self.dim_head) * query_valid
-        return self.attention_out(out), (k, v)
+        return self.attention_out(out.reshape(batch, len_q, self.num_heads * self.dim_head)), (k, v)
