@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import os
+import sys
 import tempfile
+import time
 import warnings
 from typing import Any
 
@@ -168,48 +171,51 @@ def job_memory(spec: dict[str, Any]) -> dict[str, Any]:
             "mmap_threshold_pinned": pinned}
 
 
-def run_peer(configs: list[dict[str, Any]], device: str, threads: int, reps: int, mem_reps: int, mem_steps: int,
-             log=print) -> dict[str, Any]:
-    """Every ``{dim, dim_ff, layers, tokens}`` in ``configs``: paired step-time ratio and peak ratio of
-    cpm_live over the peer, and how both grow with the tokens of a shape."""
-    reason = missing_peer()
-    if reason is not None:
-        log(f"  peer skipped: {reason}")
-        return {"skipped": reason}
-    import peft
-    import transformers
+def measure(cfg: dict[str, Any], device: str, threads: int, reps: int, mem_reps: int, mem_steps: int,
+            log=print) -> dict[str, Any]:
+    """One ``{dim, dim_ff, layers, tokens}``: interleaved step times, alternating fresh-worker peaks, and
+    the paired ratios of cpm_live over the peer."""
+    spec = {**cfg, "device": device, "threads": threads}
+    log(f"  peer d={cfg['dim']} layers={cfg['layers']} tokens={cfg['tokens']}: timing")
+    times = bc.run_isolated(job_timing, {**spec, "reps": reps})
+    peaks: dict[str, list[float]] = {name: [] for name in STACKS}
+    info: dict[str, dict[str, Any]] = {}
+    for rep in range(mem_reps):  # fresh workers, the stacks alternating
+        for name in STACKS[rep % 2:] + STACKS[:rep % 2]:
+            mem = bc.run_isolated(job_memory, {**spec, "stack": name, "steps": mem_steps})
+            peaks[name].append(mem["peak_above_baseline_bytes"] / bc.MIB)
+            info[name] = {k: mem[k] for k in ("stored_bytes", "trainable_params", "mmap_threshold_pinned")}
+    entry = {**cfg, "step_s": times, "peak_above_baseline_mib": peaks,
+             "step_s_median": {n: bc.median(times[n]) for n in STACKS},
+             "peak_above_baseline_mib_median": {n: bc.median(peaks[n]) for n in STACKS},
+             "stacks": info,
+             "time_ratio": bc.paired_ratio(times["cpm_live"], times["peer"]),
+             "peak_ratio": bc.median(peaks["cpm_live"]) / bc.median(peaks["peer"])}
+    log(f"    cpm_live / peer: time {entry['time_ratio']:.3f}, peak {entry['peak_ratio']:.3f} "
+        f"({entry['peak_above_baseline_mib_median']})")
+    return entry
 
-    results = []
-    for cfg in configs:
-        spec = {**cfg, "device": device, "threads": threads}
-        log(f"  peer d={cfg['dim']} layers={cfg['layers']} tokens={cfg['tokens']}: timing")
-        times = bc.run_isolated(job_timing, {**spec, "reps": reps})
-        peaks: dict[str, list[float]] = {name: [] for name in STACKS}
-        info: dict[str, dict[str, Any]] = {}
-        for rep in range(mem_reps):  # fresh workers, the stacks alternating
-            for name in STACKS[rep % 2:] + STACKS[:rep % 2]:
-                mem = bc.run_isolated(job_memory, {**spec, "stack": name, "steps": mem_steps})
-                peaks[name].append(mem["peak_above_baseline_bytes"] / bc.MIB)
-                info[name] = {k: mem[k] for k in ("stored_bytes", "trainable_params", "mmap_threshold_pinned")}
-        entry = {**cfg, "step_s": times, "peak_above_baseline_mib": peaks,
-                 "step_s_median": {n: bc.median(times[n]) for n in STACKS},
-                 "peak_above_baseline_mib_median": {n: bc.median(peaks[n]) for n in STACKS},
-                 "stacks": info,
-                 "time_ratio": bc.paired_ratio(times["cpm_live"], times["peer"]),
-                 "peak_ratio": bc.median(peaks["cpm_live"]) / bc.median(peaks["peer"])}
-        results.append(entry)
-        log(f"    cpm_live / peer: time {entry['time_ratio']:.3f}, peak {entry['peak_ratio']:.3f} "
-            f"({entry['peak_above_baseline_mib_median']})")
-    growth = {}
-    for shape in sorted({(c["dim"], c["layers"]) for c in results}):
-        rows = sorted((c for c in results if (c["dim"], c["layers"]) == shape), key=lambda c: c["tokens"])
+
+def growth(configs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per shape, each stack's step time and peak relative to its fewest-tokens configuration."""
+    out = {}
+    for shape in sorted({(c["dim"], c["layers"]) for c in configs}):
+        rows = sorted((c for c in configs if (c["dim"], c["layers"]) == shape), key=lambda c: c["tokens"])
         if len(rows) > 1:
             first = rows[0]
-            growth[f"d{shape[0]}_L{shape[1]}"] = {
+            out[f"d{shape[0]}_L{shape[1]}"] = {
                 name: {f"{c['tokens']}tok": {"time": c["step_s_median"][name] / first["step_s_median"][name],
                                              "peak": c["peak_above_baseline_mib_median"][name]
                                              / first["peak_above_baseline_mib_median"][name]}
                        for c in rows} for name in STACKS}
+    return out
+
+
+def describe(device: str, configs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The section's JSON around measured ``configs``."""
+    import peft
+    import transformers
+
     return {
         "compute_dtype": str(compute_dtype(device)).removeprefix("torch."),
         "vocab": VOCAB, "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "cpm_live_targets": list(OUR_TARGETS),
@@ -217,6 +223,86 @@ def run_peer(configs: list[dict[str, Any]], device: str, threads: int, reps: int
         "peer_versions": {"transformers": transformers.__version__, "peft": peft.__version__},
         "peak_memory_method": "fresh worker per stack and repetition, stacks alternating; RSS high-water mark "
                               "(CUDA: max_memory_allocated) above the memory in use before the model was built",
-        "configs": results,
-        "growth_over_fewest_tokens": growth,
+        "configs": configs,
+        "growth_over_fewest_tokens": growth(configs),
     }
+
+
+def run_peer(configs: list[dict[str, Any]], device: str, threads: int, reps: int, mem_reps: int, mem_steps: int,
+             log=print) -> dict[str, Any]:
+    """Every ``{dim, dim_ff, layers, tokens}`` in ``configs`` (:func:`measure`), and how both stacks grow
+    with the tokens of a shape."""
+    reason = missing_peer()
+    if reason is not None:
+        log(f"  peer skipped: {reason}")
+        return {"skipped": reason}
+    return describe(device, [measure(cfg, device, threads, reps, mem_reps, mem_steps, log) for cfg in configs])
+
+
+def _parse_config(text: str) -> dict[str, Any]:
+    dim, dim_ff, layers, tokens = (int(x) for x in text.split(":"))
+    return {"dim": dim, "dim_ff": dim_ff, "layers": layers, "tokens": tokens}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure a few configurations (each run fits one hold of a shared machine's lock), then combine.
+
+    ``python benchmarks/bench_peer.py --config 1024:2816:4:2048 --out part.json`` (dim:ff:layers:tokens,
+    repeatable); ``python benchmarks/bench_peer.py --combine part1.json part2.json --out peer.json``
+    merges the parts' configurations into one section (``run.py --sections peer`` runs all in one go).
+    """
+    import argparse
+
+    from cpm_live.utils import atomic_write_text
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="results JSON path")
+    parser.add_argument("--config", action="append", type=_parse_config, default=[],
+                        help="dim:dim_ff:layers:tokens to measure (repeatable)")
+    parser.add_argument("--combine", nargs="+", default=[], help="part JSON files written by --config runs")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved timing repetitions (default 5)")
+    parser.add_argument("--mem-reps", type=int, default=2, help="fresh workers per stack for the peak (default 2)")
+    parser.add_argument("--mem-steps", type=int, default=2, help="steps per peak measurement (default 2)")
+    args = parser.parse_args(argv)
+    if bool(args.config) == bool(args.combine):
+        parser.error("give either --config (measure) or --combine (merge parts), not both or neither")
+    if os.path.abspath(args.out) in {os.path.abspath(p) for p in args.combine}:
+        parser.error(f"--out {args.out} is one of the --combine inputs; write the combined file elsewhere")
+    command = " ".join(["python", "benchmarks/bench_peer.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.combine:
+        parts = []
+        for path in args.combine:
+            with open(path, encoding="utf-8") as f:
+                parts.append(json.load(f))
+        devices = {part["meta"]["env"]["device"] for part in parts}
+        if len(devices) != 1:
+            parser.error(f"the parts ran on different devices {sorted(devices)}; combine one device's parts")
+        configs = [c for part in parts for c in part["peer"]["configs"]]
+        result = {"meta": {"command": command, "parts": [{"file": os.path.basename(path), **part["meta"]}
+                                                           for path, part in zip(args.combine, parts)]},
+                  "peer": describe(devices.pop(), configs)}
+    else:
+        bc.quiet()
+        torch.set_num_threads(args.threads)
+        meta = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "env": bc.environment(args.device, args.threads)}
+        start = time.perf_counter()
+
+        def log(message: str) -> None:
+            print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+        result = {"meta": meta, "peer": run_peer(args.config, args.device, args.threads, args.reps, args.mem_reps,
+                                                 args.mem_steps, log=log)}
+        meta["runtime_s"] = time.perf_counter() - start
+        meta["load_average_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result["summary"] = {f"d{c['dim']}_L{c['layers']}_{c['tokens']}tok": {"time": c["time_ratio"],
+                                                                          "peak": c["peak_ratio"]}
+                         for c in result["peer"].get("configs", [])}
+    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
