@@ -141,6 +141,25 @@ def test_peer_runs_the_same_size_side_by_side(results):
     assert growth["cpm_live"]["32tok"] == {"time": 1.0, "peak": 1.0} and positive(growth["peer"]["64tok"]["time"])
 
 
+def test_peer_parts_combine_into_one_section(results, tmp_path):
+    configs = results["peer"]["configs"]
+    parts = []
+    for i, config in enumerate(configs):  # as if each configuration had run alone (one lock hold each)
+        part = tmp_path / f"part{i}.json"
+        part.write_text(json.dumps({"meta": {"env": {"device": "cpu"}}, "peer": {"configs": [config]}}))
+        parts.append(str(part))
+    out = tmp_path / "peer.json"
+    combined = bench_peer.main(["--combine", *parts, "--out", str(out)])
+    assert json.loads(out.read_text()) == combined
+    assert combined["peer"]["configs"] == configs
+    assert combined["peer"]["growth_over_fewest_tokens"] == results["peer"]["growth_over_fewest_tokens"]
+    assert set(combined["summary"]) == {"d128_L1_32tok", "d128_L1_64tok"}
+    before = Path(parts[0]).read_text()
+    with pytest.raises(SystemExit):  # the output may not be one of the inputs
+        bench_peer.main(["--combine", *parts, "--out", parts[0]])
+    assert Path(parts[0]).read_text() == before
+
+
 def test_peer_is_skipped_with_one_line_without_transformers(monkeypatch):
     real = bench_peer.importlib.util.find_spec
     monkeypatch.setattr(bench_peer.importlib.util, "find_spec",
