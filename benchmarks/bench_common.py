@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import cpm_live  # noqa: F401  first: its __init__ filters bnb's kernels-community notice before bnb loads
-from cpm_live.inputs import IGNORE_INDEX, CPMBeeInputs, LabelledInputs
+from cpm_live.data.tensors import IGNORE_INDEX, CPMBeeInputs, LabelledInputs
 from cpm_live.training.loss import token_loss_sum
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -234,7 +234,7 @@ def pin_mmap_threshold(threshold: int = 128 * 1024) -> bool:
 # Imported once by the fork server, so each isolated job starts in a few milliseconds instead of
 # re-importing torch + bitsandbytes + peft (20+ s on a loaded 2-core machine).
 # cpm_live before bitsandbytes: its __init__ filters bnb's kernels-community notice, logged at bnb's import.
-PRELOAD = ["torch", "cpm_live", "bitsandbytes", "peft", "safetensors.torch", "cpm_live.models", "cpm_live.delta",
+PRELOAD = ["torch", "cpm_live", "bitsandbytes", "peft", "safetensors.torch", "cpm_live.models", "cpm_live.lora",
            "cpm_live.convert.compress", "bench_common"]
 _context = None
 

@@ -57,8 +57,8 @@ def available_modes(device: str, force_bf16: bool = False) -> tuple[list[str], d
 
 def build_variant(mode: str, dim: int, layers: int, device: str, checkpointing: bool = False):
     """(model, AdamW over its trainable parameters) for one variant, on ``device``."""
-    from cpm_live.delta import LoraSettings, add_lora
     from cpm_live.engine import recompute_activations
+    from cpm_live.lora import LoraSettings, add_lora
     from cpm_live.models import CPMBee
 
     if mode not in MODES:

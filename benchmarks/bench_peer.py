@@ -60,7 +60,7 @@ def compute_dtype(device: str) -> torch.dtype:
 
 def build_ours(dim: int, dim_ff: int, layers: int, device: str):
     """CPM-Bee QLoRA at this shape: (model, AdamW over the LoRA weights)."""
-    from cpm_live.delta import LoraSettings, add_lora
+    from cpm_live.lora import LoraSettings, add_lora
     from cpm_live.models import CPMBee, CPMBeeConfig
 
     dtype = compute_dtype(device)
@@ -104,7 +104,7 @@ def build_peer(dim: int, dim_ff: int, layers: int, device: str):
 def causal_rows(tokens: int, device: str, seed: int = 0):
     """One row of ``tokens`` random ids: CPM-Bee inputs + targets (every token after the first is
     predicted, seeing all earlier ones) and the peer's ``input_ids``."""
-    from cpm_live.inputs import IGNORE_INDEX
+    from cpm_live.data.tensors import IGNORE_INDEX
 
     batch, target = bc.make_batch(1, tokens, VOCAB, "cpu", seed=seed)
     batch.context = torch.zeros(1, tokens, dtype=torch.bool)

@@ -40,8 +40,8 @@ def build_10b(mode: str, device: str, dtype: torch.dtype = torch.bfloat16, confi
     """The CPM-Bee-10B model as trained here: ``qlora`` (nf4 base, ``dtype`` compute and other weights)
     or ``lora_bf16`` (``dtype`` base), both with CPM-Bee's LoRA (r=8, q and v); activation checkpointing
     on. ``dtype`` is bf16 on CUDA, fp32 on a CPU without native bf16 (``scale_10b``)."""
-    from cpm_live.delta import LoraSettings, add_lora
     from cpm_live.engine import recompute_activations
+    from cpm_live.lora import LoraSettings, add_lora
     from cpm_live.models import CPMBee, CPMBeeConfig
 
     if mode not in ("qlora", "lora_bf16"):

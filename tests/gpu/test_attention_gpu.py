@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cpm_live.delta import LoraSettings, add_lora
-from cpm_live.inputs import IGNORE_INDEX
+from cpm_live.data.tensors import IGNORE_INDEX
 from cpm_live.layers.attention import QUERY_BLOCK, Attention
+from cpm_live.lora import LoraSettings, add_lora
 from cpm_live.models import CPMBee, CPMBeeConfig
-from tests.test_attention import SEVEN, eager_forward
+from tests.unit.layers.test_attention import SEVEN, eager_forward
 
 CONFIG = CPMBeeConfig(vocab_size=512, dim_model=128, num_heads=4, dim_head=32, dim_ff=256, num_layers=2, half=False)
 FUSED = ("aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention")

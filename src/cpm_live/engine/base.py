@@ -35,14 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed._composable import checkpoint
 
-from cpm_live.inputs import IGNORE_INDEX
+from cpm_live.data.tensors import IGNORE_INDEX
+from cpm_live.errors import EngineError
 from cpm_live.utils import key_mismatch
 
 DEFAULT_TIMEOUT_S = 1800.0  # torch.distributed's default collective timeout (gloo)
-
-
-class EngineError(RuntimeError):
-    """Wrong engine choice, launch environment or call order; the message says what to do."""
 
 
 def is_collective_timeout(error: BaseException) -> bool:
@@ -151,7 +148,7 @@ class Engine(abc.ABC):
         keys do not change.
 
         The block contract (the one thing an engine may assume of a block; the bmtrain engine's
-        adapter relies on it, ``tests/test_engine.py`` checks CPM-Bee's ``TransformerBlock`` against
+        adapter relies on it, ``tests/unit/engine/test_engine.py`` checks CPM-Bee's ``TransformerBlock`` against
         it): a block holds no parameters or buffers of its own, only in its children, and is called
         ``block(h, bias, query_valid, key_ranges, past_kv=None, use_cache=False) -> (h, kv)`` (all
         tensors; ``key_ranges`` stays on the CPU), where training passes only the first four and uses

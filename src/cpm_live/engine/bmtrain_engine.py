@@ -42,6 +42,7 @@ from bmtrain.store import allgather_objects
 from bmtrain.zero_context import ZeroContext
 from torch import nn
 
+from cpm_live.data.tensors import IGNORE_INDEX
 from cpm_live.engine.base import (
     Engine,
     EngineError,
@@ -49,9 +50,8 @@ from cpm_live.engine.base import (
     launch_env,
     parameter_signature,
 )
-from cpm_live.inputs import IGNORE_INDEX
 
-_LOAD_BEFORE_WRAP = ("with --engine bmtrain, load the base checkpoint (4-bit state included) into the model "
+_LOAD_BEFORE_WRAP = ("with `engine` bmtrain, load the base checkpoint (4-bit state included) into the model "
                      "before engine.wrap(); afterwards only floating-point parameters can be loaded")
 
 
@@ -182,7 +182,7 @@ class _EncoderLayerBlock(bmt.Block):
         if past_kv is None and not use_cache:
             return super().forward(h, bias, query_valid, key_ranges), None
         if torch.is_grad_enabled():
-            raise EngineError("incremental decoding (use_cache) under --engine bmtrain needs torch.no_grad()")
+            raise EngineError("incremental decoding (use_cache) under `engine` bmtrain needs torch.no_grad()")
         # Generation: gather this block's parameters and run the whole layer, cache included.
         with ZeroContext(self):
             return self._module.layer_forward(h, bias, query_valid, key_ranges, past_kv, use_cache)
@@ -219,8 +219,8 @@ class BMTrainEngine(Engine):
                  loss_scale_steps: int = 512):
         launch_env()  # validates torchrun's variables before bmtrain reads them
         if not loss_scale > 0 or not loss_scale_factor > 1 or loss_scale_steps < 1:
-            raise EngineError(f"invalid loss scaling: --loss-scale {loss_scale} (> 0), --loss-scale-factor "
-                              f"{loss_scale_factor} (> 1), --loss-scale-steps {loss_scale_steps} (>= 1)")
+            raise EngineError(f"invalid loss scaling: `loss_scale` {loss_scale} (> 0), `loss_scale_factor` "
+                              f"{loss_scale_factor} (> 1), `loss_scale_steps` {loss_scale_steps} (>= 1)")
         bmt.init_distributed(seed=seed)  # also seeds torch, random and numpy (same seed on every rank)
         super().__init__(bmt.rank(), bmt.world_size(), bmt.config["local_rank"],
                          torch.device("cuda", torch.cuda.current_device()))
@@ -236,7 +236,7 @@ class BMTrainEngine(Engine):
         owner = next(((parent, name) for parent in model.modules() for name, child in parent.named_children()
                       if blocks is not None and child is blocks), None)
         if owner is None:
-            raise EngineError(f"--engine bmtrain needs the blocks to shard: wrap(model, blocks=<a ModuleList "
+            raise EngineError(f"`engine` bmtrain needs the blocks to shard: wrap(model, blocks=<a ModuleList "
                               f"inside the model>); got {type(blocks).__name__} for {type(model).__name__}")
         self.check_consistent(parameter_signature(model), "model parameters (name, shape, dtype)")
         wrapped = []
@@ -356,7 +356,7 @@ class BMTrainEngine(Engine):
         manager = self._need_manager(optimizer)
         if state.get("engine") != self.name:
             raise EngineError(f"training state was written by engine {state.get('engine')!r}; resume it "
-                              f"with --engine {state.get('engine')} (optimizer layouts differ)")
+                              f"with `engine` {state.get('engine')} (optimizer layouts differ)")
         # Not OptimManager.load_state_dict: it calls load_state_dict on a None lr scheduler.
         optimizer.load_state_dict(state["optimizer"])
         if manager.loss_scale_enabled:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cpm_live.config import CPMBeeConfig
-from cpm_live.inputs import IGNORE_INDEX
+from cpm_live.data.tensors import IGNORE_INDEX
 from cpm_live.layers.attention import attention_bias
 from cpm_live.layers.embedding import EmbeddingExt
 from cpm_live.layers.linear_factory import make_linear, quantized_layers

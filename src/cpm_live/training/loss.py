@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cpm_live.inputs import LabelledInputs
+from cpm_live.data.tensors import LabelledInputs
 
 
 def token_loss_sum(model: nn.Module, batch: LabelledInputs) -> torch.Tensor:
