@@ -15,7 +15,8 @@ setup(
     long_description_content_type="text/markdown",
     package_dir={"": "src"},
     packages=find_packages("src"),
-    package_data={"cpm_live": ["demo_data/*.jsonl"]},
+    # quant/gemv_4bit.c is compiled at first use (cpm_live/quant/native.py), so it ships as source.
+    package_data={"cpm_live": ["demo_data/*.jsonl", "quant/*.c"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6,<2.15",

@@ -139,9 +139,9 @@ def make_batch(rows: int, seqlen: int, vocab: int, device: str, seed: int = 0) -
     return batch.to(device), target.to(device)
 
 
-def batch_shape(tokens: int) -> tuple[int, int]:
-    """(rows, seqlen) for a micro-batch of ``tokens`` tokens in rows of at most ROW_LEN."""
-    seqlen = min(tokens, ROW_LEN)
+def batch_shape(tokens: int, row_len: int = ROW_LEN) -> tuple[int, int]:
+    """(rows, seqlen) for a micro-batch of ``tokens`` tokens in rows of at most ``row_len``."""
+    seqlen = min(tokens, row_len)
     return max(1, tokens // seqlen), seqlen
 
 

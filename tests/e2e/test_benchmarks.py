@@ -16,6 +16,7 @@ from tests.conftest import REPO
 BENCH_DIR = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))  # the benchmarks are scripts beside each other, not a package
 
+import bench_decode  # noqa: E402
 import bench_finetune  # noqa: E402
 import bench_layers  # noqa: E402
 import bench_peer  # noqa: E402
@@ -209,8 +210,8 @@ def test_scale_10b_stages_at_a_tiny_size(tmp_path):
     saved = []
     out = scale_10b.run_scale(str(work), path, tokens=32, generate_tokens=2, progress=False,
                               on_stage=lambda r: saved.append(sorted(r)), log=quiet_log)
-    assert [s for s in ("write", "quantize", "load", "load_quantize_on_the_fly", "step") if s in saved[-1]] == \
-        ["write", "quantize", "load", "load_quantize_on_the_fly", "step"] and len(saved) == 5
+    stages = ["write", "quantize", "load", "load_quantize_on_the_fly", "step", "decode"]
+    assert [s for s in stages if s in saved[-1]] == stages and len(saved) == 6
     q = out["quantize"]
     assert positive(q["mb_per_s"]) and positive(q["input_gb"]) and q["peak_rss_gib"] * 2**30 >= q["baseline_rss_bytes"]
     for name in ("load", "load_quantize_on_the_fly"):
@@ -223,7 +224,28 @@ def test_scale_10b_stages_at_a_tiny_size(tmp_path):
     assert out["step_within_15pct_of_estimate"] == (abs(out["step_peak_over_estimate"] - 1) <= 0.15)
     if (BENCH_DIR.parents[1] / "shared" / "cpm-bee" / "vocab" / "bee.txt").is_file():
         assert isinstance(step["generation"]["answer"], str) and step["generation"]["max_new_tokens"] == 2
+    decode = out["decode"]
+    assert decode["prompt_tokens"] == 64 and positive(decode["prompt_tokens_per_s"])
+    assert decode["pairs"] > 0 and all(len(s) >= decode["pairs"] for s in decode["step_seconds"].values())
+    assert all(positive(r) for r in decode["decode_tokens_per_s"].values())
+    assert positive(decode["decode_speedup"]) and positive(decode["logits_seconds_per_token"])
+    assert all(check["passed"] for check in decode["kernel_checks"])
     assert not list(work.iterdir())  # both checkpoints removed
+
+
+def test_decode_benchmark_at_a_tiny_size():
+    out = bench_decode.run_decode(64, 256, 2, 2, 3000, prompt_tokens=16, new_tokens=3, reps=2, threads=1)
+    assert list(out["variants"]) == list(bench_decode.VARIANTS)
+    for variant in out["variants"].values():
+        assert variant["prompt_tokens"] == 16 and all(n > 0 for n in variant["decode_tokens"])
+        assert all(positive(r) for r in variant["prompt_tokens_per_s"] + variant["decode_tokens_per_s"])
+    assert all(positive(r) for r in out["ratios"].values()) and len(out["ratios"]) == 6
+    assert all(check["passed"] for check in out["kernel_checks"])
+    rows = bench_decode.run_rows(((64, 128),), (1, 5), reps=2, threads=1)
+    for result in rows["results"]:
+        if "skipped" not in result:
+            assert set(result["rows"]) == {1, 5}
+            assert all(positive(ms) for r in result["rows"].values() for ms in r["ms_median"].values())
 
 
 def test_main_writes_json_and_png(tmp_path):

@@ -231,7 +231,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(tmp_
     partial = tmp_path / "checkpoints" / "step-00000004.partial"
     name = resume.TRAINABLE_FILE if too_big == "trainable" else resume.OPTIMIZER_FILE
     assert message.startswith(f"cannot write {partial / name} (") and "\n" not in message, run.stdout + run.stderr
-    assert "is the disk full?" in message and "MiB free there" in message and "--resume auto" in message
+    assert "is the disk full?" in message and "MiB free there" in message and "`resume` auto" in message
     assert steps_on_disk(tmp_path) == ["step-00000002"]
     assert resume._is_complete(tmp_path / "checkpoints" / "step-00000002")
     assert not partial.exists() and (tmp_path / "checkpoints" / "latest").read_text() == "step-00000002\n"

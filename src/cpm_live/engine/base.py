@@ -100,6 +100,22 @@ def recompute_activations(blocks: Iterable[nn.Module]) -> None:
         checkpoint(block)
 
 
+def float_parameters_outside_quantized_layers(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters that are not part of a quantized layer's state.
+
+    A module holding an integer parameter (packed 4-bit codes, int8 weights) is a quantized layer: its
+    floating-point parameters (``weight_nested_absmax``, ``SCB``) are statistics of those codes, stored
+    under the layer's own state-dict keys (``weight.nested_absmax``), and load with them.
+    """
+    names = []
+    for prefix, module in model.named_modules():
+        own = list(module.named_parameters(prefix=prefix, recurse=False))
+        if any(not (p.is_floating_point() or p.is_complex()) for _, p in own):
+            continue
+        names += [name for name, p in own if p.is_floating_point()]
+    return names
+
+
 def parameter_signature(model: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
     """``(name, shape, dtype)`` of every parameter: what must agree across ranks before sharding."""
     return [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]

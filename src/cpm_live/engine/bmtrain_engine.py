@@ -47,12 +47,14 @@ from cpm_live.engine.base import (
     Engine,
     EngineError,
     check_state_dict_keys,
+    float_parameters_outside_quantized_layers,
     launch_env,
     parameter_signature,
 )
 
 _LOAD_BEFORE_WRAP = ("with `engine` bmtrain, load the base checkpoint (4-bit state included) into the model "
-                     "before engine.wrap(); afterwards only floating-point parameters can be loaded")
+                     "before engine.wrap(); afterwards only the floating-point parameters outside the 4-bit/int8 "
+                     "layers can be loaded")
 
 
 class DistributedParameter4Int8(bmt.DistributedParameter):
@@ -330,10 +332,11 @@ class BMTrainEngine(Engine):
 
     def load_state_dict(self, model: nn.Module, state_dict: Mapping[str, torch.Tensor],
                         strict: bool = True) -> None:
-        # After wrap only floating-point parameters load (the 4-bit state went in before wrap), so
-        # those are what ``strict`` asks for; a 4-bit key is one the wrapped model does not take.
-        floating = [name for name, p in model.named_parameters() if p.is_floating_point()]
-        check_state_dict_keys(state_dict, floating, strict, hint=_LOAD_BEFORE_WRAP)
+        # After wrap only the floating-point parameters outside quantized layers load (the 4-bit and
+        # int8 state, its float statistics included, went in before wrap), so those are what
+        # ``strict`` asks for; a quantized layer's key is one the wrapped model does not take.
+        loadable = float_parameters_outside_quantized_layers(model)
+        check_state_dict_keys(state_dict, loadable, strict, hint=_LOAD_BEFORE_WRAP)
         model.load_state_dict(dict(state_dict), strict=False)  # each Block / DistributedModule: its shard
         if self._optimizer is not None:  # keep AdamOffload's host fp32 masters in step with the weights
             for group in self._optimizer.param_groups:
@@ -346,7 +349,7 @@ class BMTrainEngine(Engine):
         manager = self._need_manager(optimizer)
         # gather=True: whole (unsharded) Adam moments and masters, loadable at another world size.
         # BMTrain's gather needs some state to exist (it reads a step count), i.e. one step done.
-        opt_state = optimizer.state_dict(gather=bool(optimizer.state))
+        opt_state = self._optimizer.state_dict(gather=bool(self._optimizer.state))
         if not self.is_main:
             return {}
         return {"engine": self.name, "optimizer": opt_state, "loss_scale": float(manager.loss_scale),
@@ -358,7 +361,7 @@ class BMTrainEngine(Engine):
             raise EngineError(f"training state was written by engine {state.get('engine')!r}; resume it "
                               f"with `engine` {state.get('engine')} (optimizer layouts differ)")
         # Not OptimManager.load_state_dict: it calls load_state_dict on a None lr scheduler.
-        optimizer.load_state_dict(state["optimizer"])
+        self._optimizer.load_state_dict(state["optimizer"])
         if manager.loss_scale_enabled:
             manager.loss_scale = float(state["loss_scale"])
             manager.steps_since_last_scale = int(state["steps_since_last_scale"])

@@ -5,6 +5,7 @@ from .bee import CPMBeeBeamSearch, CPMBeeGeneration, CPMBeeGreedy, CPMBeeSamplin
 from .decoding import Cursor, Decoder
 from .prompt import Prompt, PromptBatch, build_batch, build_prompt, fill_answers, put_placeholders
 from .sampling import TopKTopPSampler, greedy_choice, sample, top_k_top_p_filtering
+from .stats import GenerationStats
 
 __all__ = [
     "BeamHypotheses",
@@ -14,6 +15,7 @@ __all__ = [
     "CPMBeeSampling",
     "Cursor",
     "Decoder",
+    "GenerationStats",
     "Prompt",
     "PromptBatch",
     "TopKTopPSampler",

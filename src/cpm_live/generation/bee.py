@@ -21,6 +21,7 @@ from cpm_live.generation.beam_search import beam_search
 from cpm_live.generation.decoding import Decoder, model_device
 from cpm_live.generation.prompt import AnswerToken, PromptBatch, build_batch, build_prompt, fill_answers
 from cpm_live.generation.sampling import TopKTopPSampler, greedy_choice, sample
+from cpm_live.generation.stats import GenerationStats
 from cpm_live.tokenizers import CPMBeeTokenizer
 
 
@@ -29,7 +30,7 @@ class CPMBeeGeneration:
 
     As in the original, the samples' ``"<ans>"`` values are replaced in place (every leaf becomes
     the generated text, or None if that answer was never reached) and the same list is returned.
-    The model is put in eval mode.
+    The model is put in eval mode. ``stats`` sums prompt and decode tokens and times over all calls.
     """
 
     def __init__(self, model: nn.Module, tokenizer: CPMBeeTokenizer):
@@ -43,6 +44,7 @@ class CPMBeeGeneration:
         model.eval()
         self.model = model
         self.tokenizer = tokenizer
+        self.stats = GenerationStats()
 
     @property
     def device(self) -> torch.device:
@@ -62,7 +64,7 @@ class CPMBeeGeneration:
 
     def _decoder(self, batch: PromptBatch, repetition_penalty: float,
                  repetition_window: int | None) -> Decoder:
-        return Decoder(self.model, self.tokenizer, batch, repetition_penalty, repetition_window)
+        return Decoder(self.model, self.tokenizer, batch, repetition_penalty, repetition_window, self.stats)
 
 
 class CPMBeeBeamSearch(CPMBeeGeneration):

@@ -17,6 +17,7 @@ from torch import nn
 
 from cpm_live.data.tensors import CPMBeeInputs
 from cpm_live.generation.prompt import AnswerToken, PromptBatch
+from cpm_live.generation.stats import GenerationStats
 from cpm_live.tokenizers import CPMBeeTokenizer
 
 BANNED_LOGIT = -10000.0  # the original's value for unk / foreign ext columns (not -inf)
@@ -57,11 +58,12 @@ class Decoder:
     Rows start as one per sample; a strategy changes them with `reorder` (beam expansion, beam
     selection, dropping finished rows). ``repetition_penalty`` (>= 1) divides positive and multiplies
     negative logits of every base id fed since the prompt (bos included), or of the last
-    ``repetition_window`` fed ids.
+    ``repetition_window`` fed ids. Prefill and steps are timed into ``stats`` (a fresh one if not given).
     """
 
     def __init__(self, model: nn.Module, tokenizer: CPMBeeTokenizer, batch: PromptBatch,
-                 repetition_penalty: float = 1.0, repetition_window: int | None = None):
+                 repetition_penalty: float = 1.0, repetition_window: int | None = None,
+                 stats: GenerationStats | None = None):
         if repetition_penalty < 1.0:
             raise ValueError(f"repetition_penalty must be >= 1.0 (1.0 = off), got {repetition_penalty}")
         if repetition_window is not None and repetition_window < 0:
@@ -74,7 +76,10 @@ class Decoder:
         self._ext_ids = batch.ext_table_ids.tolist()
         self._ext_subs = batch.ext_table_sub.tolist()
         inputs = batch.inputs
+        self.stats = stats if stats is not None else GenerationStats()
+        self._clock = self.stats.timer(inputs.input.device)
         _, _, self.state = model.inference(**inputs.inference_kwargs(), past_key_values=None)
+        self._clock.prefill_done(sum(len(p.input_ids) for p in batch.prompts))
         # Generated tokens take num_segments / segment_rel_offset from the last (never padded) column.
         self._num_segments = inputs.num_segments[:, -1:]
         self._segment_rel_offset = inputs.segment_rel_offset[:, -1:]
@@ -152,8 +157,9 @@ class Decoder:
         logits, _, self.state = self.model.inference(**inputs.inference_kwargs(), past_key_values=self.state)
         self._fed = torch.cat([self._fed, token.long()], dim=1)
         logits = logits[:, -1, :].float()  # (rows, V + X)
-        logits = logits.masked_fill(self._banned.index_select(0, row_sample), BANNED_LOGIT)
-        return self._penalize(logits)
+        logits = self._penalize(logits.masked_fill(self._banned.index_select(0, row_sample), BANNED_LOGIT))
+        self._clock.step_done(rows)
+        return logits
 
     def _penalize(self, logits: torch.Tensor) -> torch.Tensor:
         if self.repetition_penalty == 1.0:

@@ -2,7 +2,8 @@
 
 Quantization is bitsandbytes' own; the matmul and ``dequantize()`` go through
 :mod:`cpm_live.quant.dequant` (exact torch on CPU, where bnb's native kernel is wrong for some shapes;
-bitsandbytes' kernels on CUDA).
+bitsandbytes' kernels on CUDA). Without autograd (generation, evaluation), a few rows on CPU go
+through :mod:`cpm_live.quant.gemv` instead, which reads the packed weight without dequantizing it.
 
 Lifecycle: the weight is quantized exactly once, when the module is built (``reset_parameters``
 quantizes an N(0, 1) CPM-Bee init; ``from_weight`` / ``from_linear`` quantize a given dense weight)
@@ -46,7 +47,7 @@ import bitsandbytes.functional as bnbF
 import torch
 from torch import nn
 
-from cpm_live.quant import dequant
+from cpm_live.quant import dequant, gemv
 from cpm_live.quant import format as qformat
 
 _HINT = ("build the model with the checkpoint's int4 settings (int4_quant_type / int4_blocksize / "
@@ -165,7 +166,11 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim_in:
             raise ValueError(f"Linear4bit expects inputs with last dim {self.dim_in}, got {list(x.shape)}")
-        out = dequant.matmul_4bit(x.to(self.compute_dtype), self.weight, self.quant_state())
+        x_compute, state = x.to(self.compute_dtype), self.quant_state()
+        if torch.is_grad_enabled():
+            out = dequant.matmul_4bit(x_compute, self.weight, state)
+        else:  # inference (generation, evaluation): few rows skip the dense weight
+            out = gemv.matmul_4bit_inference(x_compute, self.weight, state)
         return out.to(x.dtype) / math.sqrt(self.dim_in)
 
     @torch.no_grad()
