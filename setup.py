@@ -34,6 +34,9 @@ setup(
     extras_require={
         "test": ["pytest>=7,<10", "ruff>=0.5"],
         "gpu": ["bmtrain>=1.0.1,<1.1"],
+        # The side-by-side benchmark's peer (benchmarks/bench_peer.py): a Llama loaded in 4-bit by
+        # transformers, with peft's LoRA (peft and bitsandbytes are required anyway).
+        "peer": ["transformers>=5.0,<6", "accelerate>=1.0,<2"],
     },
     entry_points={
         "console_scripts": [

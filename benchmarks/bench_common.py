@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import cpm_live  # noqa: F401  first: its __init__ filters bnb's kernels-community notice before bnb loads
-from cpm_live.data.tensors import IGNORE_INDEX, CPMBeeInputs
+from cpm_live.data.tensors import IGNORE_INDEX, CPMBeeInputs, LabelledInputs
+from cpm_live.training.loss import token_loss_sum
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 BENCH_DIR = Path(__file__).resolve().parent
@@ -147,11 +147,10 @@ def batch_shape(tokens: int, row_len: int = ROW_LEN) -> tuple[int, int]:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: CPMBeeInputs, target: torch.Tensor
                ) -> float:
-    """forward + loss + backward + AdamW step, as the training loop does it (mean over predicted tokens,
-    whose positions alone are projected onto the vocabulary)."""
-    labelled = target != IGNORE_INDEX
-    logits, _ = model(**batch.forward_kwargs(), logits_mask=labelled)  # (N, V + X)
-    loss = F.cross_entropy(logits.float(), target[labelled])
+    """forward + loss + backward + AdamW step, as the training loop does it: its own loss function
+    (``training.loss.token_loss_sum``), divided by the labelled token count."""
+    labelled = LabelledInputs(batch, target)
+    loss = token_loss_sum(model, labelled) / max(labelled.num_labels, 1)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

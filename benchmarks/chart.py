@@ -66,7 +66,7 @@ def _quantize(ax, streaming: dict[str, Any]) -> None:
 def _estimate(ax, est: dict[str, Any], measured: dict[str, Any] | None) -> None:
     modes = ("qlora", "lora_bf16")
     stacks = [{**est[m]["parts_gib"],
-               "working set": max(est[m]["one_block_recompute_gib"], est[m]["loss_backward_gib"])} for m in modes]
+               "working set": max(est[m]["one_block_recompute_gib"], est[m]["loss_gib"])} for m in modes]
     bottoms = [0.0] * len(modes)
     for part in stacks[0]:
         values = [stack[part] for stack in stacks]

@@ -1,18 +1,24 @@
 """CPM-Bee-10B: estimated peak GPU memory of a QLoRA step vs bf16 LoRA, and (on CUDA) the measured one.
 
 The estimate needs no GPU. The model is built on the meta device (exact parameter bytes, the 4-bit
-state included) and one forward + loss runs there under ``saved_tensors_hooks``, which records
-every tensor autograd keeps for backward, split into "inside block i" and "outside any block".
-With activation checkpointing a block keeps only its input until backward recomputes it, so:
+state included) and one forward runs there under ``saved_tensors_hooks``, which records every tensor
+autograd keeps for backward, split into "inside block i" and "outside any block". Meta tensors would
+take torch's math attention kernel, which keeps the (B, H, T, T) probabilities; the kernels that run
+on a GPU (cuDNN, memory-efficient) and on a CPU (flash) keep q, k, v, the output and a (B, H, T)
+log-sum-exp instead, so attention is counted as they keep it. With activation checkpointing a block
+keeps only its input until backward recomputes it, so:
 
     resident   = weights + LoRA (fp32 param, grad, Adam m and v) + block inputs (layers x T x d)
-                 + position bias and its gradient (B, H, T, T) + mask + tensors saved outside blocks
+                 + the additive attention mask (B, H, T, T), built once and shared by every layer
+                 + tensors saved outside blocks
     peak       = resident + max(one block's saved tensors + its backward transients,
-                                logits/loss gradients)
+                                the loss: one chunk of logits at a time)
 
-Backward transients of a block are taken as two copies of its largest saved tensor (the gradient of
-the attention scores and of the softmax input) plus the largest dequantized weight. This is an
-estimate with its assumptions in the JSON; ``--device cuda`` measures the real step.
+Backward transients of a block are taken as two copies of its largest saved tensor plus the largest
+dequantized weight. The loss never holds the (T, V) logits: it takes a chunk of rows at a time
+(``layers.projection_loss``), so its working set is one chunk's fp32 logits and their copy in the
+activation dtype. This is an estimate with its assumptions in the JSON; ``--device cuda`` measures
+the real step.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from typing import Any
 
 import bench_common as bc
 import torch
+import torch.nn.functional as F
 
-from cpm_live.data.tensors import IGNORE_INDEX
+from cpm_live.layers.projection_loss import CHUNK_LOGITS
 
 CONFIG_PATH = bc.REPO_ROOT / "src" / "config" / "cpm-bee-10b.json"
 GIB = 2**30
@@ -55,8 +62,31 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+class _FusedAttention(torch.autograd.Function):
+    """Shape-only stand-in for the fused SDPA kernels: keeps for backward what they keep (q, k, v,
+    the output and an fp32 (B, H, Lq) log-sum-exp; the mask is the shared resident one)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad, grad
+
+
+def _fused_sdpa(q, k, v, attn_mask=None, **_):
+    return _FusedAttention.apply(q, k, v)
+
+
 def saved_tensor_bytes(model: torch.nn.Module, config, tokens: int) -> dict[str, Any]:
-    """Bytes autograd saves per block and outside blocks for one forward + loss (no checkpointing)."""
+    """Bytes autograd saves per block and outside blocks for one forward (no checkpointing).
+
+    The forward runs without targets (selecting the labelled rows has no shape-only version): the
+    output projection's saved input, one (T, d) tensor, stands for the loss's two (N, d) gradients.
+    """
     from cpm_live.layers.blocks import TransformerBlock
 
     own = {p.untyped_storage()._cdata for p in list(model.parameters()) + list(model.buffers())}
@@ -76,12 +106,14 @@ def saved_tensor_bytes(model: torch.nn.Module, config, tokens: int) -> dict[str,
     for i, block in enumerate(m for m in model.modules() if isinstance(m, TransformerBlock)):
         handles.append(block.register_forward_pre_hook(lambda *_, i=i: scope.append(f"block{i}")))
         handles.append(block.register_forward_hook(leave))
-    batch, target = bc.make_batch(1, tokens, config.vocab_size, "meta")
-    try:
+    batch, _ = bc.make_batch(1, tokens, config.vocab_size, "meta")
+    sdpa = F.scaled_dot_product_attention
+    try:  # this job's process only; restored even on error
+        F.scaled_dot_product_attention = _fused_sdpa
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits, _ = model(**batch.forward_kwargs())
-            torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
+            model(**batch.forward_kwargs())
     finally:
+        F.scaled_dot_product_attention = sdpa
         for h in handles:
             h.remove()
     blocks = [v for k, v in saved.items() if k != "outside"]
@@ -89,7 +121,6 @@ def saved_tensor_bytes(model: torch.nn.Module, config, tokens: int) -> dict[str,
         "outside_blocks": sum(saved["outside"].values()),
         "per_block_max": max(sum(b.values()) for b in blocks),
         "largest_in_block": max(max(b.values()) for b in blocks),
-        "logits_bytes": _nbytes(logits),
     }
 
 
@@ -110,13 +141,13 @@ def estimate(mode: str, tokens: int = 2048, dtype: torch.dtype = torch.bfloat16,
         "weights": weights,
         "lora_param_grad_adam": lora_params * (4 + 4 + 8),
         "checkpointed_block_inputs": config.num_layers * tokens * config.dim_model * act_bytes,
-        "position_bias_and_grad": 2 * heads_tt,
-        "mask": tokens * tokens,
+        "attention_mask": heads_tt,  # the bias table is frozen in both modes: no gradient of it
+        "bool_mask": tokens * tokens,
         "saved_outside_blocks": saved["outside_blocks"],
     }
     block_phase = saved["per_block_max"] + 2 * saved["largest_in_block"] + largest_weight
-    # Loss backward: fp32 gradient of the log-softmax and the gradient of the logits in their dtype.
-    loss_phase = saved["logits_bytes"] // act_bytes * (4 + act_bytes)
+    # The loss: one chunk of fp32 logits and its copy in the activation dtype for the gradient matmuls.
+    loss_phase = CHUNK_LOGITS * (4 + act_bytes)
     resident = sum(parts.values())
     peak = resident + max(block_phase, loss_phase)
     return {
@@ -124,7 +155,7 @@ def estimate(mode: str, tokens: int = 2048, dtype: torch.dtype = torch.bfloat16,
         "dtype": str(dtype).removeprefix("torch."),
         "lora_params": lora_params,
         "parts_gib": {k: v / GIB for k, v in parts.items()},
-        "one_block_recompute_gib": block_phase / GIB, "loss_backward_gib": loss_phase / GIB,
+        "one_block_recompute_gib": block_phase / GIB, "loss_gib": loss_phase / GIB,
         "estimated_peak_gib": peak / GIB,
     }
 
@@ -145,6 +176,9 @@ def run_estimate(tokens: int = 2048) -> dict[str, Any]:
             "bf16 activations and non-quantized weights; LoRA r=8 on project_q/project_v in fp32 with fp32 "
             "grads and AdamW m, v",
             "activation checkpointing per block: each block keeps its input; one block is recomputed at a time",
+            "attention keeps what the fused kernels keep (q, k, v, output, log-sum-exp); one additive mask "
+            "(1, H, T, T) in the activation dtype is shared by every layer",
+            "the loss holds one chunk of logits at a time (layers.projection_loss.CHUNK_LOGITS)",
             "block backward transients = 2 x its largest saved tensor + the largest dequantized weight",
             "torch.cuda.max_memory_allocated scope: the CUDA context (~0.5 GiB) and allocator slack are not "
             "included",

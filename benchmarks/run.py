@@ -7,7 +7,8 @@
     python benchmarks/run.py --tiny --bf16 --out /tmp/r.json     # those GPU sections at tiny sizes, on CPU (seconds)
 
 Sections: finetune (QLoRA on NF4 and int8 bases vs LoRA vs full: step time and peak memory), profile (where
-QLoRA time goes), layers (our Linear4bit+LoRA vs bitsandbytes Linear4bit+peft), compression and
+QLoRA time goes), layers (our Linear4bit+LoRA vs bitsandbytes Linear4bit+peft), peer (a whole QLoRA step
+against transformers + peft + bitsandbytes at the same size, 512 to 4096 tokens), compression and
 quantize_streaming (bytes/param and checkpoint sizes for NF4 and int8, the logits' error of both vs fp32,
 quantize_state_dict MB/s and peak memory), quantize_workers
 (quantize_state_dict at 1 vs all cores on a 1 GiB checkpoint of 10B shapes, same bytes), scaling (1 vs 2 ranks,
@@ -29,6 +30,7 @@ from typing import Any
 import bench_common as bc
 import bench_finetune
 import bench_layers
+import bench_peer
 import bench_quantize
 import bench_scaling
 import chart
@@ -38,8 +40,8 @@ import torch
 
 from cpm_live.utils import atomic_write_text
 
-SECTIONS = ("finetune", "profile", "layers", "compression", "quantize_streaming", "quantize_workers", "scaling",
-            "estimate_10b", "measured_10b", "scale10b")
+SECTIONS = ("finetune", "profile", "layers", "peer", "compression", "quantize_streaming", "quantize_workers",
+            "scaling", "estimate_10b", "measured_10b", "scale10b")
 # scale10b writes a 19 GB checkpoint and runs for an hour or more: only when asked for by name.
 DEFAULT_SECTIONS = SECTIONS[:-1]
 
@@ -50,6 +52,8 @@ PLANS: dict[str, dict[str, Any]] = {
                                  {"dim": 1024, "layers": 2, "tokens": 512}], "reps": 5, "mem_steps": 2},
         "profile": {"dim": 512, "layers": 2, "tokens": 2048, "reps": 3},
         "layers": {"shapes": [(1024, 1024), (1024, 2560), (2560, 1024)], "tokens": 1024, "reps": 5},
+        "peer": {"configs": [{"dim": 1024, "dim_ff": 2816, "layers": 4, "tokens": t} for t in (512, 2048)],
+                 "reps": 3, "mem_reps": 2, "mem_steps": 1},
         "compression": {"bpp_shapes": [(4096, 4096)], "logit_error": {"dim": 512, "layers": 2, "tokens": 512}},
         "quantize_streaming": {"dim": 1024, "layers": [2, 4, 8], "formats": ["pt", "safetensors"]},
         "quantize_workers": {"layers": 1, "reps": 2},
@@ -61,6 +65,10 @@ PLANS: dict[str, dict[str, Any]] = {
         "profile": {"dim": 512, "layers": 4, "tokens": 2048, "reps": 5},
         "layers": {"shapes": [(1024, 1024), (1024, 2560), (2560, 1024), (4096, 4096), (4096, 10240),
                               (10240, 4096)], "tokens": 2048, "reps": 7},
+        # The issue's shapes (Llama-like d/ff) at CPM-Bee's default 2048 tokens, and around it.
+        "peer": {"configs": [{"dim": d, "dim_ff": ff, "layers": 4, "tokens": t}
+                             for d, ff in ((1024, 2816), (2048, 5632)) for t in (512, 2048, 4096)],
+                 "reps": 5, "mem_reps": 2, "mem_steps": 2},
         "compression": {"bpp_shapes": [(4096, 4096), (10240, 4096), (4096, 10240)],
                         "logit_error": {"dim": 1024, "layers": 4, "tokens": 1024}},
         "quantize_streaming": {"dim": 2048, "layers": [2, 4, 8, 16], "formats": ["pt", "safetensors"]},
@@ -77,6 +85,8 @@ PLANS: dict[str, dict[str, Any]] = {
         "measured_10b": {"tokens": 2048, "steps": 3, "modes": ["qlora"]},
         "profile": {"dim": 2048, "layers": 4, "tokens": 2048, "reps": 3},
         "layers": {"shapes": [(4096, 4096), (4096, 10240), (10240, 4096)], "tokens": 4096, "reps": 7},
+        "peer": {"configs": [{"dim": 2048, "dim_ff": 5632, "layers": 4, "tokens": t} for t in (2048, 4096)],
+                 "reps": 5, "mem_reps": 2, "mem_steps": 2},
         "compression": {"bpp_shapes": [(4096, 4096)], "logit_error": {"dim": 512, "layers": 2, "tokens": 512}},
         "quantize_streaming": {"dim": 2048, "layers": [2, 4, 8], "formats": ["safetensors"]},
         "scaling": {"modes": ["qlora"], "dim": 512, "layers": 2, "tokens": 512, "steps": 3, "reps": 1},
@@ -109,6 +119,9 @@ def run_section(name: str, plan: dict[str, Any], args: argparse.Namespace, workd
     if name == "layers":
         p = plan["layers"]
         return bench_layers.run_layers(p["shapes"], p["tokens"], p["reps"], device, threads)
+    if name == "peer":
+        p = plan["peer"]
+        return bench_peer.run_peer(p["configs"], device, threads, p["reps"], p["mem_reps"], p["mem_steps"], log=log)
     if name == "compression":
         p = plan["compression"]
         return bench_quantize.run_compression(workdir, p["bpp_shapes"], p.get("logit_error"))
@@ -145,6 +158,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     if "layers" in results:
         out["layers_cpm_live_over_hf_bnb"] = {f"{r['dim_in']}x{r['dim_out']}": r["cpm_live_over_hf_bnb"]
                                               for r in results["layers"]["results"]}
+    if "configs" in results.get("peer", {}):
+        out["peer_cpm_live_over_peer"] = {f"d{c['dim']}_L{c['layers']}_{c['tokens']}tok":
+                                          {"time": c["time_ratio"], "peak": c["peak_ratio"]}
+                                          for c in results["peer"]["configs"]}
     if "profile" in results:
         p = results["profile"]
         out["profile_qlora_categories_ms"] = p["qlora"]["categories_ms"]

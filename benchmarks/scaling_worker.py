@@ -16,7 +16,8 @@ import time
 import bench_common as bc
 import torch
 
-from cpm_live.data.tensors import IGNORE_INDEX
+from cpm_live.data.tensors import LabelledInputs
+from cpm_live.training.loss import token_loss_sum
 
 
 def main() -> None:
@@ -48,10 +49,8 @@ def main() -> None:
     batch, target = bc.make_batch(rows, seqlen, bc.BENCH_VOCAB, "cpu", seed=engine.rank)
 
     def step() -> None:
-        logits, _ = model(**batch.forward_kwargs())
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
-                                                 ignore_index=IGNORE_INDEX)
-        engine.backward(loss)
+        labelled = LabelledInputs(batch, target)
+        engine.backward(token_loss_sum(model, labelled) / labelled.num_labels)
         engine.step(optimizer)
         engine.zero_grad(optimizer)
 

@@ -19,6 +19,7 @@ sys.path.insert(0, str(BENCH_DIR))  # the benchmarks are scripts beside each oth
 import bench_decode  # noqa: E402
 import bench_finetune  # noqa: E402
 import bench_layers  # noqa: E402
+import bench_peer  # noqa: E402
 import bench_quantize  # noqa: E402
 import bench_scaling  # noqa: E402
 import chart  # noqa: E402
@@ -47,6 +48,8 @@ def results(tmp_path_factory):
                                                     mem_steps=1, log=quiet_log),
             "profile": bench_finetune.run_profile(64, 1, 64, "cpu", 1, reps=1),
             "layers": bench_layers.run_layers([(64, 128)], tokens=16, reps=2, device="cpu", threads=1),
+            "peer": bench_peer.run_peer([{"dim": 128, "dim_ff": 352, "layers": 1, "tokens": t} for t in (32, 64)],
+                                        "cpu", 1, reps=2, mem_reps=2, mem_steps=1, log=quiet_log),
             "compression": bench_quantize.run_compression(work, [(64, 256)], {"dim": 64, "layers": 1, "tokens": 64}),
             "quantize_streaming": bench_quantize.run_streaming(work, 64, [1, 2], ["safetensors"], 1,
                                                                log=quiet_log),
@@ -125,6 +128,49 @@ def test_scaling_shards_parameters(results):
     assert positive(two["step_s_median"])
 
 
+def test_peer_runs_the_same_size_side_by_side(results):
+    p = results["peer"]
+    assert [c["tokens"] for c in p["configs"]] == [32, 64]
+    for c in p["configs"]:
+        assert positive(c["time_ratio"]) and positive(c["peak_ratio"])
+        assert [len(c["step_s"][s]) for s in bench_peer.STACKS] == [2, 2]
+        assert [len(c["peak_above_baseline_mib"][s]) for s in bench_peer.STACKS] == [2, 2]
+        # the same model size: LoRA r=16 on seven projections of the same shapes; 4-bit bases of equal size
+        ours, peer = c["stacks"]["cpm_live"], c["stacks"]["peer"]
+        assert ours["trainable_params"] == peer["trainable_params"]
+        assert ours["stored_bytes"] == pytest.approx(peer["stored_bytes"], rel=0.01)
+    growth = p["growth_over_fewest_tokens"]["d128_L1"]
+    assert growth["cpm_live"]["32tok"] == {"time": 1.0, "peak": 1.0} and positive(growth["peer"]["64tok"]["time"])
+
+
+def test_peer_parts_combine_into_one_section(results, tmp_path):
+    configs = results["peer"]["configs"]
+    parts = []
+    for i, config in enumerate(configs):  # as if each configuration had run alone (one lock hold each)
+        part = tmp_path / f"part{i}.json"
+        part.write_text(json.dumps({"meta": {"env": {"device": "cpu"}}, "peer": {"configs": [config]}}))
+        parts.append(str(part))
+    out = tmp_path / "peer.json"
+    combined = bench_peer.main(["--combine", *parts, "--out", str(out)])
+    assert json.loads(out.read_text()) == combined
+    assert combined["peer"]["configs"] == configs
+    assert combined["peer"]["growth_over_fewest_tokens"] == results["peer"]["growth_over_fewest_tokens"]
+    assert set(combined["summary"]) == {"d128_L1_32tok", "d128_L1_64tok"}
+    before = (tmp_path / "part0.json").read_text()
+    with pytest.raises(SystemExit):  # the output may not be one of the inputs
+        bench_peer.main(["--combine", *parts, "--out", parts[0]])
+    assert (tmp_path / "part0.json").read_text() == before
+
+
+def test_peer_is_skipped_with_one_line_without_transformers(monkeypatch):
+    real = bench_peer.importlib.util.find_spec
+    monkeypatch.setattr(bench_peer.importlib.util, "find_spec",
+                        lambda name: None if name == "transformers" else real(name))
+    out = bench_peer.run_peer([{"dim": 128, "dim_ff": 352, "layers": 1, "tokens": 32}], "cpu", 1, 1, 1, 1,
+                              log=quiet_log)
+    assert out == {"skipped": 'transformers not installed (pip install -e ".[peer]")'}
+
+
 def test_10b_estimate(results):
     e = results["estimate_10b"]
     assert e["qlora"]["estimated_peak_gib"] < e["lora_bf16"]["estimated_peak_gib"]
@@ -137,7 +183,7 @@ def test_summary_and_chart(results, tmp_path):
     summary = run.summarize(results)
     assert set(summary) >= {"finetune_ratios", "layers_cpm_live_over_hf_bnb", "linear_bytes_per_param",
                             "linear_bytes_per_param_int8", "logits_relative_l2_vs_fp32", "quantize",
-                            "scaling_2_over_1", "estimate_10b_peak_gib"}
+                            "scaling_2_over_1", "estimate_10b_peak_gib", "peer_cpm_live_over_peer"}
     png = tmp_path / "chart.png"
     chart.write_chart(results, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -166,8 +166,9 @@ class Engine(abc.ABC):
         The block contract (the one thing an engine may assume of a block; the bmtrain engine's
         adapter relies on it, ``tests/unit/engine/test_engine.py`` checks CPM-Bee's ``TransformerBlock`` against
         it): a block holds no parameters or buffers of its own, only in its children, and is called
-        ``block(h, attention_mask, position_bias, past_kv=None, use_cache=False) -> (h, kv)``, where
-        training passes only the first three and uses only ``h``.
+        ``block(h, bias, query_valid, key_ranges, past_kv=None, use_cache=False) -> (h, kv)`` (all
+        tensors; ``key_ranges`` stays on the CPU), where training passes only the first four and uses
+        only ``h``.
         """
 
     @abc.abstractmethod

@@ -126,7 +126,7 @@ def _distribute_outside_blocks(module: nn.Module) -> None:
 
 
 class _HiddenStatesOnly(nn.Module):
-    """A ``TransformerBlock`` as ``(h, mask, bias) -> h`` for ``bmt.Block`` (one output only).
+    """A ``TransformerBlock`` as ``(h, bias, query_valid, key_ranges) -> h`` for ``bmt.Block`` (one output only).
 
     It adopts the layer's children instead of holding the layer as a submodule, so parameter names
     (and checkpoint keys) stay ``encoder.layers.N.self_att...``.
@@ -141,9 +141,9 @@ class _HiddenStatesOnly(nn.Module):
             self.add_module(name, child)
         self.layer_forward = layer.forward
 
-    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor,
-                position_bias: torch.Tensor) -> torch.Tensor:
-        return self.layer_forward(h, attention_mask, position_bias)[0]
+    def forward(self, h: torch.Tensor, bias: torch.Tensor, query_valid: torch.Tensor,
+                key_ranges: torch.Tensor) -> torch.Tensor:
+        return self.layer_forward(h, bias, query_valid, key_ranges)[0]
 
 
 @contextlib.contextmanager
@@ -172,21 +172,22 @@ def _integer_shards_allowed() -> Iterator[None]:
 
 
 class _EncoderLayerBlock(bmt.Block):
-    """``bmt.Block`` called like an Encoder layer: ``(h, mask, bias, past_kv, use_cache) -> (h, kv)``."""
+    """``bmt.Block`` called like an Encoder layer: ``(h, bias, query_valid, key_ranges, past_kv, use_cache)
+    -> (h, kv)``."""
 
     def __init__(self, layer: _HiddenStatesOnly, use_checkpoint: bool):
         with _integer_shards_allowed():
             super().__init__(layer, use_checkpoint=use_checkpoint)
 
-    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor, position_bias: torch.Tensor,
+    def forward(self, h: torch.Tensor, bias: torch.Tensor, query_valid: torch.Tensor, key_ranges: torch.Tensor,
                 past_kv: Any = None, use_cache: bool = False) -> tuple[torch.Tensor, Any]:
         if past_kv is None and not use_cache:
-            return super().forward(h, attention_mask, position_bias), None
+            return super().forward(h, bias, query_valid, key_ranges), None
         if torch.is_grad_enabled():
             raise EngineError("incremental decoding (use_cache) under `engine` bmtrain needs torch.no_grad()")
         # Generation: gather this block's parameters and run the whole layer, cache included.
         with ZeroContext(self):
-            return self._module.layer_forward(h, attention_mask, position_bias, past_kv, use_cache)
+            return self._module.layer_forward(h, bias, query_valid, key_ranges, past_kv, use_cache)
 
 
 class _AdamOffloadW(bmt.optim.AdamOffloadOptimizer):

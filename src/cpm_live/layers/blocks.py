@@ -27,10 +27,10 @@ class SelfAttentionBlock(nn.Module):
                                         config.dropout_p)
         self.dropout = _block_dropout(config)
 
-    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor, position_bias: torch.Tensor,
-                past_kv: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+    def forward(self, h: torch.Tensor, bias: torch.Tensor, query_valid: torch.Tensor,
+                key_ranges: torch.Tensor, past_kv: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         x = self.layernorm_before_attention(h)
-        x, kv = self.self_attention(x, attention_mask, position_bias, past_kv)
+        x, kv = self.self_attention(x, bias, query_valid, key_ranges, past_kv)
         if self.dropout is not None:
             x = self.dropout(x)
         return (h + x) / RESIDUAL_DAMPING, kv
@@ -59,13 +59,13 @@ class TransformerBlock(nn.Module):
         self.self_att = None if mask_att else SelfAttentionBlock(config, linear)
         self.ffn = None if mask_ffn else FFNBlock(config, linear)
 
-    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor, position_bias: torch.Tensor,
-                past_kv: KVCache | None = None, use_cache: bool = False,
+    def forward(self, h: torch.Tensor, bias: torch.Tensor, query_valid: torch.Tensor,
+                key_ranges: torch.Tensor, past_kv: KVCache | None = None, use_cache: bool = False,
                 ) -> tuple[torch.Tensor, KVCache | None]:
         """Returns the new hidden states and, with ``use_cache``, this layer's ``(k, v)``."""
         kv = None
         if self.self_att is not None:
-            h, kv = self.self_att(h, attention_mask, position_bias, past_kv)
+            h, kv = self.self_att(h, bias, query_valid, key_ranges, past_kv)
         if self.ffn is not None:
             h = self.ffn(h)
         # Without use_cache the (k, v) is dropped so activation checkpointing does not keep it alive.

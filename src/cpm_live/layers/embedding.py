@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpm_live.layers.projection_loss import projection_cross_entropy
+
 
 def rotate_by_subscript(x: torch.Tensor, sub: torch.Tensor, distance_scale: int = 16,
                         base: float = 10000.0) -> torch.Tensor:
@@ -57,3 +59,9 @@ class EmbeddingExt(nn.Module):
         if ext_table is not None:
             logits = torch.cat([logits, F.linear(hidden, ext_table)], dim=-1)
         return logits
+
+    def cross_entropy_sum(self, hidden: torch.Tensor, ext_table: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross entropy (fp32) of ``projection(hidden (N, d), ext_table)`` against ``targets (N,)``,
+        computed a chunk of rows at a time without the ``(N, V + X)`` logits (``projection_loss``)."""
+        return projection_cross_entropy(hidden / math.sqrt(self.dim_model), self.weight, hidden, ext_table,
+                                        targets.long())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -60,5 +59,10 @@ class BucketPositionBias(nn.Module):
             inner = position_bucket(key_pos[..., None, :] - query_pos[..., :, None],
                                     self.num_buckets, self.max_distance)  # (B, Lq, Lk)
             bucket = torch.where(rel_buckets == 0, inner, rel_buckets - 1 + self.num_buckets)
-        embeds = F.embedding(bucket, self.relative_attention_bias)  # (B, Lq, Lk, H)
-        return embeds.permute(0, 3, 1, 2).contiguous()  # (B, H, Lq, Lk)
+        batch, len_q, len_k = bucket.shape
+        # Gathering each head's row of the transposed table writes (H, B*Lq*Lk) contiguously; an
+        # embedding lookup would give (B, Lq, Lk, H), whose permute to (B, H, Lq, Lk) is a strided copy
+        # of the largest tensor of a long sequence.
+        table = self.relative_attention_bias.t().contiguous()  # (H, buckets), a few KiB
+        bias = torch.index_select(table, 1, bucket.reshape(-1).long())  # (H, B*Lq*Lk)
+        return bias.view(self.num_heads, batch, len_q, len_k).transpose(0, 1)  # (B, H, Lq, Lk)

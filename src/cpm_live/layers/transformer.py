@@ -21,14 +21,16 @@ class Encoder(nn.Module):
         )
         self.output_layernorm = LayerNorm(config.dim_model, config.dtype, config.eps)
 
-    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor, position_bias: torch.Tensor,
-                past_key_values: list[KVCache | None] | None = None, use_cache: bool = False,
+    def forward(self, h: torch.Tensor, bias: torch.Tensor, query_valid: torch.Tensor,
+                key_ranges: torch.Tensor, past_key_values: list[KVCache | None] | None = None,
+                use_cache: bool = False,
                 ) -> tuple[torch.Tensor, list[KVCache | None]]:
         """Returns the normalised hidden states and, with ``use_cache``, each layer's ``(k, v)``
-        (None for a masked attention sub-block)."""
+        (None for a masked attention sub-block). Every layer shares ``bias``, ``query_valid`` and
+        ``key_ranges`` (:func:`cpm_live.layers.attention.attention_bias`, built once per forward)."""
         present = []
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values is not None else None
-            h, kv = layer(h, attention_mask, position_bias, past, use_cache)
+            h, kv = layer(h, bias, query_valid, key_ranges, past, use_cache)
             present.append(kv)
         return self.output_layernorm(h), present

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from cpm_live.config import CPMBeeConfig
+from cpm_live.data.tensors import IGNORE_INDEX
+from cpm_live.layers.attention import attention_bias
 from cpm_live.layers.embedding import EmbeddingExt
 from cpm_live.layers.linear_factory import make_linear, quantized_layers
 from cpm_live.layers.position_embedding import BucketPositionBias
@@ -61,15 +63,15 @@ class CPMBee(nn.Module):
                 context: torch.Tensor, sample_ids: torch.Tensor, num_segments: torch.Tensor,
                 segment: torch.Tensor, segment_rel_offset: torch.Tensor, segment_rel: torch.Tensor,
                 span: torch.Tensor, ext_table_ids: torch.Tensor, ext_table_sub: torch.Tensor,
-                logits_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Training forward over packed rows; all inputs ``(B, L)`` int except ``length (B,)``,
         ``segment_rel (B, R)`` and the ext table ``(X,)``. Returns logits ``(B, L, V + X)`` and the
         final hidden states ``(B, L, d)``.
 
-        ``logits_mask (B, L)`` bool projects only the positions it marks: logits ``(N, V + X)`` in
-        row-major order. The loss needs logits only where there is a label (about 2 of a CCPM
-        record's 83 tokens), and the projection onto the vocabulary is the largest matmul of a small
-        model and the largest activation of any model.
+        With ``targets (B, L)`` (``IGNORE_INDEX`` = no loss) the first result is instead the summed
+        cross entropy (fp32) over the labelled positions, computed without their logits
+        (``EmbeddingExt.cross_entropy_sum``): the projection onto the vocabulary is the largest matmul
+        of a small model and its logits the largest activation of any model.
         """
         batch, seqlen = input.shape
         with torch.no_grad():
@@ -92,11 +94,14 @@ class CPMBee(nn.Module):
             position = arange.expand(batch, seqlen)
 
         h = self.input_embedding(input, input_sub)
-        position_bias = self.position_bias(position, position, bucket)
-        h, _ = self.encoder(h, mask, position_bias)
+        bias, query_valid, key_ranges = attention_bias(
+            self.position_bias(position, position, bucket).to(h.dtype), mask)
+        h, _ = self.encoder(h, bias, query_valid, key_ranges)
         ext_table = self.input_embedding(ext_table_ids, ext_table_sub)
-        projected = h if logits_mask is None else h[logits_mask]  # (B, L, d) or (N, d)
-        return self.input_embedding.projection(projected, ext_table), h
+        if targets is None:
+            return self.input_embedding.projection(h, ext_table), h
+        labelled = targets != IGNORE_INDEX
+        return self.input_embedding.cross_entropy_sum(h[labelled], ext_table, targets[labelled]), h
 
     @torch.no_grad()
     def inference(self, input: torch.Tensor, input_sub: torch.Tensor, position: torch.Tensor,
@@ -137,8 +142,9 @@ class CPMBee(nn.Module):
         mask = mask & (present["buffer_num_segments"] != 0)[:, None, :]
 
         h = self.input_embedding(input, input_sub)
-        position_bias = self.position_bias(position, key_position, bucket)
-        h, present["buffer"] = self.encoder(h, mask, position_bias, past_buffer, use_cache=True)
+        bias, query_valid, key_ranges = attention_bias(
+            self.position_bias(position, key_position, bucket).to(h.dtype), mask)
+        h, present["buffer"] = self.encoder(h, bias, query_valid, key_ranges, past_buffer, use_cache=True)
         if not with_logits:
             return None, h, present
         ext_table = self.input_embedding(ext_table_ids, ext_table_sub)

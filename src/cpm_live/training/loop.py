@@ -21,12 +21,13 @@ from cpm_live.checkpoint.adapters import save_adapter, save_cpm_bee_delta
 from cpm_live.checkpoint.base_model import load_base
 from cpm_live.config import CPMBeeConfig
 from cpm_live.data.pack import FinetuneDataset, check_records
-from cpm_live.data.tensors import IGNORE_INDEX, LabelledInputs
+from cpm_live.data.tensors import LabelledInputs
 from cpm_live.engine import engine_from_args, format_summary, inspect_model
 from cpm_live.errors import TrainingError
 from cpm_live.lora import add_lora, trainable_parameter_report
 from cpm_live.tokenizers import CPMBeeTokenizer
 from cpm_live.training.args import FinetuneArgs
+from cpm_live.training.loss import token_loss_sum
 from cpm_live.training.metrics import MetricsLogger
 from cpm_live.training.progress import RunOutcome, StepProgress, eval_bar, summary, timestamp
 from cpm_live.training.schedulers import LRSchedule
@@ -223,11 +224,8 @@ class Trainer:
         return self._last_batch.to(self.engine.device), False
 
     def _token_losses(self, batch: LabelledInputs) -> tuple[torch.Tensor, int]:
-        """Sum of per-token cross entropy over labelled tokens, and their count. Only labelled
-        positions are projected onto the vocabulary (the rest would be ignored by the loss)."""
-        labelled = batch.target != IGNORE_INDEX
-        logits, _ = self.model(**batch.inputs.forward_kwargs(), logits_mask=labelled)  # (N, V + X)
-        return self.engine.cross_entropy_sum(logits, batch.target[labelled]), batch.num_labels
+        """Sum of per-token cross entropy over labelled tokens, and their count."""
+        return token_loss_sum(self.model, batch), batch.num_labels
 
     def _next_microbatches(self, it) -> list[dict[str, Any] | None]:
         """Up to ``accumulation`` micro-batches; an empty list at the end of the epoch."""

@@ -12,8 +12,8 @@ from tests.tiny_models import packed_batch, run, tiny_config
 
 
 def _params(fn) -> list[str]:
-    """The input parameters (the options past_key_values, logits_mask, with_logits are not model inputs)."""
-    options = ("self", "past_key_values", "logits_mask", "with_logits")
+    """The input parameters (the options past_key_values, targets and with_logits are not model inputs)."""
+    options = ("self", "past_key_values", "targets", "with_logits")
     return [p for p in inspect.signature(fn).parameters if p not in options]
 
 
@@ -34,18 +34,22 @@ def test_keyword_call_equals_the_original_positional_call():
         torch.testing.assert_close(model(**inputs.forward_kwargs())[0], run(model, batch), rtol=0, atol=0)
 
 
-def test_logits_mask_projects_only_the_marked_positions():
+def test_targets_give_the_summed_cross_entropy_of_the_labelled_logits():
     config = tiny_config()
     torch.manual_seed(3)
     model = CPMBee(config).eval()
     inputs = CPMBeeInputs.from_arrays(packed_batch(config.vocab_size))
-    mask = torch.rand(inputs.input.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    g = torch.Generator().manual_seed(1)
+    targets = torch.randint(0, config.vocab_size + 1, inputs.input.shape, generator=g)  # the last column is ext
+    targets[torch.rand(targets.shape, generator=g) < 0.7] = IGNORE_INDEX
     with torch.no_grad():
         full, hidden = model(**inputs.forward_kwargs())
-        some, same_hidden = model(**inputs.forward_kwargs(), logits_mask=mask)
-        none, _ = model(**inputs.forward_kwargs(), logits_mask=torch.zeros_like(mask))
-    assert some.shape == (int(mask.sum()), full.size(-1)) and none.shape == (0, full.size(-1))
-    torch.testing.assert_close(some, full[mask], rtol=1e-6, atol=1e-6)
+        loss, same_hidden = model(**inputs.forward_kwargs(), targets=targets)
+        nothing, _ = model(**inputs.forward_kwargs(), targets=torch.full_like(targets, IGNORE_INDEX))
+    labelled = targets != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(full[labelled], targets[labelled], reduction="sum")
+    assert loss.dtype == torch.float32 and float(nothing) == 0.0
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(same_hidden, hidden, rtol=0, atol=0)
 
 

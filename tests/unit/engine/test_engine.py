@@ -287,21 +287,22 @@ def test_cpm_bee_blocks_keep_the_block_contract_engines_rely_on():
     """``Engine.wrap``'s block contract (the bmtrain adapter calls blocks by it; bmtrain is GPU-only)."""
     import inspect
 
+    from cpm_live.layers.attention import attention_bias
     from cpm_live.layers.blocks import TransformerBlock
     from cpm_live.models import CPMBee, CPMBeeConfig
 
     params = list(inspect.signature(TransformerBlock.forward).parameters.values())[1:]
-    assert [p.name for p in params] == ["h", "attention_mask", "position_bias", "past_kv", "use_cache"]
-    assert [p.default for p in params[3:]] == [None, False]
+    assert [p.name for p in params] == ["h", "bias", "query_valid", "key_ranges", "past_kv", "use_cache"]
+    assert [p.default for p in params[4:]] == [None, False]
     torch.manual_seed(0)
     model = CPMBee(CPMBeeConfig(vocab_size=64, dim_model=32, dim_ff=48, num_layers=2, num_heads=2, dim_head=16,
                                 half=False))
     for block in model.encoder.layers:
         assert not list(block.parameters(recurse=False)) and not list(block.buffers(recurse=False))
     h = torch.randn(1, 3, 32)
-    mask = torch.ones(1, 3, 3, dtype=torch.bool)
-    bias = torch.zeros(1, 2, 3, 3)
-    out, kv = model.encoder.layers[0](h, mask, bias)
+    attention = attention_bias(torch.zeros(1, 2, 3, 3), torch.ones(1, 3, 3, dtype=torch.bool))
+    assert all(isinstance(t, torch.Tensor) for t in attention) and attention[2].device.type == "cpu"
+    out, kv = model.encoder.layers[0](h, *attention)
     assert out.shape == h.shape and kv is None  # no cache unless asked
-    out_cached, kv = model.encoder.layers[0](h, mask, bias, None, True)
+    out_cached, kv = model.encoder.layers[0](h, *attention, None, True)
     assert torch.equal(out_cached, out) and kv is not None
