@@ -70,7 +70,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "base": {"steps": 150, "lr": 1e-2, "batch_size": 8, "max_length": 64, "warmup": 10, "decay": "constant",
                  "eval_interval": 50, "save_iters": 0, "seed": 0},
         "heldout_records": 100, "task_eval_records": 64,
-        "finetune": {"steps": 20, "eval_interval": 5, "lr": 3e-3, "batch_size": 8, "max_length": 64,
+        "finetune": {"steps": 12, "eval_interval": 4, "lr": 3e-3, "batch_size": 8, "max_length": 64,
                      "lora_r": 8, "lora_alpha": 16, "warmup": 2},
         "generate": {"max_length": 4, "batch_size": 16},
         # One process per format: at this size a process's start costs more than its fine-tunes.
@@ -496,6 +496,30 @@ def run_quality(plan: dict[str, Any], data: dict[str, Any], base: dict[str, Any]
             "jobs_seconds": time.perf_counter() - jobs_started, "seconds": time.perf_counter() - started}
 
 
+def default_data(quick: bool) -> str:
+    return "ccpm" if ccpm_available() and not quick else "demo"
+
+
+def run_section(quick: bool, workdir: str, threads: int) -> dict[str, Any]:
+    """``benchmarks/run.py``'s section: the default data, base cache and one job per core."""
+    plan = PLANS["quick" if quick else "full"]
+    work = Path(workdir)
+    data = prepare_data(default_data(quick), plan, work / "data")
+    base = ensure_base(plan, data, DEFAULT_CACHE)
+    return {"plan": plan, **run_quality(plan, data, base, work, len(os.sched_getaffinity(0)), threads)}
+
+
+def headline(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per format: perplexity (and over fp32's), mean accuracy and final eval loss over seeds."""
+    out = {}
+    for name, row in rows.items():
+        out[name] = {"perplexity": row["perplexity"], "perplexity_over_fp32": row["perplexity_over_reference"]}
+        if row["runs"]:
+            out[name].update(accuracy_mean=row["accuracy"]["mean"], accuracy_std=row["accuracy"]["std"],
+                             final_eval_loss_mean=row["final_eval_loss"]["mean"])
+    return out
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -516,7 +540,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="torch threads while building the base (default 1; on a machine of your own: its cores)")
     args = p.parse_args(argv)
     if args.data == "auto":
-        args.data = "ccpm" if ccpm_available() and not args.quick else "demo"
+        args.data = default_data(args.quick)
     if args.data == "ccpm" and not ccpm_available():
         p.error(f"--data ccpm needs {SHARED}/vocab/bee.txt and {SHARED}/ccpm/raw_data/; use --data demo")
     for name in ("workers", "threads", "build_threads"):

@@ -10,8 +10,10 @@ QLoRA time goes), layers (our Linear4bit+LoRA vs bitsandbytes Linear4bit+peft), 
 quantize_streaming (bytes/param and checkpoint sizes for NF4 and int8, the logits' error of both vs fp32,
 quantize_state_dict MB/s and peak memory), quantize_workers
 (quantize_state_dict at 1 vs all cores on a 1 GiB checkpoint of 10B shapes, same bytes), scaling (1 vs 2 ranks,
-FSDP2 on gloo), estimate_10b (CPM-Bee-10B QLoRA peak memory, analytic), on CUDA, measured_10b, and only
-when named, scale10b (CPM-Bee-10B end to end on CPU; also ``python benchmarks/scale_10b.py``).
+FSDP2 on gloo), estimate_10b (CPM-Bee-10B QLoRA peak memory, analytic), on CUDA, measured_10b, quality (held-out
+perplexity and LoRA fine-tunes of a pretrained base in every format; also ``python benchmarks/quality.py``, which
+draws docs/quality.md's plot), and only when named, scale10b (CPM-Bee-10B end to end on CPU; also ``python
+benchmarks/scale_10b.py``).
 Ratios are measured side by side (interleaved repetitions, medians); see bench_common.
 """
 
@@ -32,13 +34,14 @@ import bench_quantize
 import bench_scaling
 import chart
 import estimate_10b
+import quality
 import scale_10b
 import torch
 
 from cpm_live.utils import atomic_write_text
 
 SECTIONS = ("finetune", "profile", "layers", "compression", "quantize_streaming", "quantize_workers", "scaling",
-            "estimate_10b", "measured_10b", "scale10b")
+            "estimate_10b", "measured_10b", "quality", "scale10b")
 # scale10b writes a 19 GB checkpoint and runs for an hour or more: only when asked for by name.
 DEFAULT_SECTIONS = SECTIONS[:-1]
 
@@ -118,6 +121,8 @@ def run_section(name: str, plan: dict[str, Any], args: argparse.Namespace, workd
         if device != "cuda":
             return {"skipped": "needs --device cuda (a CPM-Bee-10B step does not fit this machine's budget)"}
         return estimate_10b.run_measured_10b(log=log)
+    if name == "quality":
+        return quality.run_section(args.quick, os.path.join(workdir, "quality"), threads)
     if name == "scale10b":
         return scale_10b.run_scale(workdir, log=log)
     raise ValueError(f"unknown section {name!r}; choose from {SECTIONS}")
@@ -162,6 +167,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         e = results["estimate_10b"]
         out["estimate_10b_peak_gib"] = {"qlora": e["qlora"]["estimated_peak_gib"],
                                         "lora_bf16": e["lora_bf16"]["estimated_peak_gib"]}
+    if "quality" in results:
+        out["quality"] = quality.headline(results["quality"]["rows"])
     measured = results.get("measured_10b", {})
     if "qlora_over_lora_peak" in measured:
         out["measured_10b"] = {k: measured[k] for k in ("qlora_over_lora_peak", "qlora_under_12_gib")}
