@@ -45,10 +45,13 @@ from typing import Any
 
 import bench_common as bc
 
+from cpm_live.utils import atomic_write_text
+
 REPO = bc.REPO_ROOT
 SHARED = REPO.parent / "shared" / "cpm-bee"
 DEFAULT_CACHE = Path.home() / ".cache" / "cpm_live" / "quality-base"
 REFERENCE = "fp32"
+MATCH_QUESTION = "这句诗写的是这段话的意境吗？"  # "does this poem line depict this passage?"
 
 # name -> how the checkpoint is made from the fp32 base, and the config keys that load it.
 FORMATS: dict[str, dict[str, Any]] = {
@@ -81,10 +84,10 @@ PLANS: dict[str, dict[str, Any]] = {
         "model": {"dim_model": 512, "num_heads": 8, "dim_head": 64, "dim_ff": 1280, "num_layers": 8},
         "base": {"steps": 480, "lr": 1e-2, "batch_size": 2, "max_length": 256, "warmup": 20, "decay": "cosine",
                  "eval_interval": 120, "save_iters": 40, "seed": 0},
-        "heldout_records": 384, "task_eval_records": 160,
-        "finetune": {"steps": 60, "eval_interval": 15, "lr": 2e-3, "batch_size": 4, "max_length": 256,
-                     "lora_r": 16, "lora_alpha": 32, "warmup": 5},
-        "generate": {"max_length": 4, "batch_size": 16},
+        "heldout_records": 384, "task_eval_records": 96,
+        "finetune": {"steps": 50, "eval_interval": 10, "lr": 3e-3, "batch_size": 2, "max_length": 256,
+                     "lora_r": 16, "lora_alpha": 32, "warmup": 4},
+        "generate": {"max_length": 2, "batch_size": 16},
         "seeds": [1, 2, 3], "seeds_per_job": 1, "finetuned": ["fp32", "int8", "fp4", "nf4", "nf4_dq"],
     },
 }
@@ -99,8 +102,6 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------- data
 
 def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> str:
-    from cpm_live.utils import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return str(path)
 
@@ -117,6 +118,24 @@ def _ccpm_reformat() -> Callable[[dict[str, Any]], dict[str, Any]]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.reformat_record
+
+
+def match_records(records: Sequence[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """One yes/no example per CCPM record: its translation with its own line (every even record, 是)
+    or with the line of another record drawn with ``seed`` (否).
+
+    The answers are common characters whose embedding rows the text base has trained; CCPM's own
+    ``<option_k>`` labels never occur in its text, so under LoRA their frozen rows would stay at
+    their init (see ``cpm_live/demo/format_base.py``) and the answer could not be learned."""
+    rng = random.Random(seed)
+    lines = [r["options"][r["<ans>"]] for r in records]
+    out = []
+    for i, record in enumerate(records):
+        line, answer = lines[i], "是"
+        while i % 2 and line == lines[i]:
+            line, answer = rng.choice(lines), "否"
+        out.append({"input": record["input"], "poem": line, "question": MATCH_QUESTION, "<ans>": answer})
+    return out
 
 
 def ccpm_available() -> bool:
@@ -137,11 +156,13 @@ def prepare_data(kind: str, plan: dict[str, Any], work: Path) -> dict[str, Any]:
                 for split, records in splits.items()}
         random.Random(0).shuffle(docs["train"])
         return {"kind": "ccpm", "source": str(SHARED), "vocab": str(SHARED / "vocab" / "bee.txt"),
-                "task": "CCPM: which classical poem line matches a modern translation (4 options)",
+                "task": "does this classical poem line depict this modern translation? (CCPM pairs; half the "
+                        "lines belong to another translation; answer 是 / 否)",
                 "base_train": _write_jsonl(work / "base_train.jsonl", docs["train"]),
                 "heldout": _write_jsonl(work / "heldout.jsonl", docs["eval"][:plan["heldout_records"]]),
-                "task_train": _write_jsonl(work / "task_train.jsonl", splits["train"]),
-                "task_eval": _write_jsonl(work / "task_eval.jsonl", splits["eval"][:plan["task_eval_records"]])}
+                "task_train": _write_jsonl(work / "task_train.jsonl", match_records(splits["train"], seed=0)),
+                "task_eval": _write_jsonl(work / "task_eval.jsonl",
+                                          match_records(splits["eval"], seed=1)[:plan["task_eval_records"]])}
     from cpm_live.demo import DEMO_WORDS, demo_data_file
     from cpm_live.tokenizers.bee import build_tiny_vocab
 
@@ -182,7 +203,6 @@ def ensure_base(plan: dict[str, Any], data: dict[str, Any], cache_dir: Path) -> 
     ``sessions.jsonl`` (a SIGTERM stops a session after saving; the next call resumes)."""
     from cpm_live.demo.format_base import train_base
     from cpm_live.training.metrics import read_metrics
-    from cpm_live.utils import atomic_write_text
 
     config = base_config(plan, data["vocab"])
     settings = {"model": config, "build": plan["base"],
@@ -211,7 +231,8 @@ def ensure_base(plan: dict[str, Any], data: dict[str, Any], cache_dir: Path) -> 
     finally:
         with open(out / "sessions.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                "seconds": round(time.perf_counter() - started, 1)}) + "\n")
+                                "seconds": round(time.perf_counter() - started, 1), "threads": _torch_threads(),
+                                "load_average_1m": os.getloadavg()[0]}) + "\n")
     records = read_metrics(str(out / "train" / "metrics.jsonl"))
     train_losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
     heldout = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
@@ -219,8 +240,8 @@ def ensure_base(plan: dict[str, Any], data: dict[str, Any], cache_dir: Path) -> 
     summary = {"path": str(out / "base.pt"), "config": str(config_file), "key": key, "settings": settings,
                "command": "cpm_live.demo.format_base.train_base -> cpm-bee-finetune (full fine-tune from random "
                           "weights)",
-               "build_seconds": round(sum(s["seconds"] for s in sessions), 1), "sessions": len(sessions),
-               "threads": _torch_threads(), "train_loss_first": train_losses[0][1],
+               "build_seconds": round(sum(s["seconds"] for s in sessions), 1), "sessions": sessions,
+               "train_loss_first": train_losses[0][1],
                "train_loss_last": train_losses[-1][1], "heldout_loss_curve": heldout,
                "chance_loss": math.log(config["vocab_size"]), "environment": bc.environment("cpu", _torch_threads())}
     atomic_write_text(summary_file, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
@@ -239,19 +260,20 @@ def make_formats(base: dict[str, Any], names: Sequence[str], work: Path) -> dict
     """Checkpoint and config of each format, made from the fp32 base with the project's CLIs."""
     from cpm_live.convert.cli import main as quantize_main
     from cpm_live.convert.export import main as export_main
-    from cpm_live.utils import atomic_write_text
 
     config = json.loads(Path(base["config"]).read_text(encoding="utf-8"))
+    work.mkdir(parents=True, exist_ok=True)
     out = {}
     for name in names:
         spec = FORMATS[name]
         checkpoint = work / f"base-{name}.safetensors"
-        if "export" in spec:
-            export_main(["--model-config", base["config"], "--load", base["path"], "--output", str(checkpoint),
-                         "--dtype", spec["export"], "--force"])
-        else:
-            quantize_main(["--input-path", base["path"], "--output-path", str(checkpoint), "--force",
-                           "--workers", "1", *spec["quantize"]])
+        if not checkpoint.is_file():  # else an earlier session of this run made it (the CLIs write atomically)
+            if "export" in spec:
+                export_main(["--model-config", base["config"], "--load", base["path"], "--output", str(checkpoint),
+                             "--dtype", spec["export"]])
+            else:
+                quantize_main(["--input-path", base["path"], "--output-path", str(checkpoint), "--workers", "1",
+                               *spec["quantize"]])
         config_file = work / f"config-{name}.json"
         atomic_write_text(config_file, json.dumps({**config, "int4_compute_dtype": "float32", **spec["config"]},
                                                   indent=1) + "\n")
@@ -457,12 +479,22 @@ def write_plot(rows: dict[str, dict[str, Any]], path: str, title: str) -> str:
 
 # ---------------------------------------------------------------- driver
 
+def _job_file(job: dict[str, Any]) -> Path:
+    """Where a job's result is kept: named by a hash of everything the job is given (base included)."""
+    key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(job["dir"]) / f"result-seeds{'-'.join(map(str, job['seeds'])) or 'none'}-{key}.json"
+
+
 def run_quality(plan: dict[str, Any], data: dict[str, Any], base: dict[str, Any], work: Path, workers: int,
-                threads: int) -> dict[str, Any]:
-    """Formats, jobs and summary, for a built base."""
+                threads: int, only: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Formats, jobs and summary for a built base; None while jobs are left.
+
+    Each job's result is kept in ``work``, so a run can be split into sessions that each run the
+    jobs of the formats in ``only`` (default: all left); the summary is made once every job has its
+    result. Each session's seconds are logged in ``work/sessions.jsonl``."""
     started = time.perf_counter()
     names = [n for n in FORMATS if n in plan["finetuned"] or n == "bf16"]
-    formats = make_formats(base, names, work / "formats")
+    formats = make_formats(base, names, work / "formats" / base["key"])
     task_train = _read_jsonl(data["task_train"])
     by_seed = {}
     for seed in plan["seeds"]:  # the seed also orders the training records
@@ -470,7 +502,7 @@ def run_quality(plan: dict[str, Any], data: dict[str, Any], base: dict[str, Any]
         random.Random(seed).shuffle(records)
         by_seed[str(seed)] = _write_jsonl(work / "data" / f"task_train-seed{seed}.jsonl", records)
     one_record = _write_jsonl(work / "data" / "one_record.jsonl", task_train[:1])
-    common = {"vocab": data["vocab"], "heldout": data["heldout"], "task_eval": data["task_eval"],
+    common = {"base": base["key"], "vocab": data["vocab"], "heldout": data["heldout"], "task_eval": data["task_eval"],
               "task_train_by_seed": by_seed, "one_record": one_record, "finetune": plan["finetune"],
               "generate": plan["generate"], "threads": threads}
     jobs = []
@@ -481,19 +513,35 @@ def run_quality(plan: dict[str, Any], data: dict[str, Any], base: dict[str, Any]
         for i, group in enumerate(groups or [[]]):
             jobs.append({**common, **formats[name], "format": name, "seeds": group, "base_evals": i == 0,
                          "dir": str(work / "runs" / name)})
-    log(f"{len(jobs)} jobs on {workers} worker(s), {threads} thread(s) each")
-    jobs_started = time.perf_counter()
+    todo = [job for job in jobs if not _job_file(job).is_file() and (only is None or job["format"] in only)]
+    log(f"{len(todo)} of {len(jobs)} jobs now, on {workers} worker(s), {threads} thread(s) each")
 
-    def run(job: dict[str, Any]) -> dict[str, Any]:
+    def run(job: dict[str, Any]) -> None:
+        job_started = time.perf_counter()
         result = bc.run_isolated(job_format, job)
-        log(f"{job['format']} seeds {job['seeds']} done")
-        return result
+        result["job_seconds"] = time.perf_counter() - job_started
+        atomic_write_text(_job_file(job), json.dumps(result, indent=1) + "\n")
+        log(f"{job['format']} seeds {job['seeds']} done in {result['job_seconds']:.0f} s")
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(run, jobs))
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(run, todo))
+    finally:
+        with open(work / "sessions.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "jobs": len(todo),
+                                "seconds": round(time.perf_counter() - started, 1),
+                                "load_average_1m": os.getloadavg()[0]}) + "\n")
+    left = [job for job in jobs if not _job_file(job).is_file()]
+    if left:
+        log(f"{len(left)} jobs left ({', '.join(sorted({j['format'] for j in left}))}): rerun with the same "
+            f"--workdir {work} to continue")
+        return None
+    results = [json.loads(_job_file(job).read_text(encoding="utf-8")) for job in jobs]
     rows = summarize(results, formats)
+    sessions = _read_jsonl(work / "sessions.jsonl")
     return {"data": data, "base": base, "formats": formats, "rows": rows, "table": table(rows),
-            "jobs_seconds": time.perf_counter() - jobs_started, "seconds": time.perf_counter() - started}
+            "job_seconds": {f"{r['format']} {' '.join(r['runs']) or 'base'}": r["job_seconds"] for r in results},
+            "sessions": sessions, "seconds": sum(s["seconds"] for s in sessions)}
 
 
 def default_data(quick: bool) -> str:
@@ -534,6 +582,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="build (or find) the base and stop; a long build can be split into sessions this way")
     p.add_argument("--workdir", default=None, help="keep checkpoints, adapters and predictions here (default: a "
                                                    "temporary directory, removed at the end)")
+    p.add_argument("--formats", default=None,
+                   help="comma-separated formats whose jobs run in this session (default: all left); with "
+                        "--workdir a long run is split into sessions, and the last one writes the results")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="jobs at once (default: cores)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job (default 1)")
     p.add_argument("--build-threads", type=int, default=1,
@@ -543,6 +594,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.data = default_data(args.quick)
     if args.data == "ccpm" and not ccpm_available():
         p.error(f"--data ccpm needs {SHARED}/vocab/bee.txt and {SHARED}/ccpm/raw_data/; use --data demo")
+    if args.formats is not None:
+        args.formats = args.formats.split(",")
+        unknown = sorted(set(args.formats) - set(FORMATS))
+        if unknown:
+            p.error(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
+        if args.workdir is None:
+            p.error("--formats splits a run into sessions, which share --workdir: give one")
     for name in ("workers", "threads", "build_threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -553,7 +611,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
     from cpm_live.demo.format_base import BuildInterrupted
-    from cpm_live.utils import atomic_write_text
 
     args = parse_args(argv)
     bc.quiet()
@@ -561,7 +618,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta = {"command": " ".join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": bc.environment("cpu", args.threads),
             "plan": plan, "workers": args.workers}
-    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cpm-live-quality-") as tmp:
         work = Path(args.workdir or tmp)
         data = prepare_data(args.data, plan, work / "data")
@@ -571,11 +627,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         except BuildInterrupted as e:
             raise SystemExit(f"error: {e}") from None
         if args.build_only:
-            print(json.dumps({k: base[k] for k in ("path", "build_seconds", "sessions", "heldout_loss_curve")}))
+            print(json.dumps({k: base[k] for k in ("path", "build_seconds", "heldout_loss_curve")}))
             return {"base": base}
         torch.set_num_threads(args.threads)
-        results = run_quality(plan, data, base, work, args.workers, args.threads)
-    results = {"meta": {**meta, "runtime_s": time.perf_counter() - started}, **results}
+        results = run_quality(plan, data, base, work, args.workers, args.threads, args.formats)
+    if results is None:
+        return {}
+    results = {"meta": {**meta, "runtime_s": results["seconds"]}, **results}
     atomic_write_text(args.out, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     png = os.path.splitext(args.out)[0] + ".png"
     write_plot(results["rows"], png, f"LoRA on each base format: {results['data']['task']}")

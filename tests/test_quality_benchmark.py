@@ -23,10 +23,13 @@ import quality  # noqa: E402
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """The quick run in two sessions, as a long one is split: two formats first, then the rest."""
     root = tmp_path_factory.mktemp("quality")
     out = root / "quality.json"
-    quality.main(["--quick", "--out", str(out), "--cache-dir", str(root / "cache"), "--workdir", str(root / "work"),
-                  "--workers", "2"])
+    args = ["--quick", "--out", str(out), "--cache-dir", str(root / "cache"), "--workdir", str(root / "work"),
+            "--workers", "2"]
+    assert quality.main([*args, "--formats", "fp32,bf16"]) == {} and not out.exists()
+    quality.main(args)
     return root, json.loads(out.read_text(encoding="utf-8"))
 
 
@@ -69,7 +72,8 @@ def test_formats_shrink_the_projections_and_bf16_keeps_the_perplexity(run):
 def test_the_base_is_cached_and_its_build_recorded(run):
     root, results = run
     base = results["base"]
-    assert not base["cached"] and base["sessions"] == 1 and base["build_seconds"] > 0
+    assert len(results["sessions"]) == 2 and results["sessions"][0]["jobs"] == 2  # fp32 (3 seeds in one job), bf16
+    assert base["cached"] and len(base["sessions"]) == 1 and base["build_seconds"] > 0  # built by the 1st session
     assert base["heldout_loss_curve"][-1][1] < 0.5 * base["chance_loss"]
     plan = quality.PLANS["quick"]
     data = quality.prepare_data("demo", plan, root / "again")
