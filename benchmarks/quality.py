@@ -51,7 +51,7 @@ REPO = bc.REPO_ROOT
 SHARED = REPO.parent / "shared" / "cpm-bee"
 DEFAULT_CACHE = Path.home() / ".cache" / "cpm_live" / "quality-base"
 REFERENCE = "fp32"
-MATCH_QUESTION = "这句诗写的是这段话的意境吗？"  # "does this poem line depict this passage?"
+MATCH_QUESTION = "末尾这句诗写的是前面这段话的意境吗？"  # "does the closing poem line depict the passage before it?"
 
 # name -> how the checkpoint is made from the fp32 base, and the config keys that load it.
 FORMATS: dict[str, dict[str, Any]] = {
@@ -121,8 +121,9 @@ def _ccpm_reformat() -> Callable[[dict[str, Any]], dict[str, Any]]:
 
 
 def match_records(records: Sequence[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-    """One yes/no example per CCPM record: its translation with its own line (every even record, 是)
-    or with the line of another record drawn with ``seed`` (否).
+    """One yes/no example per CCPM record: its translation followed by its own line (every even
+    record, 是) or by the line of another record drawn with ``seed`` (否), as one text: the way the
+    base read translation and line in pretraining.
 
     The answers are common characters whose embedding rows the text base has trained; CCPM's own
     ``<option_k>`` labels never occur in its text, so under LoRA their frozen rows would stay at
@@ -134,7 +135,7 @@ def match_records(records: Sequence[dict[str, Any]], seed: int) -> list[dict[str
         line, answer = lines[i], "是"
         while i % 2 and line == lines[i]:
             line, answer = rng.choice(lines), "否"
-        out.append({"input": record["input"], "poem": line, "question": MATCH_QUESTION, "<ans>": answer})
+        out.append({"input": record["input"] + line, "question": MATCH_QUESTION, "<ans>": answer})
     return out
 
 
@@ -156,8 +157,8 @@ def prepare_data(kind: str, plan: dict[str, Any], work: Path) -> dict[str, Any]:
                 for split, records in splits.items()}
         random.Random(0).shuffle(docs["train"])
         return {"kind": "ccpm", "source": str(SHARED), "vocab": str(SHARED / "vocab" / "bee.txt"),
-                "task": "does this classical poem line depict this modern translation? (CCPM pairs; half the "
-                        "lines belong to another translation; answer 是 / 否)",
+                "task": "does the classical poem line closing a modern translation depict it? (CCPM pairs; "
+                        "half the lines belong to another translation; answer 是 / 否)",
                 "base_train": _write_jsonl(work / "base_train.jsonl", docs["train"]),
                 "heldout": _write_jsonl(work / "heldout.jsonl", docs["eval"][:plan["heldout_records"]]),
                 "task_train": _write_jsonl(work / "task_train.jsonl", match_records(splits["train"], seed=0)),
