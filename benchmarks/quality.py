@@ -344,8 +344,8 @@ def _accuracy(job: dict[str, Any], name: str, delta: str | None) -> float:
 
 def job_format(job: dict[str, Any]) -> dict[str, Any]:
     """One format's work in one process: the fine-tunes of ``job["seeds"]`` first (so the first one's
-    peak RSS is its own), then, with ``job["base_evals"]``, the base's held-out loss, its task loss
-    and its accuracy before fine-tuning."""
+    peak RSS is its own), then, with ``job["base_evals"]``, the base's held-out loss and, for a
+    fine-tuned format, its task loss and accuracy before fine-tuning."""
     from cpm_live.training.cli import main as finetune_main
     from cpm_live.training.metrics import read_metrics
 
@@ -370,8 +370,9 @@ def job_format(job: dict[str, Any]) -> dict[str, Any]:
         }
     if job["base_evals"]:
         result["heldout_loss"] = _loss_before_training(job, job["heldout"], "heldout")
-        result["task_loss_before"] = _loss_before_training(job, job["task_eval"], "task-before")
-        result["accuracy_before"] = _accuracy(job, "base", None)
+        if job["finetuned"]:
+            result["task_loss_before"] = _loss_before_training(job, job["task_eval"], "task-before")
+            result["accuracy_before"] = _accuracy(job, "base", None)
     return result
 
 
@@ -407,14 +408,15 @@ def summarize(jobs: list[dict[str, Any]], formats: dict[str, dict[str, Any]]) ->
         for key in ("heldout_loss", "task_loss_before", "accuracy_before"):
             if key in job:
                 row[key] = job[key]
-        if job["runs"] and "peak_rss_mib" not in row:  # the first fine-tune of a fresh process
-            first = next(iter(job["runs"].values()))
-            row["peak_rss_mib"], row["rss_at_start_mib"] = first["peak_rss_mib"], job["rss_at_start_mib"]
+        if job["runs"]:  # a job's first fine-tune ran in a fresh process: its peak is its own
+            row.setdefault("peak_rss_mib_per_job", []).append(next(iter(job["runs"].values()))["peak_rss_mib"])
+            row["rss_at_start_mib"] = job["rss_at_start_mib"]
     for name, row in rows.items():
         row.update(file_bytes=formats[name]["file_bytes"], projection_bytes=formats[name]["projection_bytes"],
                    perplexity=math.exp(row["heldout_loss"]))
         runs = row["runs"]
         if runs:
+            row["peak_rss_mib"] = max(row["peak_rss_mib_per_job"])
             row["accuracy"] = _stats([r["accuracy"] for r in runs.values()])
             row["final_eval_loss"] = _stats([r["eval_loss"][-1][1] for r in runs.values()])
             row["eval_loss_lowered"] = all(r["eval_loss"][-1][1] < row["task_loss_before"] for r in runs.values())
@@ -430,25 +432,25 @@ def summarize(jobs: list[dict[str, Any]], formats: dict[str, dict[str, Any]]) ->
     return rows
 
 
-def table(rows: dict[str, dict[str, Any]]) -> str:
-    """The Markdown table of docs/quality.md."""
-    lines = ["| base | bytes (projections) | held-out ppl | / fp32 | task loss before | accuracy before | "
-             "eval loss after (mean ± sd) | accuracy after (mean ± sd) | Δ accuracy vs fp32 (paired) | "
-             "peak RSS MiB |", "|" + "---|" * 10]
+def tables(rows: dict[str, dict[str, Any]]) -> str:
+    """docs/quality.md's two Markdown tables: each base, then the fine-tunes on it."""
+    base = ["| base | checkpoint MiB (projections) | held-out loss | perplexity | / fp32 |", "|---|---|---|---|---|"]
+    tunes = ["| base | task loss before | accuracy before | eval loss after | Δ vs fp32, paired (t) | "
+             "accuracy after | Δ vs fp32, paired (t) | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
-        cells = [name, f"{row['file_bytes'] / 2**20:.1f} MiB ({row['projection_bytes'] / 2**20:.1f})",
-                 f"{row['perplexity']:.3f}", f"{row['perplexity_over_reference']:.4f}"]
-        if row["runs"]:
-            acc, loss = row["accuracy"], row["final_eval_loss"]
-            delta = row.get("paired_vs_reference", {}).get("accuracy")
-            cells += [f"{row['task_loss_before']:.3f}", f"{row['accuracy_before']:.3f}",
-                      f"{loss['mean']:.4f} ± {loss['std']:.4f}", f"{acc['mean']:.3f} ± {acc['std']:.3f}",
-                      "—" if delta is None else f"{delta['mean']:+.3f} ± {delta['std']:.3f} (t {delta['t']:.2f})",
-                      f"{row['peak_rss_mib']:.0f}"]
-        else:
-            cells += ["—"] * 6
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        base.append(f"| {name} | {row['file_bytes'] / 2**20:.2f} ({row['projection_bytes'] / 2**20:.2f}) | "
+                    f"{row['heldout_loss']:.4f} | {row['perplexity']:.2f} | {row['perplexity_over_reference']:.4f} |")
+        if not row["runs"]:
+            continue
+        cells = [name, f"{row['task_loss_before']:.3f}", f"{row['accuracy_before']:.3f}"]
+        for metric, digits in (("final_eval_loss", 4), ("accuracy", 3)):
+            stats, delta = row[metric], row.get("paired_vs_reference", {}).get(metric)
+            cells.append(f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}")
+            cells.append("—" if delta is None else f"{delta['mean']:+.{digits}f} ± {delta['std']:.{digits}f} "
+                                                   f"({delta['t']:.2f})")
+        cells.append(f"{row['peak_rss_mib']:.0f}")
+        tunes.append("| " + " | ".join(cells) + " |")
+    return "\n".join(base) + "\n\n" + "\n".join(tunes)
 
 
 def write_plot(rows: dict[str, dict[str, Any]], path: str, title: str) -> str:
@@ -513,7 +515,7 @@ def run_quality(plan: dict[str, Any], data: dict[str, Any], base: dict[str, Any]
         groups = [seeds[i:i + per_job] for i in range(0, len(seeds), per_job)]
         for i, group in enumerate(groups or [[]]):
             jobs.append({**common, **formats[name], "format": name, "seeds": group, "base_evals": i == 0,
-                         "dir": str(work / "runs" / name)})
+                         "finetuned": bool(seeds), "dir": str(work / "runs" / name)})
     todo = [job for job in jobs if not _job_file(job).is_file() and (only is None or job["format"] in only)]
     log(f"{len(todo)} of {len(jobs)} jobs now, on {workers} worker(s), {threads} thread(s) each")
 
@@ -540,7 +542,7 @@ def run_quality(plan: dict[str, Any], data: dict[str, Any], base: dict[str, Any]
     results = [json.loads(_job_file(job).read_text(encoding="utf-8")) for job in jobs]
     rows = summarize(results, formats)
     sessions = _read_jsonl(work / "sessions.jsonl")
-    return {"data": data, "base": base, "formats": formats, "rows": rows, "table": table(rows),
+    return {"data": data, "base": base, "formats": formats, "rows": rows, "tables": tables(rows),
             "job_seconds": {f"{r['format']} {' '.join(r['runs']) or 'base'}": r["job_seconds"] for r in results},
             "sessions": sessions, "seconds": sum(s["seconds"] for s in sessions)}
 
@@ -638,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     atomic_write_text(args.out, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     png = os.path.splitext(args.out)[0] + ".png"
     write_plot(results["rows"], png, f"LoRA on each base format: {results['data']['task']}")
-    print(results["table"])
+    print(results["tables"])
     log(f"wrote {args.out} and {png} in {results['meta']['runtime_s']:.0f} s")
     return results
 
