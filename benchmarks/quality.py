@@ -2,6 +2,11 @@
 
     python benchmarks/quality.py --out benchmarks/results-quality.json   # CCPM + the real vocab when ../shared is there
     python benchmarks/quality.py --quick --out /tmp/quality.json          # the demo data, a tiny vocab: about a minute
+    # on a shared machine, in sessions: the base first (SIGTERM ends a session, the next call resumes),
+    # then a few formats per call in one work dir; the call that finds every job done writes the results
+    python benchmarks/quality.py --out r.json --build-only --build-threads 2
+    python benchmarks/quality.py --out r.json --workdir /tmp/q --formats fp32,int8
+    python benchmarks/quality.py --out r.json --workdir /tmp/q
 
 The QLoRA paper's two checks, on a CPM-Bee that has learned something (a random one has not: its logits
 sit at ln(vocab), see ``cpm_live/demo/format_base.py``):
