@@ -10,10 +10,10 @@ QLoRA time goes), layers (our Linear4bit+LoRA vs bitsandbytes Linear4bit+peft), 
 quantize_streaming (bytes/param and checkpoint sizes for NF4 and int8, the logits' error of both vs fp32,
 quantize_state_dict MB/s and peak memory), quantize_workers
 (quantize_state_dict at 1 vs all cores on a 1 GiB checkpoint of 10B shapes, same bytes), scaling (1 vs 2 ranks,
-FSDP2 on gloo), estimate_10b (CPM-Bee-10B QLoRA peak memory, analytic), on CUDA, measured_10b, quality (held-out
-perplexity and LoRA fine-tunes of a pretrained base in every format; also ``python benchmarks/quality.py``, which
-draws docs/quality.md's plot), and only when named, scale10b (CPM-Bee-10B end to end on CPU; also ``python
-benchmarks/scale_10b.py``).
+FSDP2 on gloo), estimate_10b (CPM-Bee-10B QLoRA peak memory, analytic), on CUDA, measured_10b, and only when
+named, quality (held-out perplexity and LoRA fine-tunes of a pretrained base in every format; also ``python
+benchmarks/quality.py``, which draws docs/quality.md's plot) and scale10b (CPM-Bee-10B end to end on CPU; also
+``python benchmarks/scale_10b.py``).
 Ratios are measured side by side (interleaved repetitions, medians); see bench_common.
 """
 
@@ -42,8 +42,10 @@ from cpm_live.utils import atomic_write_text
 
 SECTIONS = ("finetune", "profile", "layers", "compression", "quantize_streaming", "quantize_workers", "scaling",
             "estimate_10b", "measured_10b", "quality", "scale10b")
-# scale10b writes a 19 GB checkpoint and runs for an hour or more: only when asked for by name.
-DEFAULT_SECTIONS = SECTIONS[:-1]
+# Only when asked for by name: quality builds a base for most of an hour the first time and then fine-tunes
+# for half an hour; scale10b writes a 19 GB checkpoint and runs for an hour or more.
+ON_DEMAND = ("quality", "scale10b")
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ON_DEMAND)
 
 # What each mode runs. --quick fits in a few minutes on 2 CPU cores; the full sweep takes much longer.
 PLANS: dict[str, dict[str, Any]] = {
@@ -187,7 +189,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "timings swing with other load; ratios are what we compare)")
     parser.add_argument("--bf16", action="store_true", help="time bf16 LoRA on CPU even without native bf16")
     parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
-                        help="comma-separated subset of: " + ", ".join(SECTIONS) + " (default: all but scale10b)")
+                        help=f"comma-separated subset of: {', '.join(SECTIONS)} (default: all but "
+                             f"{' and '.join(ON_DEMAND)})")
     args = parser.parse_args(argv)
     args.sections = [s for s in args.sections.split(",") if s]
     unknown = sorted(set(args.sections) - set(SECTIONS))
