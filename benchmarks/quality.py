@@ -43,6 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -404,11 +405,19 @@ def paired(values: dict[str, float], reference: dict[str, float]) -> dict[str, A
     return out
 
 
+def answer_counts(paths: Sequence[Path], top: int = 3) -> dict[str, int]:
+    """The most common generated answers in ``cpm-bee-generate`` outputs: what a model says when
+    its accuracy is low."""
+    counts = Counter(r["<ans>"] for path in paths for r in _read_jsonl(path))
+    return dict(counts.most_common(top))
+
+
 def summarize(jobs: list[dict[str, Any]], formats: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One row per format: perplexity, bytes, and mean/spread over seeds of the fine-tunes."""
+    """One row per format: perplexity, bytes, and mean/spread over seeds of the fine-tunes (each
+    job's result carries the ``dir`` that holds its predictions)."""
     rows: dict[str, dict[str, Any]] = {}
     for job in jobs:
-        row = rows.setdefault(job["format"], {"runs": {}})
+        row = rows.setdefault(job["format"], {"runs": {}, "dir": job["dir"]})
         row["runs"].update(job["runs"])
         for key in ("heldout_loss", "task_loss_before", "accuracy_before"):
             if key in job:
@@ -425,6 +434,8 @@ def summarize(jobs: list[dict[str, Any]], formats: dict[str, dict[str, Any]]) ->
             row["accuracy"] = _stats([r["accuracy"] for r in runs.values()])
             row["final_eval_loss"] = _stats([r["eval_loss"][-1][1] for r in runs.values()])
             row["eval_loss_lowered"] = all(r["eval_loss"][-1][1] < row["task_loss_before"] for r in runs.values())
+            row["answers_before"] = answer_counts([Path(row["dir"]) / "base-predictions.jsonl"])
+            row["answers_after"] = answer_counts([Path(row["dir"]) / f"seed{s}-predictions.jsonl" for s in runs])
     reference = rows[REFERENCE]
     for name, row in rows.items():
         row["perplexity_over_reference"] = row["perplexity"] / reference["perplexity"]
@@ -441,7 +452,8 @@ def tables(rows: dict[str, dict[str, Any]]) -> str:
     """docs/quality.md's two Markdown tables: each base, then the fine-tunes on it."""
     base = ["| base | checkpoint MiB (projections) | held-out loss | perplexity | / fp32 |", "|---|---|---|---|---|"]
     tunes = ["| base | task loss before | accuracy before | eval loss after | Δ vs fp32, paired (t) | "
-             "accuracy after | Δ vs fp32, paired (t) | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+             "accuracy after | Δ vs fp32, paired (t) | answers after (all seeds) | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         base.append(f"| {name} | {row['file_bytes'] / 2**20:.2f} ({row['projection_bytes'] / 2**20:.2f}) | "
                     f"{row['heldout_loss']:.4f} | {row['perplexity']:.2f} | {row['perplexity_over_reference']:.4f} |")
@@ -453,6 +465,7 @@ def tables(rows: dict[str, dict[str, Any]]) -> str:
             cells.append(f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}")
             cells.append("—" if delta is None else f"{delta['mean']:+.{digits}f} ± {delta['std']:.{digits}f} "
                                                    f"({delta['t']:.2f})")
+        cells.append(", ".join(f"{answer or '(empty)'} ×{n}" for answer, n in row["answers_after"].items()))
         cells.append(f"{row['peak_rss_mib']:.0f}")
         tunes.append("| " + " | ".join(cells) + " |")
     return "\n".join(base) + "\n\n" + "\n".join(tunes)
@@ -544,7 +557,7 @@ def run_quality(plan: dict[str, Any], data: dict[str, Any], base: dict[str, Any]
         log(f"{len(left)} jobs left ({', '.join(sorted({j['format'] for j in left}))}): rerun with the same "
             f"--workdir {work} to continue")
         return None
-    results = [json.loads(_job_file(job).read_text(encoding="utf-8")) for job in jobs]
+    results = [{**json.loads(_job_file(job).read_text(encoding="utf-8")), "dir": job["dir"]} for job in jobs]
     rows = summarize(results, formats)
     sessions = _read_jsonl(work / "sessions.jsonl")
     return {"data": data, "base": base, "formats": formats, "rows": rows, "tables": tables(rows),
