@@ -53,6 +53,7 @@ def test_every_format_has_its_row_and_every_fine_tune_lowered_its_eval_loss(run)
             assert r["eval_loss"][-1][1] < row["task_loss_before"], (name, seed)
             assert 0.0 <= r["accuracy"] <= 1.0 and r["peak_rss_mib"] > 0
         assert row["eval_loss_lowered"]
+        assert 0 < sum(row["answers_after"].values()) <= len(plan["seeds"]) * plan["task_eval_records"]
         assert 0.0 <= row["accuracy_before"] <= 1.0
         if name != quality.REFERENCE:
             assert set(row["paired_vs_reference"]) == {"accuracy", "final_eval_loss"}
