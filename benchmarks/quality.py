@@ -657,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = {"meta": {**meta, "runtime_s": results["seconds"]}, **results}
     atomic_write_text(args.out, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     png = os.path.splitext(args.out)[0] + ".png"
-    write_plot(results["rows"], png, f"LoRA on each base format: {results['data']['task']}")
+    write_plot(results["rows"], png, f"LoRA on each base ({results['data']['kind']}): mean, min-max over seeds")
     print(results["tables"])
     log(f"wrote {args.out} and {png} in {results['meta']['runtime_s']:.0f} s")
     return results
