@@ -40,7 +40,7 @@ setup(
             "cpm-bee-export=cpm_live.convert.export:main",
             "cpm-bee-finetune=cpm_live.training.cli:main",
             "cpm-bee-finetune-qlora=cpm_live.training.cli:qlora_main",
-            "cpm-bee-preprocess=cpm_live.dataset.preprocess:main",
+            "cpm-bee-preprocess=cpm_live.data.preprocess:main",
             "cpm-bee-generate=cpm_live.generation.cli:main",
             "cpm-bee-evaluate=cpm_live.evaluation:main",
             "cpm-bee-plot=cpm_live.training.plot:main",

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cpm_live  # noqa: F401  first: its __init__ filters bnb's kernels-community notice before bnb loads
-from cpm_live.inputs import IGNORE_INDEX, CPMBeeInputs
+from cpm_live.data.tensors import IGNORE_INDEX, CPMBeeInputs
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 BENCH_DIR = Path(__file__).resolve().parent
@@ -139,9 +139,9 @@ def make_batch(rows: int, seqlen: int, vocab: int, device: str, seed: int = 0) -
     return batch.to(device), target.to(device)
 
 
-def batch_shape(tokens: int) -> tuple[int, int]:
-    """(rows, seqlen) for a micro-batch of ``tokens`` tokens in rows of at most ROW_LEN."""
-    seqlen = min(tokens, ROW_LEN)
+def batch_shape(tokens: int, row_len: int = ROW_LEN) -> tuple[int, int]:
+    """(rows, seqlen) for a micro-batch of ``tokens`` tokens in rows of at most ``row_len``."""
+    seqlen = min(tokens, row_len)
     return max(1, tokens // seqlen), seqlen
 
 
@@ -235,7 +235,7 @@ def pin_mmap_threshold(threshold: int = 128 * 1024) -> bool:
 # Imported once by the fork server, so each isolated job starts in a few milliseconds instead of
 # re-importing torch + bitsandbytes + peft (20+ s on a loaded 2-core machine).
 # cpm_live before bitsandbytes: its __init__ filters bnb's kernels-community notice, logged at bnb's import.
-PRELOAD = ["torch", "cpm_live", "bitsandbytes", "peft", "safetensors.torch", "cpm_live.models", "cpm_live.delta",
+PRELOAD = ["torch", "cpm_live", "bitsandbytes", "peft", "safetensors.torch", "cpm_live.models", "cpm_live.lora",
            "cpm_live.convert.compress", "bench_common"]
 _context = None
 

@@ -57,8 +57,8 @@ def available_modes(device: str, force_bf16: bool = False) -> tuple[list[str], d
 
 def build_variant(mode: str, dim: int, layers: int, device: str, checkpointing: bool = False):
     """(model, AdamW over its trainable parameters) for one variant, on ``device``."""
-    from cpm_live.delta import LoraSettings, add_lora
     from cpm_live.engine import recompute_activations
+    from cpm_live.lora import LoraSettings, add_lora
     from cpm_live.models import CPMBee
 
     if mode not in MODES:
@@ -93,7 +93,7 @@ def job_memory(spec: dict[str, Any]) -> dict[str, Any]:
     takes one step first, so library warm-up (kernel code paged in) is not charged either.
     """
     device = spec["device"]
-    rows, seqlen = bc.batch_shape(spec["tokens"])
+    rows, seqlen = bc.batch_shape(spec["tokens"], spec.get("row_len", bc.ROW_LEN))
     batch, target = bc.make_batch(rows, seqlen, bc.BENCH_VOCAB, device)
     pinned = device == "cuda" or bc.pin_mmap_threshold()
     if device == "cpu":
@@ -122,7 +122,7 @@ def job_memory(spec: dict[str, Any]) -> dict[str, Any]:
 def job_timing(spec: dict[str, Any]) -> dict[str, Any]:
     """Interleaved step times of every variant in ``spec['modes']`` (all built in this process)."""
     device = spec["device"]
-    rows, seqlen = bc.batch_shape(spec["tokens"])
+    rows, seqlen = bc.batch_shape(spec["tokens"], spec.get("row_len", bc.ROW_LEN))
     batch, target = bc.make_batch(rows, seqlen, bc.BENCH_VOCAB, device)
     steps = {}
     for mode in spec["modes"]:
@@ -197,7 +197,7 @@ def job_profile(spec: dict[str, Any]) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     device = spec["device"]
-    rows, seqlen = bc.batch_shape(spec["tokens"])
+    rows, seqlen = bc.batch_shape(spec["tokens"], spec.get("row_len", bc.ROW_LEN))
     batch, target = bc.make_batch(rows, seqlen, bc.BENCH_VOCAB, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
@@ -233,10 +233,12 @@ def run_finetune(configs: list[dict[str, Any]], device: str, threads: int, reps:
     baseline = qlora_baseline(device)
     results = []
     for cfg in configs:
-        rows, seqlen = bc.batch_shape(cfg["tokens"])
-        base = {"dim": cfg["dim"], "layers": cfg["layers"], "tokens": cfg["tokens"], "device": device,
-                "threads": threads}
-        log(f"  finetune d={cfg['dim']} layers={cfg['layers']} tokens={cfg['tokens']}: timing {modes}")
+        row_len = cfg.get("row_len", bc.ROW_LEN)
+        rows, seqlen = bc.batch_shape(cfg["tokens"], row_len)
+        base = {"dim": cfg["dim"], "layers": cfg["layers"], "tokens": cfg["tokens"], "row_len": row_len,
+                "device": device, "threads": threads}
+        log(f"  finetune d={cfg['dim']} layers={cfg['layers']} tokens={cfg['tokens']} in rows of {seqlen}: "
+            f"timing {modes}")
         times = bc.run_isolated(job_timing, {**base, "modes": modes, "reps": reps})
         entry: dict[str, Any] = {**cfg, "rows": rows, "seqlen": seqlen, "modes": {}}
         for mode in modes:

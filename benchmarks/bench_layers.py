@@ -3,7 +3,7 @@
 The HF stack is what ``transformers`` + ``peft`` build for a 4-bit model: ``bitsandbytes.nn.Linear4bit``
 (weight quantized by ``Params4bit`` on ``.to(device)``) wrapped by peft's ``lora.bnb.Linear4bit``
 (peft picks it when the model says ``is_loaded_in_4bit``). Ours: ``cpm_live.layers.Linear4bit``
-wrapped by ``cpm_live.delta``'s ``LoraLinear4bit``. Both quantize the same dense weight with the same
+wrapped by ``cpm_live.lora``'s ``LoraQuantized``. Both quantize the same dense weight with the same
 settings (nf4, double quant, blocksize 64), use r=8, alpha=16, and compute in the same dtype. A dense
 ``nn.Linear`` + peft LoRA is timed alongside as the no-quantization reference. The only math
 difference is CPM-Bee's output scaling by 1/sqrt(dim_in) (one elementwise op). On CPU ours
@@ -39,8 +39,8 @@ def build_stacks(weight: torch.Tensor, compute_dtype: torch.dtype, device: str) 
     import bitsandbytes as bnb
     from peft import LoraConfig, inject_adapter_in_model
 
-    from cpm_live.delta import LoraSettings, add_lora
     from cpm_live.layers import Linear4bit
+    from cpm_live.lora import LoraSettings, add_lora
 
     dim_out, dim_in = weight.shape
     peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["proj"])
@@ -118,7 +118,7 @@ def run_layers(shapes: list[tuple[int, int]], tokens: int, reps: int, device: st
     out["stacks"] = {
         "hf_bnb": "bitsandbytes.nn.Linear4bit (Params4bit nf4, compress_statistics, blocksize 64) + "
                   "peft lora.bnb.Linear4bit via inject_adapter_in_model",
-        "cpm_live": "cpm_live.layers.Linear4bit (nf4, double quant, blocksize 64) + cpm_live.delta.add_lora",
+        "cpm_live": "cpm_live.layers.Linear4bit (nf4, double quant, blocksize 64) + cpm_live.lora.add_lora",
         "dense": "torch.nn.Linear (frozen) + peft lora.Linear",
     }
     return out

@@ -198,7 +198,7 @@ def write_random_checkpoint(config, path: str, seed: int = 0, progress: bool = F
     """
     from tqdm import tqdm
 
-    from cpm_live.quant.stream import SafetensorsWriter
+    from cpm_live.checkpoint.writer import SafetensorsWriter
     from cpm_live.utils import atomic_path
 
     layout = {k: (shape, torch.float16) for k, (shape, _) in _shapes(config).items()}

@@ -24,7 +24,8 @@ def _grouped_bars(ax, groups: list[str], series: dict[str, list[float]], ylabel:
     ax.set_xticks(range(len(groups)), groups, fontsize=7)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    if series:
+        ax.legend(fontsize=7)
 
 
 def _finetune(ax_time, ax_mem, finetune: dict[str, Any]) -> None:
@@ -104,7 +105,8 @@ def write_chart(results: dict[str, Any], path: str) -> None:
         _estimate(axes[5], results["estimate_10b"], results.get("measured_10b"))
     meta = results.get("meta", {})
     env = meta.get("env", {})
-    fig.suptitle(f"cpm_live benchmarks ({'quick' if meta.get('quick') else 'full'}, {env.get('device', '?')}, "
+    plan = "tiny" if meta.get("tiny") else "quick" if meta.get("quick") else "full"
+    fig.suptitle(f"cpm_live benchmarks ({plan}, {env.get('device', '?')}, "
                  f"torch {env.get('torch', '?')}, bitsandbytes {env.get('bitsandbytes', '?')}, "
                  f"{env.get('torch_threads', '?')} thread(s) of {env.get('cpu_count', '?')} cores)", fontsize=11)
     fig.tight_layout()

@@ -22,7 +22,7 @@ from typing import Any
 import bench_common as bc
 import torch
 
-from cpm_live.inputs import IGNORE_INDEX
+from cpm_live.data.tensors import IGNORE_INDEX
 
 CONFIG_PATH = bc.REPO_ROOT / "src" / "config" / "cpm-bee-10b.json"
 GIB = 2**30
@@ -33,8 +33,8 @@ def build_10b(mode: str, device: str, dtype: torch.dtype = torch.bfloat16, confi
     """The CPM-Bee-10B model as trained here: ``qlora`` (nf4 base, ``dtype`` compute and other weights)
     or ``lora_bf16`` (``dtype`` base), both with CPM-Bee's LoRA (r=8, q and v); activation checkpointing
     on. ``dtype`` is bf16 on CUDA, fp32 on a CPU without native bf16 (``scale_10b``)."""
-    from cpm_live.delta import LoraSettings, add_lora
     from cpm_live.engine import recompute_activations
+    from cpm_live.lora import LoraSettings, add_lora
     from cpm_live.models import CPMBee, CPMBeeConfig
 
     if mode not in ("qlora", "lora_bf16"):
@@ -157,17 +157,25 @@ def job_estimate(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def job_measure_10b(spec: dict[str, Any]) -> dict[str, Any]:
-    """CUDA: peak memory and step times of one 10B mode in a fresh process (peak counted from after
-    the model is built, so the fp16 -> bf16 cast while building is not charged)."""
-    model, config = build_10b(spec["mode"], "cuda")
+    """Peak memory and step times of one mode in a fresh process: on CUDA the allocator's peak, on CPU
+    (only the tiny config of the dry run) the RSS high-water mark. The peak counts from after the model
+    is built, so building (on CUDA: each 4-bit weight quantized there from a random fp16 tensor) is
+    not charged."""
+    device = spec["device"]
+    model, config = build_10b(spec["mode"], device, config_path=spec["config_path"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    batch, target = bc.make_batch(1, spec["tokens"], config.vocab_size, "cuda")
-    resident = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    batch, target = bc.make_batch(1, spec["tokens"], config.vocab_size, device)
+    if device == "cuda":
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        resident = bc.rss_bytes()[0]
+        bc.reset_peak_rss()
     times = bc.interleaved({"step": lambda: bc.train_step(model, optimizer, batch, target)},
-                           reps=spec["steps"], device="cuda", warmup=1)["step"]
-    return {"mode": spec["mode"], "tokens": spec["tokens"], "peak_gib": torch.cuda.max_memory_allocated() / GIB,
-            "weights_and_state_gib": resident / GIB, "step_s": times,
+                           reps=spec["steps"], device=device, warmup=1)["step"]
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else bc.rss_bytes()[1]
+    return {"mode": spec["mode"], "tokens": spec["tokens"], "peak_gib": peak / GIB,
+            "weights_and_state_gib": resident / GIB, "step_s": times, "step_s_median": bc.median(times),
             "tokens_per_s": spec["tokens"] / bc.median(times)}
 
 
@@ -176,7 +184,7 @@ def job_interleave_10b(spec: dict[str, Any]) -> dict[str, Any]:
     steps = {}
     try:
         for mode in ("qlora", "lora_bf16"):
-            model, config = build_10b(mode, "cuda")
+            model, config = build_10b(mode, "cuda", config_path=spec["config_path"])
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
             batch, target = bc.make_batch(1, spec["tokens"], config.vocab_size, "cuda")
             steps[mode] = (lambda m=model, o=optimizer, b=batch, t=target: bc.train_step(m, o, b, t))
@@ -186,21 +194,34 @@ def job_interleave_10b(spec: dict[str, Any]) -> dict[str, Any]:
     return {"interleaved": times, "qlora_over_lora_time": bc.paired_ratio(times["qlora"], times["lora_bf16"])}
 
 
-def run_measured_10b(tokens: int = 2048, steps: int = 3, log=print) -> dict[str, Any]:
-    """The measured CUDA run: each mode's peak in its own process, then interleaved step times."""
-    out: dict[str, Any] = {"tokens": tokens, "activation_checkpointing": True}
-    for mode in ("qlora", "lora_bf16"):
+def run_measured_10b(tokens: int = 2048, steps: int = 3, modes: tuple[str, ...] = ("qlora", "lora_bf16"),
+                     config_path=CONFIG_PATH, device: str = "cuda", log=print) -> dict[str, Any]:
+    """The measured run: each mode's peak and step time in its own process, next to :func:`estimate` for
+    the same mode, tokens and bf16; with both modes, their steps interleaved for the time ratio."""
+    spec = {"tokens": tokens, "steps": steps, "config_path": str(config_path), "device": device}
+    out: dict[str, Any] = {"config": str(config_path), "device": device, "tokens": tokens, "batch": 1,
+                           "peak_method": "torch.cuda.max_memory_allocated" if device == "cuda" else
+                           "RSS high-water mark (interpreter and libraries included: not comparable with the "
+                           "estimate, which counts tensors)",
+                           "activation_checkpointing": True, "weights": "random, each 4-bit weight quantized "
+                           "on the device from a random fp16 tensor as the model is built (no checkpoint file)"}
+    for mode in modes:
         try:
-            out[mode] = bc.run_isolated(job_measure_10b, {"mode": mode, "tokens": tokens, "steps": steps})
+            out[mode] = bc.run_isolated(job_measure_10b, {**spec, "mode": mode})
         except RuntimeError as e:  # e.g. bf16 LoRA of 10B does not fit a 24 GB GPU
             out[mode] = {"error": str(e).splitlines()[-1]}
+        est = estimate(mode, tokens, torch.bfloat16, config_path)["estimated_peak_gib"]
+        out[mode]["estimated_peak_gib"] = est
+        if "peak_gib" in out[mode]:
+            out[mode]["peak_over_estimate"] = out[mode]["peak_gib"] / est
         log(f"  10B {mode}: {out[mode]}")
-    try:
-        out.update(bc.run_isolated(job_interleave_10b, {"tokens": tokens, "steps": steps}))
-    except RuntimeError as e:
-        out["interleaved"] = {"error": str(e).splitlines()[-1]}
-    if "peak_gib" in out["qlora"] and "peak_gib" in out["lora_bf16"]:
-        out["qlora_over_lora_peak"] = out["qlora"]["peak_gib"] / out["lora_bf16"]["peak_gib"]
+    if "qlora" in modes and "lora_bf16" in modes:
+        try:
+            out.update(bc.run_isolated(job_interleave_10b, spec))
+        except RuntimeError as e:
+            out["interleaved"] = {"error": str(e).splitlines()[-1]}
+        if "peak_gib" in out["qlora"] and "peak_gib" in out["lora_bf16"]:
+            out["qlora_over_lora_peak"] = out["qlora"]["peak_gib"] / out["lora_bf16"]["peak_gib"]
+    if "peak_gib" in out.get("qlora", {}):
         out["qlora_under_12_gib"] = out["qlora"]["peak_gib"] < 12.0
     return out
-

@@ -4,6 +4,7 @@
     python benchmarks/run.py --out results.json                                  # the full sweep
     python benchmarks/run.py --device cuda --out results-gpu.json                # adds the measured 10B step
     python benchmarks/run.py --device cuda --quick --sections finetune,measured_10b --out r.json  # GPU, minutes
+    python benchmarks/run.py --tiny --bf16 --out /tmp/r.json     # those GPU sections at tiny sizes, on CPU (seconds)
 
 Sections: finetune (QLoRA on NF4 and int8 bases vs LoRA vs full: step time and peak memory), profile (where
 QLoRA time goes), layers (our Linear4bit+LoRA vs bitsandbytes Linear4bit+peft), compression and
@@ -71,20 +72,30 @@ PLANS: dict[str, dict[str, Any]] = {
         "quantize_workers": {"layers": 3, "reps": 2},  # 1.08 GiB of fp16 at CPM-Bee-10B's shapes
         "scaling": {"modes": ["qlora", "full"], "dim": 1024, "layers": 4, "tokens": 1024, "steps": 5, "reps": 3},
     },
-    # --device cuda --quick: what fits a few minutes of a lent H100/H200 (tools/gpu_check.sh), at >= 2048
-    # tokens per micro-batch so that the GPU is busy enough for the ratios to mean something.
+    # --device cuda --quick: what fits a few minutes of a lent H100/H200 (tools/gpu_check.sh). QLoRA against
+    # its GPU baseline only (all four modes at two sizes ran past 3 minutes on an H100), in rows of 2048
+    # tokens at CPM-Bee-10B's layer shapes, so that the GPU is busy enough for the ratio to mean something;
+    # the 10B step in QLoRA only (bf16 LoRA of 10B is estimate_10b's comparison).
     "gpu": {
-        # QLoRA against its GPU baseline only (all four modes at two sizes ran past 3 minutes on an H100).
-        "finetune": {"configs": [{"dim": 2048, "layers": 4, "tokens": 2048},
-                                 {"dim": 4096, "layers": 2, "tokens": 4096}], "reps": 5, "mem_steps": 2,
-                     "modes": ["lora_bf16", "qlora"]},
+        "finetune": {"configs": [{"dim": 4096, "layers": 4, "tokens": 4096, "row_len": 2048}], "reps": 5,
+                     "mem_steps": 2, "modes": ["lora_bf16", "qlora"]},
+        "measured_10b": {"tokens": 2048, "steps": 3, "modes": ["qlora"]},
         "profile": {"dim": 2048, "layers": 4, "tokens": 2048, "reps": 3},
         "layers": {"shapes": [(4096, 4096), (4096, 10240), (10240, 4096)], "tokens": 4096, "reps": 7},
         "compression": {"bpp_shapes": [(4096, 4096)], "logit_error": {"dim": 512, "layers": 2, "tokens": 512}},
         "quantize_streaming": {"dim": 2048, "layers": [2, 4, 8], "formats": ["safetensors"]},
         "scaling": {"modes": ["qlora"], "dim": 512, "layers": 2, "tokens": 512, "steps": 3, "reps": 1},
     },
+    # --tiny: the GPU plan's code paths at tiny sizes, on any device (tools/gpu_check.sh --dry-run on CPU).
+    "tiny": {
+        "finetune": {"configs": [{"dim": 128, "layers": 2, "tokens": 512, "row_len": 256}], "reps": 2,
+                     "mem_steps": 1, "modes": ["lora_bf16", "qlora"]},
+        "measured_10b": {"tokens": 256, "steps": 1, "modes": ["qlora"],
+                         "config": str(bc.REPO_ROOT / "src" / "config" / "cpm-bee-tiny.json")},
+    },
 }
+# The 10B step of the CPU and full plans (it runs on CUDA only): both modes, then interleaved.
+MEASURED_10B = {"tokens": 2048, "steps": 3, "modes": ["qlora", "lora_bf16"]}
 
 
 def log(message: str) -> None:
@@ -120,9 +131,11 @@ def run_section(name: str, plan: dict[str, Any], args: argparse.Namespace, workd
     if name == "estimate_10b":
         return estimate_10b.run_estimate()
     if name == "measured_10b":
-        if device != "cuda":
+        p = plan.get("measured_10b", MEASURED_10B)
+        config = p.get("config", estimate_10b.CONFIG_PATH)
+        if device != "cuda" and config == estimate_10b.CONFIG_PATH:
             return {"skipped": "needs --device cuda (a CPM-Bee-10B step does not fit this machine's budget)"}
-        return estimate_10b.run_measured_10b(log=log)
+        return estimate_10b.run_measured_10b(p["tokens"], p["steps"], tuple(p["modes"]), config, device, log=log)
     if name == "quality":
         return quality.run_section(args.quick, os.path.join(workdir, "quality"), threads)
     if name == "scale10b":
@@ -172,9 +185,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     if "quality" in results:
         out["quality"] = quality.headline(results["quality"]["rows"])
     measured = results.get("measured_10b", {})
-    if "qlora_over_lora_peak" in measured:
-        out["measured_10b"] = {k: measured[k] for k in ("qlora_over_lora_peak", "qlora_under_12_gib")}
-        out["measured_10b"]["qlora_over_lora_time"] = measured.get("qlora_over_lora_time")
+    if "peak_gib" in measured.get("qlora", {}):
+        q = measured["qlora"]
+        out["measured_10b"] = {"qlora_peak_gib": q["peak_gib"], "qlora_estimated_peak_gib": q["estimated_peak_gib"],
+                               "qlora_step_s": q["step_s_median"], "qlora_under_12_gib": measured["qlora_under_12_gib"]}
+        for k in ("qlora_over_lora_peak", "qlora_over_lora_time"):
+            if k in measured:
+                out["measured_10b"][k] = measured[k]
     return out
 
 
@@ -184,18 +201,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="results JSON path; the chart goes beside it (.png)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions (minutes on a CPU)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the --device cuda --quick plan's sections at tiny sizes, on any device (seconds): "
+                             "checks the GPU plan's code paths without a GPU")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process (default 1: on a shared machine multi-threaded CPU "
                              "timings swing with other load; ratios are what we compare)")
     parser.add_argument("--bf16", action="store_true", help="time bf16 LoRA on CPU even without native bf16")
-    parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+    parser.add_argument("--sections", default=None,
                         help=f"comma-separated subset of: {', '.join(SECTIONS)} (default: all but "
-                             f"{' and '.join(ON_DEMAND)})")
+                             f"{' and '.join(ON_DEMAND)}; with --tiny: {', '.join(PLANS['tiny'])})")
     args = parser.parse_args(argv)
-    args.sections = [s for s in args.sections.split(",") if s]
+    default = PLANS["tiny"] if args.tiny else DEFAULT_SECTIONS
+    args.sections = [s for s in (args.sections or ",".join(default)).split(",") if s]
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.tiny and set(args.sections) - set(PLANS["tiny"]):
+        parser.error(f"--tiny has sizes for {', '.join(PLANS['tiny'])} only; got {', '.join(args.sections)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device; use --device cpu")
     if args.threads < 1:
@@ -207,11 +230,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     bc.quiet()
     torch.set_num_threads(args.threads)
-    plan = PLANS[("gpu" if args.device == "cuda" else "quick") if args.quick else "full"]
+    plan = PLANS["tiny" if args.tiny else ("gpu" if args.device == "cuda" else "quick") if args.quick else "full"]
     start = time.perf_counter()
     results: dict[str, Any] = {"meta": {
         "command": " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
-        "quick": args.quick, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "quick": args.quick, "tiny": args.tiny, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "env": bc.environment(args.device, args.threads), "plan": plan}}
     with tempfile.TemporaryDirectory(prefix="cpm-live-bench-") as workdir:
         for name in args.sections:

@@ -95,8 +95,8 @@ def job_step(spec: dict[str, Any]) -> dict[str, Any]:
     and RSS measures fragmentation. The peak is restarted after loading (the load has its own job).
     """
     from cpm_live.checkpoint import build_model
-    from cpm_live.delta import LoraSettings, add_lora
     from cpm_live.engine import recompute_activations
+    from cpm_live.lora import LoraSettings, add_lora
 
     bc.pin_mmap_threshold()
     config = _config(spec)

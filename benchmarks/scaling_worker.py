@@ -16,7 +16,7 @@ import time
 import bench_common as bc
 import torch
 
-from cpm_live.inputs import IGNORE_INDEX
+from cpm_live.data.tensors import IGNORE_INDEX
 
 
 def main() -> None:
@@ -32,8 +32,8 @@ def main() -> None:
     bc.quiet()
     torch.set_num_threads(args.threads)
 
-    from cpm_live.delta import LoraSettings, add_lora
     from cpm_live.engine import get_engine, local_parameter_bytes
+    from cpm_live.lora import LoraSettings, add_lora
     from cpm_live.models import CPMBee
     from cpm_live.utils import atomic_write_text
 

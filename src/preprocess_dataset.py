@@ -7,7 +7,7 @@ writes `bin_data/train/ccpm_data` + `bin_data/train/meta.bin` for `bee_data/trai
 
 import sys
 
-from cpm_live.dataset.preprocess import main
+from cpm_live.data.preprocess import main
 
 if __name__ == "__main__":
     sys.exit(main())

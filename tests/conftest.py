@@ -15,8 +15,11 @@ from cpm_live.tokenizers import CPMBeeTokenizer
 from cpm_live.tokenizers.bee import build_tiny_vocab
 from cpm_live.training.cli import main as finetune
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "src" / "cpm_live" / "demo_data"
+CONFIG_DIR = REPO / "src" / "config"
+# The real vocab and CCPM data of the team's shared folder; tests that need them skip without it.
+SHARED = REPO.parent / "shared" / "cpm-bee"
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,8 @@
 
     python tools/gpu_kit.py check-wheels .whl      # CPU: everything the GPU run imports is carried or in the image
     python tools/gpu_kit.py nccl                    # GPU: print NCCL_INCLUDE_DIR=... NCCL_LIB_DIR=... for CMake
-    python tools/gpu_kit.py report OUTDIR OUT.json  # GPU: stage table + results into one JSON
+    python tools/gpu_kit.py pytest-summary XML JSON [--expect-skipped]  # outcomes of pytest's junit XML
+    python tools/gpu_kit.py report OUTDIR OUT.json [--dry-run]          # stage table + results into one JSON
 
 Standard library only: ``check-wheels`` runs on a bare CPU machine.
 """
@@ -17,14 +18,19 @@ import os
 import re
 import sys
 import tarfile
+import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
+
+from gpu_train_check import loss_line
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_WHEELS_MIB = 60
 # Code that runs on the GPU machine; its third-party imports must all be satisfiable there.
-GPU_CODE = ["src/cpm_live", "src/*.py", "tests/gpu", "tests/conftest.py", "tests/test_model.py",
-            "tests/dist_scripts", "tests/__init__.py", "benchmarks", "tools/gpu_train_check.py"]
+GPU_CODE = ["src/cpm_live", "src/*.py", "tests/gpu", "tests/conftest.py", "tests/tiny_models.py",
+            "tests/int8_reference.py", "tests/dist_scripts", "tests/__init__.py", "benchmarks",
+            "tools/gpu_train_check.py",
+            "tools/gpu_kit.py", "tools/bmtrain_api.py"]
 # Import name -> distribution name, where they differ.
 IMPORT_TO_DIST = {"rouge_score": "rouge-score", "yaml": "pyyaml", "google": "protobuf", "PIL": "pillow",
                   "sklearn": "scikit-learn"}
@@ -143,14 +149,84 @@ def find_nccl() -> int:
     return 0
 
 
-def report(outdir: str, out_json: str) -> int:
-    """Merge the stage table and each stage's JSON into one results file; print the table."""
+NO_CUDA_SKIP = "needs a CUDA device"  # tests/gpu/conftest.py's reason, on a machine without CUDA
+
+
+def pytest_summary(xml_path: str, json_path: str, expect_skipped: bool = False) -> int:
+    """Write each test's outcome and the counts from pytest's junit XML; 0 when the outcomes are a pass.
+
+    On a GPU a pass is at least one test passed and none failed or errored (all skipped means no CUDA
+    was seen); in the dry run (``expect_skipped``) every test must be collected and skipped for want of
+    CUDA, so that a test that no longer imports fails here, not on the lent machine.
+    """
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (OSError, ET.ParseError) as e:
+        Path(json_path).write_text(json.dumps({"error": f"{xml_path}: {e}"}) + "\n")
+        print(f"no readable pytest report: {e}")
+        return 1
+    cases = {}
+    for case in root.iter("testcase"):
+        outcome, message = "passed", None
+        for tag, name in (("failure", "failed"), ("error", "error"), ("skipped", "skipped")):
+            element = case.find(tag)
+            if element is not None:
+                outcome, message = name, (element.get("message") or "")[:300]
+                break
+        cases[f"{case.get('classname')}::{case.get('name')}"] = {"outcome": outcome, **(
+            {"message": message} if message is not None else {})}
+    counts: dict[str, int] = {}
+    for c in cases.values():
+        counts[c["outcome"]] = counts.get(c["outcome"], 0) + 1
+    Path(json_path).write_text(json.dumps({"counts": counts, "tests": cases}, indent=1) + "\n")
+    print(counts)
+    if expect_skipped:
+        other = [n for n, c in cases.items() if c["outcome"] != "skipped" or NO_CUDA_SKIP not in c.get("message", "")]
+        for name in other[:10]:
+            print(f"not skipped for want of CUDA: {name}: {cases[name]}")
+        return 0 if cases and not other else 1
+    return 0 if counts.get("passed") and not counts.get("failed") and not counts.get("error") else 1
+
+
+def headline(results: dict) -> dict:
+    """The numbers the check exists for, flattened: losses, pytest counts, QLoRA/bf16 LoRA, the 10B step."""
+    out: dict = {}
+    for engine, r in results.get("training", {}).get("engines", {}).items():
+        out[f"train_{engine}"] = ({k: r.get(k) for k in ("loss_first3_mean", "loss_last3_mean", "loss_fell",
+                                                        "peak_memory_mib_rank0", "tokens_per_s_median")}
+                                  if "losses" in r else {k: r[k] for k in ("skipped", "error") if k in r})
+    if "counts" in results.get("pytest_gpu", {}):
+        out["pytest_gpu"] = results["pytest_gpu"]["counts"]
+    bench = results.get("benchmark", {})
+    for cfg in bench.get("finetune", {}).get("configs", []):
+        modes = cfg.get("modes", {})
+        if "qlora" in modes and "lora_bf16" in modes:
+            q, b = modes["qlora"], modes["lora_bf16"]
+            out[f"finetune_d{cfg['dim']}_L{cfg['layers']}_{cfg['rows']}x{cfg['seqlen']}tok"] = {
+                "qlora_tokens_per_s": q["tokens_per_s"], "lora_bf16_tokens_per_s": b["tokens_per_s"],
+                "qlora_over_lora_bf16_time_paired": cfg["ratios"].get("qlora_over_lora_bf16_time"),
+                "qlora_peak_mib": q["peak_mib"], "lora_bf16_peak_mib": b["peak_mib"],
+            }
+    m10 = bench.get("measured_10b", {})
+    for mode in ("qlora", "lora_bf16"):
+        if isinstance(m10.get(mode), dict):
+            out[f"cpm_bee_10b_{mode}"] = {k: m10[mode].get(k) for k in (
+                "peak_gib", "estimated_peak_gib", "peak_over_estimate", "step_s_median", "tokens_per_s", "error")
+                if k in m10[mode]}
+    return out
+
+
+def report(outdir: str, out_json: str, dry_run: bool = False) -> int:
+    """Merge the stage table and each stage's JSON into one results file; print the summary.
+
+    0 when every stage passed (the dry run's pass: every stage ran its CPU part)."""
     out = Path(outdir)
     stages = []
     for line in (out / "stages.tsv").read_text().splitlines():
         name, status, seconds, log = line.split("\t")
         stages.append({"stage": name, "status": status, "seconds": int(seconds), "log": log})
-    results: dict = {"stages": stages}
+    results: dict = {"mode": "dry run on CPU, tiny sizes (tools/gpu_check.sh --dry-run)" if dry_run else "GPU",
+                     "stages": stages}
     for key, file in (("environment", "env.json"), ("training", "train.json"), ("benchmark", "bench-gpu.json"),
                       ("pytest_gpu", "pytest-gpu.json")):
         path = out / file
@@ -161,39 +237,27 @@ def report(outdir: str, out_json: str) -> int:
                 results[key] = {"unreadable": f"{file}: {e}"}
     log = out / "benchmark.log"
     if "benchmark" not in results and log.exists():
-        # The section was cut by the time budget before its JSON was written: keep the ratio lines
-        # it had logged, marked as read from the log.
+        # The section was cut by the time budget before its JSON was written: keep the lines it had
+        # logged, marked as read from the log.
         results["benchmark_log_lines"] = [line for line in log.read_text().splitlines()
                                           if "finetune d=" in line or "ratios" in line or "10B" in line]
     results["recorded"] = "written by tools/gpu_kit.py report from the stage logs of tools/gpu_check.sh"
-    bench = results.get("benchmark", {})
-    headline: dict = {}
-    for cfg in bench.get("finetune", {}).get("configs", []):
-        modes = cfg.get("modes", {})
-        if "qlora" in modes and "lora_bf16" in modes:
-            headline[f"finetune_d{cfg['dim']}_L{cfg['layers']}_{cfg['tokens']}tok"] = {
-                "qlora_tokens_per_s": modes["qlora"]["tokens_per_s"],
-                "lora_bf16_tokens_per_s": modes["lora_bf16"]["tokens_per_s"],
-                "qlora_over_lora_bf16_throughput": modes["qlora"]["tokens_per_s"] / modes["lora_bf16"]["tokens_per_s"],
-                "qlora_peak_mib": modes["qlora"]["peak_mib"], "lora_bf16_peak_mib": modes["lora_bf16"]["peak_mib"],
-            }
-    m10 = bench.get("measured_10b", {})
-    if "qlora" in m10:
-        headline["cpm_bee_10b"] = {k: m10.get(k) for k in ("qlora_over_lora_peak", "qlora_over_lora_time")}
-        headline["cpm_bee_10b"].update({f"{mode}_{k}": m10[mode].get(k) for mode in ("qlora", "lora_bf16")
-                                        if isinstance(m10.get(mode), dict) for k in ("peak_gib", "tokens_per_s")})
-    for engine, r in results.get("training", {}).get("engines", {}).items():
-        headline[f"train_{engine}"] = {k: r.get(k) for k in ("loss_first3_mean", "loss_last3_mean", "loss_fell",
-                                                              "peak_memory_mib_rank0", "tokens_per_s_median")}
-    results["headline"] = headline
+    results["headline"] = headline(results)
     Path(out_json).write_text(json.dumps(results, indent=1) + "\n")
-    width = max(len(s["stage"]) for s in stages)
-    print("\n== GPU check summary ==")
+    width = max([len(s["stage"]) for s in stages] + [5])
+    total = sum(s["seconds"] for s in stages)
+    print(f"\n== GPU check summary ({results['mode']}) ==")
+    print(f"{'stage':<{width}}  {'status':<8} {'seconds':>7}   log")
     for s in stages:
-        print(f"{s['stage']:<{width}}  {s['status']:<8} {s['seconds']:>5} s   {s['log']}")
-    for k, v in headline.items():
-        print(f"{k}: {json.dumps(v)}")
-    return 0 if all(s["status"] == "pass" for s in stages) else 1
+        print(f"{s['stage']:<{width}}  {s['status']:<8} {s['seconds']:>7}   {s['log']}")
+    print(f"{'total':<{width}}  {'':<8} {total:>7}")
+    for engine, r in results.get("training", {}).get("engines", {}).items():
+        print(loss_line(engine, r))
+    for k, v in results["headline"].items():
+        if not k.startswith("train_"):
+            print(f"{k}: {json.dumps(v)}")
+    print(f"results: {out_json}")
+    return 0 if stages and all(s["status"] == "pass" for s in stages) else 1
 
 
 def main() -> int:
@@ -201,8 +265,10 @@ def main() -> int:
         return check_wheels(sys.argv[2])
     if len(sys.argv) == 2 and sys.argv[1] == "nccl":
         return find_nccl()
-    if len(sys.argv) == 4 and sys.argv[1] == "report":
-        return report(sys.argv[2], sys.argv[3])
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "pytest-summary" and sys.argv[4:] in ([], ["--expect-skipped"]):
+        return pytest_summary(sys.argv[2], sys.argv[3], expect_skipped=len(sys.argv) == 5)
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "report" and sys.argv[4:] in ([], ["--dry-run"]):
+        return report(sys.argv[2], sys.argv[3], dry_run=len(sys.argv) == 5)
     print(__doc__, file=sys.stderr)
     return 2
 

@@ -7,7 +7,7 @@ Two small tasks in CPM-Bee's JSON format, both scored by exact match:
   are animals, but has never counted anything.
 - ``train.jsonl`` / ``eval.jsonl``: how many of four comma-separated words are animals (0-4). New to the
   base; QLoRA teaches it by reusing the base's animal feature (a base without that feature in its
-  layers cannot be taught this by adapters on its linear layers: see issue 16's notes). Every eval
+  layers cannot be taught this by adapters on its linear layers). Every eval
   input is absent from the training file, so a right answer is the skill (count the animals), not a
   remembered line.
 """

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from cpm_live.errors import ConfigError
 from cpm_live.utils import read_json_file
 
 # The fields of CPM-Bee's own CPMBeeConfig (main 95cc575): its constructor accepts exactly these.
@@ -39,10 +40,6 @@ _FIELD_TYPES = {
     "int4_quant_type": str, "int4_double_quant": bool, "int4_blocksize": int, "int4_compute_dtype": str,
     "int8": bool, "int8_threshold": (int, float),
 }
-
-
-class ConfigError(ValueError):
-    """A configuration value (or file) is wrong; the message says which and how to fix it."""
 
 
 def native_bf16(device: torch.device | str, cuda_capability: tuple[int, int] | None = None,

@@ -31,8 +31,8 @@ from typing import Any
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from cpm_live.dataset.errors import DataFormatError
-from cpm_live.dataset.jsonl import answered_records
+from cpm_live.data.jsonl import answered_records
+from cpm_live.errors import ConfigError, CPMLiveError, DataFormatError, for_cli
 from cpm_live.utils import atomic_write_text
 
 METRICS = ("accuracy", "rouge", "bleu")
@@ -51,9 +51,9 @@ class ChineseAwareTokenizer:
 
 def _check_lengths(preds: Sequence[Any], refs: Sequence[Any]) -> None:
     if len(preds) != len(refs):
-        raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
+        raise DataFormatError(f"{len(preds)} predictions but {len(refs)} references")
     if not refs:
-        raise ValueError("no answers to score")
+        raise DataFormatError("no answers to score")
 
 
 def _normalize(answer: Any) -> Any:
@@ -122,7 +122,7 @@ def compute_metrics(names: Sequence[str], preds: Sequence[Any], refs: Sequence[A
     (``accuracy`` -> "accuracy", ``rouge`` -> "rouge-1", "rouge-2", "rouge-l", ``bleu`` -> "bleu-4")."""
     unknown = [name for name in names if name not in METRICS]
     if unknown or not names:
-        raise ValueError(f"unknown metric(s) {unknown or list(names)}; choose from {', '.join(METRICS)}")
+        raise ConfigError(f"unknown metric(s) {unknown or list(names)}; choose from {', '.join(METRICS)}")
     scores: dict[str, float] = {}
     if "accuracy" in names:
         scores["accuracy"] = accuracy(preds, refs)
@@ -184,12 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     names = [name.strip() for name in args.metrics.split(",") if name.strip()]
     try:
         scores = evaluate_files(args.pred, args.ref, names)
-    except (FileNotFoundError, ValueError) as e:  # DataFormatError is a ValueError
-        raise SystemExit(f"error: {e}") from None
+    except CPMLiveError as e:
+        raise SystemExit(f"error: {for_cli(e, parser)}") from None
     text = json.dumps(scores, indent=2) + "\n"
     print(text, end="")
     if args.output is not None:

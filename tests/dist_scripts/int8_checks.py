@@ -1,4 +1,4 @@
-"""2-rank checks of an int8 base with LoRA under an engine (run by torchrun; see tests/test_int8_multiprocess.py
+"""2-rank checks of an int8 base with LoRA under an engine (run by torchrun; see tests/e2e/test_int8_multiprocess.py
 and tests/gpu/test_int8_gpu.py): sharded forward == unsharded, the int8 weights stay int8 and are split
 between ranks, and LoRA steps on N ranks with 1/N of the rows each == 1 process on all rows."""
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from cpm_live.delta import LoraSettings, add_lora
 from cpm_live.engine import get_engine, local_parameter_bytes
 from cpm_live.layers import Linear8bit
+from cpm_live.lora import LoraSettings, add_lora
 from cpm_live.models import CPMBee, CPMBeeConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # torchrun runs this file as a script

@@ -9,16 +9,15 @@ import dataclasses
 import pytest
 import torch
 
-from cpm_live.delta import LoraSettings, add_lora
 from cpm_live.engine import recompute_activations
 from cpm_live.layers import Linear4bit
+from cpm_live.lora import LoraSettings, add_lora
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.quant.format import quant_state
 from cpm_live.training.cli import main as finetune
 from tests import int4_reference as ref
 from tests.conftest import base_args
-from tests.test_int4_model import relative_error
-from tests.test_model import packed_batch, run
+from tests.tiny_models import packed_batch, relative_error, run
 
 CONFIG = CPMBeeConfig(vocab_size=512, dim_model=128, num_heads=4, dim_head=32, dim_ff=256, num_layers=2,
                       half=False, int4=True)

@@ -1,5 +1,5 @@
 """CUDA paths of the int8 base (skipped without CUDA): Linear8bit's CUDA kernels against the LLM.int8
-reference of tests/test_linear8bit.py, and both engines (FSDP2, BMTrain's DistributedParameter4Int8
+reference of tests/unit/layers/test_linear8bit.py, and both engines (FSDP2, BMTrain's DistributedParameter4Int8
 for the int8 weights) on real torchrun processes with tests/dist_scripts/int8_checks.py."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from cpm_live.layers import Linear8bit
 from cpm_live.quant import int8 as qint8
 from tests.dist_scripts import int8_checks
 from tests.dist_scripts.launch import run_torchrun
-from tests.test_linear8bit import reference_matmul, reference_quantize, rel
+from tests.int8_reference import reference_matmul, reference_quantize, rel
 
 NPROC = max(1, min(2, torch.cuda.device_count()))
 

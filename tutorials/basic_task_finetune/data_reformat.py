@@ -34,7 +34,7 @@ RAW_INPUT = re.compile(r"\[翻译\](.*?)\[0\](.*?)\[1\](.*?)\[2\](.*?)\[3\](.*?)
 
 
 class CCPMFormatError(ValueError):
-    """A raw line cannot be converted. Its own class (not cpm_live.dataset's) keeps torch out of this script."""
+    """A raw line cannot be converted. Its own class (not cpm_live's DataFormatError) keeps torch out of this script."""
 
 
 def _answer(target: Any) -> str:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cpm_live.checkpoint import CheckpointError
 from cpm_live.convert.compress import quantize_state_dict
-from cpm_live.quant.format import BLOCKSIZES, QUANT_TYPES, QuantFormatError
+from cpm_live.errors import CPMLiveError, for_cli
+from cpm_live.quant.format import BLOCKSIZES, QUANT_TYPES
 
 
 def positive_int(text: str) -> int:
@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not args.output_path.endswith(".safetensors"):
         print(f"note: {args.output_path} will hold safetensors (this project's compressed format), not a "
               f"pickle; every cpm_live script reads it by its content", file=sys.stderr)
@@ -66,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         summary = quantize_state_dict(args.input_path, args.output_path, quant_type=args.quant_type,
                                       double_quant=args.double_quant, blocksize=args.blocksize,
                                       device=args.device, force=args.force, workers=args.workers, int8=args.int8)
-    except (CheckpointError, QuantFormatError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except CPMLiveError as e:
+        raise SystemExit(f"error: {for_cli(e, parser)}") from None
     print(summary)
 
 

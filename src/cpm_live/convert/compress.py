@@ -5,7 +5,7 @@ aside: :func:`quant_targets`) becomes the bitsandbytes layout of :mod:`cpm_live.
 (int4) or :mod:`cpm_live.quant.int8` (int8, ``Linear8bitLt``'s ``weight``/``SCB``/``weight_format``);
 every other tensor is copied unchanged. The input is read lazily
 (:class:`cpm_live.checkpoint.CheckpointReader`) and the output streamed
-(:class:`cpm_live.quant.stream.SafetensorsWriter`), so peak memory is a few times the largest
+(:class:`cpm_live.checkpoint.writer.SafetensorsWriter`), so peak memory is a few times the largest
 tensor. The file is written to a temp path, read back and checked (every key, shape and dtype;
 a ``QuantState.from_dict`` per weight), and only then renamed into place.
 
@@ -41,11 +41,11 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from cpm_live.checkpoint import CheckpointError, CheckpointReader, check_finite, open_checkpoint
+from cpm_live.checkpoint.writer import DTYPES, SafetensorsWriter
 from cpm_live.config import CPMBeeConfig
 from cpm_live.models import quantized_weight_keys
 from cpm_live.quant import format as qformat
 from cpm_live.quant import int8 as qint8
-from cpm_live.quant.stream import DTYPES, SafetensorsWriter
 from cpm_live.utils import atomic_path
 
 
@@ -95,7 +95,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("--device cuda was given but CUDA is not available; use --device cpu")
+        raise CheckpointError("`device` cuda was given but CUDA is not available; use `device` cpu")
     return device
 
 
@@ -212,7 +212,7 @@ def check_output_path(input_path: str, output_path: str, force: bool, suffixes: 
         if os.path.exists(input_path) and os.path.samefile(input_path, output_path):
             raise CheckpointError(f"output path {output_path} is the input checkpoint; choose another path")
         if not force:
-            raise CheckpointError(f"{output_path} already exists; pass --force to overwrite it")
+            raise CheckpointError(f"{output_path} already exists; pass `force` to overwrite it")
 
 
 def quantize_state_dict(input_path: str | os.PathLike, output_path: str | os.PathLike,
@@ -232,7 +232,7 @@ def quantize_state_dict(input_path: str | os.PathLike, output_path: str | os.Pat
     settings = qformat.QuantSettings(quant_type, double_quant, blocksize)
     device = resolve_device(device)
     if workers is not None and (not isinstance(workers, int) or workers < 1):
-        raise CheckpointError(f"workers must be a positive integer, got {workers!r}; pass --workers 1 or more")
+        raise CheckpointError(f"workers must be a positive integer, got {workers!r}; pass `workers` 1 or more")
     workers = 1 if device.type == "cuda" else workers or default_workers()
     check_output_path(input_path, output_path, force, None)
     start = time.perf_counter()
@@ -283,8 +283,8 @@ def convert_compressed(reader: CheckpointReader, output_path: str, settings: qfo
     found = reader.quant_settings
     if found != settings:
         raise CheckpointError(f"{reader.path} is already quantized with {found.describe()}; asking for "
-                              f"{settings.describe()} would need the fp16 weights: drop the --quant-type/"
-                              f"--blocksize/--no-double-quant options to convert it, or export it to fp16 first")
+                              f"{settings.describe()} would need the fp16 weights: drop the `quant_type`/"
+                              f"`blocksize`/`double_quant` options to convert it, or export it to fp16 first")
     originals = {k: (tuple(v["shape"]), getattr(torch, v["dtype"]))
                  for k, v in json.loads(reader.metadata["weights"]).items()}
     metadata = qformat.checkpoint_metadata(settings, compute_dtype, reader.path, originals)

@@ -9,7 +9,7 @@ casts the other tensors; ``.pt`` output is a ``torch.save``d plain ``OrderedDict
 in memory: peak = the exported model), ``.safetensors`` output is streamed one tensor at a time.
 int4/int8 output runs :func:`cpm_live.convert.compress.quantize_state_dict` with the config's settings.
 
-``--format hf`` writes a Hugging Face style model directory instead (:mod:`cpm_live.model_dir`):
+``--format hf`` writes a Hugging Face style model directory instead (:mod:`cpm_live.checkpoint.hf_dir`):
 ``config.json`` in the HF port's field names, the weights as safetensors shards of at most
 ``--max-shard-mb`` with ``model.safetensors.index.json`` and ``cpmbee.``-prefixed keys (the tied
 ``lm_head.weight`` is left out: ``CpmBeeForCausalLM`` ties it on load), and ``vocab.txt``. The
@@ -34,16 +34,23 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from cpm_live import model_dir
-from cpm_live.checkpoint import CheckpointError, CheckpointReader, check_checkpoint, check_finite, open_checkpoint
-from cpm_live.config import ConfigError
+from cpm_live.checkpoint import (
+    CheckpointError,
+    CheckpointReader,
+    check_checkpoint,
+    check_finite,
+    hf_dir,
+    open_checkpoint,
+)
+from cpm_live.checkpoint.base_model import ModelArgs, add_model_args, find_vocab
+from cpm_live.checkpoint.writer import SafetensorsWriter
 from cpm_live.convert.compress import check_output_path, quantize_state_dict
-from cpm_live.delta.merge import MergeError, merge_in_fp32
-from cpm_live.inputs import CPMBeeInputs
+from cpm_live.data.tensors import CPMBeeInputs
+from cpm_live.errors import CPMLiveError, for_cli
+from cpm_live.lora.merge import MergeError, merge_in_fp32
 from cpm_live.models import CPMBee, CPMBeeConfig
 from cpm_live.quant import format as qformat
 from cpm_live.quant import int8 as qint8
-from cpm_live.quant.stream import SafetensorsWriter
 from cpm_live.utils import atomic_path
 
 DENSE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -133,12 +140,12 @@ def export_checkpoint(config: CPMBeeConfig, load_path: str | os.PathLike, output
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if fmt == "hf":
         if dtype in QUANT_DTYPES:
-            raise CheckpointError("--format hf writes the dense weights Hugging Face's CpmBee model reads: use "
-                                  "--dtype fp16, bf16 or fp32")
+            raise CheckpointError("`fmt` hf writes the dense weights Hugging Face's CpmBee model reads: use "
+                                  "`dtype` fp16, bf16 or fp32")
         if vocab is None:
-            raise CheckpointError("--format hf needs the vocab for the directory's vocab.txt: pass --vocab")
+            raise CheckpointError("`fmt` hf needs the vocab for the directory's vocab.txt: pass `vocab`")
         if os.path.exists(output_path) and not force:
-            raise CheckpointError(f"{output_path} already exists; pass --force to replace it")
+            raise CheckpointError(f"{output_path} already exists; pass `force` to replace it")
     else:
         suffixes = (".safetensors",) if dtype in QUANT_DTYPES else (".pt", ".safetensors")
         check_output_path(load_path, output_path, force, suffixes)
@@ -207,11 +214,11 @@ def _export_hf_dir(reader: CheckpointReader, expected: dict[str, tuple[int, ...]
     try:
         weight_map = {}
         for name, keys in zip(names, shards):
-            layout = {model_dir.HF_PREFIX + k: (expected[k], dtype) for k in keys}
+            layout = {hf_dir.HF_PREFIX + k: (expected[k], dtype) for k in keys}
             writer = SafetensorsWriter(os.path.join(tmp, name), layout, metadata={"format": "pt"})
             try:
                 for key, tensor in _dense_tensors(reader, keys, dtype, delta_fn, merged, progress):
-                    writer.write(model_dir.HF_PREFIX + key, tensor)
+                    writer.write(hf_dir.HF_PREFIX + key, tensor)
             except BaseException:
                 writer.abort()
                 raise
@@ -219,9 +226,9 @@ def _export_hf_dir(reader: CheckpointReader, expected: dict[str, tuple[int, ...]
             weight_map.update({k: name for k in layout})
         index = {"metadata": {"total_size": sum(size * torch.Size(s).numel() for s in expected.values())},
                  "weight_map": weight_map}
-        _write_json(os.path.join(tmp, model_dir.WEIGHT_FILES[0][0]), index)
-        _write_json(os.path.join(tmp, model_dir.CONFIG_FILE), model_dir.hf_config(hf_config))
-        shutil.copyfile(vocab, os.path.join(tmp, model_dir.VOCAB_FILE))
+        _write_json(os.path.join(tmp, hf_dir.WEIGHT_FILES[0][0]), index)
+        _write_json(os.path.join(tmp, hf_dir.CONFIG_FILE), hf_dir.hf_config(hf_config))
+        shutil.copyfile(vocab, os.path.join(tmp, hf_dir.VOCAB_FILE))
         if os.path.isdir(output_dir):
             shutil.rmtree(output_dir)
         elif os.path.exists(output_dir):
@@ -278,8 +285,7 @@ def merge_adapter(config: CPMBeeConfig, load_path: str, adapter_path: str, outpu
     logits drift against the merged fp32 model is printed: re-quantizing moves every merged weight to
     the nearest 4-bit/int8 level, which is a second rounding the adapter was not trained with.
     """
-    from cpm_live.delta import read_adapter
-    from cpm_live.delta.adapter_files import LoraDelta
+    from cpm_live.checkpoint.adapters import LoraDelta, read_adapter
 
     settings, state = read_adapter(adapter_path)
     delta = LoraDelta(state, settings, source=adapter_path)
@@ -331,43 +337,38 @@ def logits_drift(dense_config: CPMBeeConfig, dense_path: str, quant_path: str, l
     return float((logits[1] - logits[0]).norm() / logits[0].norm())
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpm-bee-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-config", default=None,
-                        help="CPM-Bee JSON config of the checkpoint (default: config.json of a --load directory)")
-    parser.add_argument("--int4", action="store_true", help="the --load checkpoint is int4 (sets the config's int4)")
-    parser.add_argument("--int8", action="store_true", help="the --load checkpoint is int8 (sets the config's int8)")
-    parser.add_argument("--load", required=True,
-                        help="checkpoint (.pt/.bin/.safetensors, dense, int4 or int8, qlora-PR .pt) or model directory")
-    parser.add_argument("--delta", default=None, help="LoRA adapter (peft dir or CPM-Bee *-delta-best.pt) to merge")
+    add_model_args(parser, load_required=True, adapter=True)
     parser.add_argument("--output", required=True,
                         help="file to write (.pt or .safetensors picks the format), or the directory of --format hf")
     parser.add_argument("--dtype", choices=(*DENSE_DTYPES, *QUANT_DTYPES), default="fp16",
                         help="default fp16; int4/int8 re-quantize (with --delta: after the fp32 merge)")
     parser.add_argument("--format", dest="fmt", choices=FORMATS, default="original",
                         help="original: one file in CPM-Bee's key layout (default); hf: a Hugging Face model directory")
-    parser.add_argument("--vocab", default=None, help="--format hf: vocab.txt to copy (default: beside --load)")
     parser.add_argument("--max-shard-mb", type=int, default=DEFAULT_SHARD_BYTES // 10**6,
                         help="--format hf: largest safetensors shard in MB (default 5000)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
-    args = parser.parse_args(argv)
-    from cpm_live.delta.adapter_files import AdapterError
-    from cpm_live.model_dir import load_config
-    from cpm_live.tokenizers import find_vocab
+    return parser
 
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        config = load_config(args.model_config, args.load, int4=args.int4, int8=args.int8)
+        model_args = ModelArgs.from_args(args)
+        config = model_args.resolve_config()
         options = {}
         if args.fmt == "hf":
-            options = {"fmt": "hf", "vocab": find_vocab(args.vocab, args.load),
+            options = {"fmt": "hf", "vocab": find_vocab(model_args.vocab, model_args.load),
                        "max_shard_bytes": args.max_shard_mb * 10**6}
         if args.delta is not None:
             summary = merge_adapter(config, args.load, args.delta, args.output, args.dtype, force=args.force,
                                     **options)
         else:
             summary = export_checkpoint(config, args.load, args.output, args.dtype, force=args.force, **options)
-    except (ConfigError, CheckpointError, AdapterError, FileNotFoundError, qformat.QuantFormatError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except CPMLiveError as e:
+        raise SystemExit(f"error: {for_cli(e, parser)}") from None
     merged = f", adapter merged into {len(summary.merged)} weights" if summary.merged else ""
     print(f"wrote {summary.output_path} ({summary.dtype}, {summary.keys} tensors{merged})")
 

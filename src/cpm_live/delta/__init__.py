@@ -1,11 +1,7 @@
-"""LoRA (delta tuning) for CPM-Bee through peft's custom-module registration.
+"""Compatibility re-export of ``cpm_live.delta`` (the tests of CPM-Bee users' files import it): LoRA
+itself is :mod:`cpm_live.lora`, adapter files are :mod:`cpm_live.checkpoint.adapters`."""
 
-``add_lora`` injects LoRA into the ``Linear``/``Linear4bit`` projections and freezes everything
-else; adapters are saved in peft's format and original CPM-Bee ``*-delta-best.pt`` files load too.
-"""
-
-from cpm_live.delta.adapter_files import (
-    AdapterError,
+from cpm_live.checkpoint.adapters import (
     LoraDelta,
     load_adapter,
     merge_lora_into_state_dict,
@@ -13,8 +9,10 @@ from cpm_live.delta.adapter_files import (
     save_adapter,
     save_cpm_bee_delta,
 )
-from cpm_live.delta.layers import LoraLinear, LoraQuantized, merged_dense_weight
-from cpm_live.delta.lora import (
+from cpm_live.errors import AdapterError, MergeError
+from cpm_live.lora import (
+    LoraLinear,
+    LoraQuantized,
     LoraSettings,
     add_lora,
     add_lora_args,
@@ -22,9 +20,9 @@ from cpm_live.delta.lora import (
     lora_layers,
     lora_settings_from_args,
     lora_state_dict,
+    merged_dense_weight,
     trainable_parameter_report,
 )
-from cpm_live.delta.merge import MergeError
 
 __all__ = [
     "AdapterError", "LoraDelta", "LoraLinear", "LoraQuantized", "LoraSettings", "MergeError", "add_lora",

@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from cpm_live.errors import CPMLiveError, DataFormatError, MissingFileError, for_cli
 from cpm_live.models import CPMBeeConfig
 from cpm_live.tokenizers import CPMBeeTokenizer
 from cpm_live.training.metrics import read_metrics
@@ -78,7 +79,7 @@ def record_texts(records: Iterable[Mapping[str, Any]], min_chars: int = 2, max_c
 def format_tasks(texts: Sequence[str], count: int, seed: int) -> list[dict[str, Any]]:
     """``count`` records, the three tasks in equal turns, each on a text drawn with ``seed``."""
     if len(texts) < OPTIONS:
-        raise ValueError(f"need at least {OPTIONS} distinct texts to build options, got {len(texts)}")
+        raise DataFormatError(f"need at least {OPTIONS} distinct texts to build options, got {len(texts)}")
     rng = random.Random(seed)
     records = []
     for i in range(count):
@@ -100,7 +101,7 @@ def format_tasks(texts: Sequence[str], count: int, seed: int) -> list[dict[str, 
     return records
 
 
-class BuildInterrupted(RuntimeError):
+class BuildInterrupted(CPMLiveError, RuntimeError):
     """A resumable base build stopped on SIGTERM after saving a checkpoint; calling again continues it."""
 
 
@@ -140,6 +141,8 @@ def train_base(config_path: str, vocab: str, dataset: str, out: str, steps: int,
 def _read_records(paths: Sequence[str]) -> list[dict[str, Any]]:
     records = []
     for path in paths:
+        if not os.path.isfile(path):
+            raise MissingFileError(f"`data` {path} does not exist")
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
@@ -147,9 +150,9 @@ def _read_records(paths: Sequence[str]) -> list[dict[str, Any]]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+                    raise DataFormatError(f"{path}:{number}: not valid JSON ({e.msg})") from e
                 except RecursionError:
-                    raise ValueError(f"{path}:{number}: {JSON_TOO_DEEP}") from None
+                    raise DataFormatError(f"{path}:{number}: {JSON_TOO_DEEP}") from None
     return records
 
 
@@ -161,7 +164,7 @@ def build_format_base(data: Sequence[str], vocab: str, out: str, model_config: s
     os.makedirs(out, exist_ok=True)
     texts = record_texts(_read_records(data), max_chars=max_chars)
     if len(texts) < OPTIONS:
-        raise ValueError(f"{', '.join(data)} hold {len(texts)} distinct texts of 2..{max_chars} characters; "
+        raise DataFormatError(f"{', '.join(data)} hold {len(texts)} distinct texts of 2..{max_chars} characters; "
                          f"need at least {OPTIONS}")
     tasks_file = os.path.join(out, "format_tasks.jsonl")
     atomic_write_text(tasks_file, "".join(json.dumps(r, ensure_ascii=False) + "\n"
@@ -200,8 +203,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         return build_format_base(args.data, args.vocab, args.out, args.model_config, args.steps, args.records,
                                  args.lr, args.batch_size, args.max_length, args.max_chars, args.seed)
-    except (ValueError, FileNotFoundError) as e:  # a bad data file or path: one line saying what to fix
-        raise SystemExit(f"error: {e}") from e
+    except CPMLiveError as e:  # a bad data file or path: one line saying what to fix
+        raise SystemExit(f"error: {for_cli(e, p)}") from e
 
 
 if __name__ == "__main__":

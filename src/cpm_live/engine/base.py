@@ -35,14 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed._composable import checkpoint
 
-from cpm_live.inputs import IGNORE_INDEX
+from cpm_live.data.tensors import IGNORE_INDEX
+from cpm_live.errors import EngineError
 from cpm_live.utils import key_mismatch
 
 DEFAULT_TIMEOUT_S = 1800.0  # torch.distributed's default collective timeout (gloo)
-
-
-class EngineError(RuntimeError):
-    """Wrong engine choice, launch environment or call order; the message says what to do."""
 
 
 def is_collective_timeout(error: BaseException) -> bool:
@@ -103,6 +100,22 @@ def recompute_activations(blocks: Iterable[nn.Module]) -> None:
         checkpoint(block)
 
 
+def float_parameters_outside_quantized_layers(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters that are not part of a quantized layer's state.
+
+    A module holding an integer parameter (packed 4-bit codes, int8 weights) is a quantized layer: its
+    floating-point parameters (``weight_nested_absmax``, ``SCB``) are statistics of those codes, stored
+    under the layer's own state-dict keys (``weight.nested_absmax``), and load with them.
+    """
+    names = []
+    for prefix, module in model.named_modules():
+        own = list(module.named_parameters(prefix=prefix, recurse=False))
+        if any(not (p.is_floating_point() or p.is_complex()) for _, p in own):
+            continue
+        names += [name for name, p in own if p.is_floating_point()]
+    return names
+
+
 def parameter_signature(model: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
     """``(name, shape, dtype)`` of every parameter: what must agree across ranks before sharding."""
     return [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]
@@ -151,7 +164,7 @@ class Engine(abc.ABC):
         keys do not change.
 
         The block contract (the one thing an engine may assume of a block; the bmtrain engine's
-        adapter relies on it, ``tests/test_engine.py`` checks CPM-Bee's ``TransformerBlock`` against
+        adapter relies on it, ``tests/unit/engine/test_engine.py`` checks CPM-Bee's ``TransformerBlock`` against
         it): a block holds no parameters or buffers of its own, only in its children, and is called
         ``block(h, attention_mask, position_bias, past_kv=None, use_cache=False) -> (h, kv)``, where
         training passes only the first three and uses only ``h``.

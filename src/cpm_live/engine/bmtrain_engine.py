@@ -42,17 +42,19 @@ from bmtrain.store import allgather_objects
 from bmtrain.zero_context import ZeroContext
 from torch import nn
 
+from cpm_live.data.tensors import IGNORE_INDEX
 from cpm_live.engine.base import (
     Engine,
     EngineError,
     check_state_dict_keys,
+    float_parameters_outside_quantized_layers,
     launch_env,
     parameter_signature,
 )
-from cpm_live.inputs import IGNORE_INDEX
 
-_LOAD_BEFORE_WRAP = ("with --engine bmtrain, load the base checkpoint (4-bit state included) into the model "
-                     "before engine.wrap(); afterwards only floating-point parameters can be loaded")
+_LOAD_BEFORE_WRAP = ("with `engine` bmtrain, load the base checkpoint (4-bit state included) into the model "
+                     "before engine.wrap(); afterwards only the floating-point parameters outside the 4-bit/int8 "
+                     "layers can be loaded")
 
 
 class DistributedParameter4Int8(bmt.DistributedParameter):
@@ -181,7 +183,7 @@ class _EncoderLayerBlock(bmt.Block):
         if past_kv is None and not use_cache:
             return super().forward(h, attention_mask, position_bias), None
         if torch.is_grad_enabled():
-            raise EngineError("incremental decoding (use_cache) under --engine bmtrain needs torch.no_grad()")
+            raise EngineError("incremental decoding (use_cache) under `engine` bmtrain needs torch.no_grad()")
         # Generation: gather this block's parameters and run the whole layer, cache included.
         with ZeroContext(self):
             return self._module.layer_forward(h, attention_mask, position_bias, past_kv, use_cache)
@@ -218,8 +220,8 @@ class BMTrainEngine(Engine):
                  loss_scale_steps: int = 512):
         launch_env()  # validates torchrun's variables before bmtrain reads them
         if not loss_scale > 0 or not loss_scale_factor > 1 or loss_scale_steps < 1:
-            raise EngineError(f"invalid loss scaling: --loss-scale {loss_scale} (> 0), --loss-scale-factor "
-                              f"{loss_scale_factor} (> 1), --loss-scale-steps {loss_scale_steps} (>= 1)")
+            raise EngineError(f"invalid loss scaling: `loss_scale` {loss_scale} (> 0), `loss_scale_factor` "
+                              f"{loss_scale_factor} (> 1), `loss_scale_steps` {loss_scale_steps} (>= 1)")
         bmt.init_distributed(seed=seed)  # also seeds torch, random and numpy (same seed on every rank)
         super().__init__(bmt.rank(), bmt.world_size(), bmt.config["local_rank"],
                          torch.device("cuda", torch.cuda.current_device()))
@@ -235,7 +237,7 @@ class BMTrainEngine(Engine):
         owner = next(((parent, name) for parent in model.modules() for name, child in parent.named_children()
                       if blocks is not None and child is blocks), None)
         if owner is None:
-            raise EngineError(f"--engine bmtrain needs the blocks to shard: wrap(model, blocks=<a ModuleList "
+            raise EngineError(f"`engine` bmtrain needs the blocks to shard: wrap(model, blocks=<a ModuleList "
                               f"inside the model>); got {type(blocks).__name__} for {type(model).__name__}")
         self.check_consistent(parameter_signature(model), "model parameters (name, shape, dtype)")
         wrapped = []
@@ -329,10 +331,11 @@ class BMTrainEngine(Engine):
 
     def load_state_dict(self, model: nn.Module, state_dict: Mapping[str, torch.Tensor],
                         strict: bool = True) -> None:
-        # After wrap only floating-point parameters load (the 4-bit state went in before wrap), so
-        # those are what ``strict`` asks for; a 4-bit key is one the wrapped model does not take.
-        floating = [name for name, p in model.named_parameters() if p.is_floating_point()]
-        check_state_dict_keys(state_dict, floating, strict, hint=_LOAD_BEFORE_WRAP)
+        # After wrap only the floating-point parameters outside quantized layers load (the 4-bit and
+        # int8 state, its float statistics included, went in before wrap), so those are what
+        # ``strict`` asks for; a quantized layer's key is one the wrapped model does not take.
+        loadable = float_parameters_outside_quantized_layers(model)
+        check_state_dict_keys(state_dict, loadable, strict, hint=_LOAD_BEFORE_WRAP)
         model.load_state_dict(dict(state_dict), strict=False)  # each Block / DistributedModule: its shard
         if self._optimizer is not None:  # keep AdamOffload's host fp32 masters in step with the weights
             for group in self._optimizer.param_groups:
@@ -345,7 +348,7 @@ class BMTrainEngine(Engine):
         manager = self._need_manager(optimizer)
         # gather=True: whole (unsharded) Adam moments and masters, loadable at another world size.
         # BMTrain's gather needs some state to exist (it reads a step count), i.e. one step done.
-        opt_state = optimizer.state_dict(gather=bool(optimizer.state))
+        opt_state = self._optimizer.state_dict(gather=bool(self._optimizer.state))
         if not self.is_main:
             return {}
         return {"engine": self.name, "optimizer": opt_state, "loss_scale": float(manager.loss_scale),
@@ -355,9 +358,9 @@ class BMTrainEngine(Engine):
         manager = self._need_manager(optimizer)
         if state.get("engine") != self.name:
             raise EngineError(f"training state was written by engine {state.get('engine')!r}; resume it "
-                              f"with --engine {state.get('engine')} (optimizer layouts differ)")
+                              f"with `engine` {state.get('engine')} (optimizer layouts differ)")
         # Not OptimManager.load_state_dict: it calls load_state_dict on a None lr scheduler.
-        optimizer.load_state_dict(state["optimizer"])
+        self._optimizer.load_state_dict(state["optimizer"])
         if manager.loss_scale_enabled:
             manager.loss_scale = float(state["loss_scale"])
             manager.steps_since_last_scale = int(state["steps_since_last_scale"])

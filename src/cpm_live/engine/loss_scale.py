@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cpm_live.errors import ConfigError
+
 
 class DynamicLossScaler:
     """GradScaler-style scale: the loss is multiplied by ``scale`` before backward.
@@ -17,11 +19,11 @@ class DynamicLossScaler:
     def __init__(self, init_scale: float = 2.0**20, factor: float = 2.0, window: int = 512,
                  min_scale: float = 1.0):
         if not init_scale > 0:
-            raise ValueError(f"--loss-scale must be > 0, got {init_scale}")
+            raise ConfigError(f"`loss_scale` must be > 0, got {init_scale}")
         if not factor > 1:
-            raise ValueError(f"--loss-scale-factor must be > 1, got {factor}")
+            raise ConfigError(f"`loss_scale_factor` must be > 1, got {factor}")
         if int(window) != window or window < 1:
-            raise ValueError(f"--loss-scale-steps must be a positive integer, got {window}")
+            raise ConfigError(f"`loss_scale_steps` must be a positive integer, got {window}")
         self.factor, self.window, self.min_scale = float(factor), int(window), float(min_scale)
         self._scale = float(init_scale)
         self._good_steps = 0

@@ -122,7 +122,7 @@ class TorchEngine(Engine):
         if device not in ("auto", "cpu", "cuda"):
             raise EngineError(f"device must be auto, cpu or cuda, got {device!r}")
         if device == "cuda" and not torch.cuda.is_available():
-            raise EngineError("--device cuda but torch sees no CUDA device; use --device cpu (or auto)")
+            raise EngineError("`device` cuda but torch sees no CUDA device; use `device` cpu (or auto)")
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         if use_cuda:
             torch.cuda.set_device(local_rank)
@@ -298,7 +298,7 @@ class TorchEngine(Engine):
                               "engine.optimizer()")
         if state.get("engine") != self.name:
             raise EngineError(f"training state was written by engine {state.get('engine')!r}; resume it "
-                              f"with --engine {state.get('engine')} (optimizer layouts differ)")
+                              f"with `engine` {state.get('engine')} (optimizer layouts differ)")
         saved = state["params"]
         if set(saved) != set(optimizer.names):
             missing = sorted(set(optimizer.names) - set(saved))

@@ -1,4 +1,4 @@
-"""CPM-Bee beam search, step for step the original `CPMBeeBeamSearch._decode` (spec §5 step 3).
+"""CPM-Bee beam search, step for step the original `CPMBeeBeamSearch._decode`.
 
 Per step and sentence, the top ``2 * beam_size`` (beam, token) pairs by cumulative log-probability
 are visited in order: a finished answer goes to the sentence's `BeamHypotheses`, anything else
@@ -55,6 +55,20 @@ class BeamHypotheses:
         return max(self.hyp, key=lambda x: x[0])[1]
 
 
+def best_pairs(scores: torch.Tensor, k: int) -> tuple[list[list[float]], list[list[int]]]:
+    """The ``k`` highest scores of each row, best first, and their columns; equal scores go to the
+    lower column, as ``argmax`` does, so beam size 1 chooses what greedy decoding chooses. (``topk``
+    breaks ties in whatever order its CPU kernel meets them, and 16-bit logits tie often.)"""
+    kth = torch.topk(scores, k, dim=1).values[:, -1:]
+    values, columns = [], []
+    for row, threshold in zip(scores, kth):
+        candidates = torch.nonzero(row >= threshold).flatten()  # ascending columns
+        order = torch.sort(row[candidates], descending=True, stable=True).indices[:k]
+        values.append(row[candidates[order]].tolist())
+        columns.append(candidates[order].tolist())
+    return values, columns
+
+
 def beam_search(decoder: Decoder, beam_size: int = 3, max_length: int = 100) -> list[list[AnswerToken]]:
     """Best answer tokens per sample of ``decoder``'s batch (at most ``max_length + 2`` tokens,
     counting each segment's eos, as in the original)."""
@@ -76,8 +90,7 @@ def beam_search(decoder: Decoder, beam_size: int = 3, max_length: int = 100) -> 
         logprobs = F.log_softmax(decoder.step([c for sample_beams in beams for c in sample_beams]), dim=-1)
         width = logprobs.size(-1)  # V + X
         next_scores = (logprobs + scores.view(-1, 1)).view(len(active), beam_size * width)
-        top_scores, top_ids = torch.topk(next_scores, 2 * beam_size, dim=1, largest=True, sorted=True)
-        top_scores, top_ids = top_scores.tolist(), top_ids.tolist()
+        top_scores, top_ids = best_pairs(next_scores, 2 * beam_size)
 
         kept_rows: list[int] = []
         kept_beams: list[list[Cursor]] = []

@@ -69,7 +69,7 @@ class CPMBeeBeamSearch(CPMBeeGeneration):
     def generate(self, data_list: list[dict[str, Any]], beam_size: int = 3, max_length: int = 100,
                  repetition_penalty: float = 1.0, repetition_window: int | None = None,
                  ) -> list[dict[str, Any]]:
-        """Beam search as the original ``CPMBeeBeamSearch.generate`` (spec §5).
+        """Beam search as the original ``CPMBeeBeamSearch.generate``.
 
         ``max_length`` tokens per answer plus eos; ``repetition_penalty`` >= 1 (1 = off) over the
         tokens generated so far, or the last ``repetition_window`` of them.

@@ -35,16 +35,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cpm_live.checkpoint import CheckpointError, build_model
-from cpm_live.dataset.errors import DataFormatError
-from cpm_live.dataset.jsonl import answered_records
-from cpm_live.delta import AdapterError, load_adapter
+from cpm_live.checkpoint.base_model import ModelArgs, add_model_args, load_base
+from cpm_live.data.jsonl import answered_records
+from cpm_live.errors import CPMLiveError, DataFormatError, SampleTooLong, for_cli
 from cpm_live.generation.bee import CPMBeeBeamSearch, CPMBeeGeneration, CPMBeeGreedy, CPMBeeSampling
 from cpm_live.generation.prompt import build_prompt
-from cpm_live.model_dir import load_config
-from cpm_live.models import ConfigError, CPMBee, CPMBeeConfig
-from cpm_live.tokenizers import CPMBeeTokenizer, find_vocab
-from cpm_live.training_tasks.bee import SampleTooLong
+from cpm_live.models import CPMBee, CPMBeeConfig
+from cpm_live.tokenizers import CPMBeeTokenizer
 
 
 def _int_at_least(minimum: int):
@@ -79,15 +76,7 @@ def device_name(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate the <ans> of CPM-Bee jsonl records.")
-    p.add_argument("--model-config", default=None,
-                   help="model config JSON (default: config.json of a --load directory)")
-    p.add_argument("--load", required=True,
-                   help="checkpoint (.pt / .bin / .safetensors, dense or int4, qlora-PR .pt) or a Hugging Face "
-                        "model directory")
-    p.add_argument("--int4", action="store_true", help="the checkpoint is int4-compressed (sets the config's int4)")
-    p.add_argument("--int8", action="store_true", help="the checkpoint is int8 (LLM.int8; sets the config's int8)")
-    p.add_argument("--delta", default=None, help="LoRA adapter: peft directory or CPM-Bee *-delta-best.pt")
-    p.add_argument("--vocab", default=None, help="vocab file (default: vocab.txt beside --load)")
+    add_model_args(p, load_required=True, adapter=True)
     p.add_argument("--input", required=True, help="jsonl, one CPM-Bee sample with an <ans> key per line")
     p.add_argument("--output", required=True, help="jsonl to write, the input records with <ans> filled in")
     p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="records decoded together")
@@ -133,15 +122,12 @@ def _check_prompts(tokenizer: CPMBeeTokenizer, records: list[tuple[str, dict[str
             raise DataFormatError(f"{location}: {e}") from None
 
 
-def load_model(args: argparse.Namespace, config: CPMBeeConfig, device: torch.device) -> CPMBee:
-    """Build the model on ``device`` from ``config``, load the checkpoint, then the adapter."""
+def load_model(model_args: ModelArgs, config: CPMBeeConfig, device: torch.device) -> CPMBee:
+    """The base of ``config`` with its weights and adapter, on ``device`` (fp16 runs in fp32 on CPU)."""
     if device.type == "cpu" and config.dtype == torch.float16:
         print("--device cpu: running the fp16 config in fp32", file=sys.stderr)
         config = config.with_dtype(torch.float32)
-    model = build_model(config, args.load, device=device)
-    if args.delta is not None:
-        load_adapter(model, args.delta)
-    return model
+    return load_base(model_args, config, device=device)
 
 
 def _generate_fn(args: argparse.Namespace, model: CPMBee, tokenizer: CPMBeeTokenizer):
@@ -161,15 +147,14 @@ def _generate_fn(args: argparse.Namespace, model: CPMBee, tokenizer: CPMBeeToken
 
 def run(args: argparse.Namespace) -> int:
     """Generate for every record of ``args.input`` into ``args.output``; returns the record count."""
-    for flag, path in (("--model-config", args.model_config), ("--load", args.load), ("--delta", args.delta)):
-        if path is not None and not os.path.exists(path):
-            raise FileNotFoundError(f"{flag} {path} does not exist")
+    model_args = ModelArgs.from_args(args)
+    model_args.check_paths()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     records = read_records(args.input)
-    config = load_config(args.model_config, args.load, int4=args.int4, int8=args.int8)
-    tokenizer = CPMBeeTokenizer(find_vocab(args.vocab, args.load))
+    config = model_args.resolve_config()
+    tokenizer = model_args.tokenizer()
     _check_prompts(tokenizer, records, args.max_prompt_length or config.position_bias_max_distance)
-    model = load_model(args, config, device)
+    model = load_model(model_args, config, device)
     generate = _generate_fn(args, model, tokenizer)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
@@ -200,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "model runs with plain torch (use an int4 checkpoint to save memory)", file=sys.stderr)
     try:
         count = run(args)
-    except (FileNotFoundError, DataFormatError, ConfigError, CheckpointError, AdapterError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except CPMLiveError as e:
+        raise SystemExit(f"error: {for_cli(e, parser)}") from None
     print(f"wrote {count} records to {args.output}", file=sys.stderr)
     return 0

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cpm_live.data.tensors import CPMBeeInputs
 from cpm_live.generation.prompt import AnswerToken, PromptBatch
-from cpm_live.inputs import CPMBeeInputs
 from cpm_live.tokenizers import CPMBeeTokenizer
 
 BANNED_LOGIT = -10000.0  # the original's value for unk / foreign ext columns (not -inf)

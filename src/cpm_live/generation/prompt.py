@@ -1,6 +1,6 @@
 """Prompts for CPM-Bee generation: `<ans>` placeholders in, batched model inputs, answers back out.
 
-Follows the original `CPMBeeGeneration` (spec §5 steps 1, 2 and 4): every leaf under `data["<ans>"]`
+Follows the original `CPMBeeGeneration`: every leaf under `data["<ans>"]`
 becomes a placeholder `<ans_k>`, the sample is converted like training data (no answer shuffling,
 `max_depth` 8), the to-be-predicted tokens are cut out of the prompt and remembered as
 `(segment id, answer number)`, and the generated tokens are decoded back into the same leaves.
@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cpm_live.inputs import CPMBeeInputs
+from cpm_live.data.encode import convert_data_to_id
+from cpm_live.data.tensors import CPMBeeInputs
 from cpm_live.tokenizers import CPMBeeTokenizer
-from cpm_live.training_tasks.bee.pretrain import convert_data_to_id
 
 ANSWER_KEY = "<ans>"
 MAX_DEPTH = 8  # every original script converts with max_depth 8
@@ -129,7 +129,7 @@ def build_batch(tokenizer: CPMBeeTokenizer, prompts: Sequence[Prompt], device: t
     their ext tokens into one table: ``(base id, sub > 0)`` -> column ``V + k``.
 
     A sample may generate an ext column only if that ``(base, sub)`` occurs in its own prompt, and
-    ``<unk>`` only if its prompt holds an unknown run with subscript 0 (spec §5 step 3).
+    ``<unk>`` only if its prompt holds an unknown run with subscript 0.
     """
     vocab_size = tokenizer.vocab_size
     column: dict[tuple[int, int], int] = {}

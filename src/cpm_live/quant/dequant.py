@@ -31,10 +31,10 @@ class _Scratch(threading.local):
     """Per-thread CPU buffers reused by every dequantization (index, levels, and the matmul's weight).
 
     A fresh multi-MiB tensor per call is a fresh mmap whose pages the kernel faults in and zeroes
-    first: that cost as much as the dequantization itself (bf16 QLoRA step, d=1024, 512 tokens, CPU
-    time: 1.54x bf16 LoRA's with fresh buffers, 1.28x with glibc told to keep them, 1.24x with these
-    buffers). The buffers grow to
-    the largest layer and stay (one dense bf16 weight plus 1.5x that in fp32 levels and indices).
+    first: that cost about as much as the dequantization itself (the bf16 QLoRA step times before and
+    after are in docs/architecture.md; ``python benchmarks/run.py --quick --sections finetune``
+    measures them). The buffers grow to the largest layer and stay (one dense bf16 weight plus 1.5x
+    that in fp32 levels and indices).
     """
 
     def __init__(self) -> None:
@@ -56,8 +56,9 @@ _SCRATCH = _Scratch()
 def _levels_by_byte(code: torch.Tensor) -> torch.Tensor:
     """``[256]`` int64 whose bytes are the two fp32 levels a packed byte stands for (high nibble first).
 
-    One 8-byte lookup per packed byte: torch's 1-D ``index_select`` is ~4x faster than gathering
-    rows of a ``[256, 2]`` fp32 table (measured on CPU; benchmarks/bench_layers.py).
+    One 8-byte lookup per packed byte: torch's 1-D ``index_select`` is faster on CPU than gathering
+    rows of a ``[256, 2]`` fp32 table (``python benchmarks/run.py --quick --sections layers`` times
+    the dequantization).
     """
     code = code.float()
     return torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1).view(torch.int64).view(-1)
@@ -84,7 +85,7 @@ def dequantize_cpu(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
     Value ``i`` of the row-major weight is nibble ``i`` of the packed bytes (high nibble first); blocks
     run over the flattened weight, so a block may span rows. Computed in fp32, rounded once: for a
     16-bit ``dtype`` the multiply writes the rounded product straight into the result (one pass over
-    the levels instead of multiply-then-cast, ~2x faster at bf16 QLoRA's layer sizes).
+    the levels instead of multiply-then-cast, faster at bf16 QLoRA's layer sizes).
 
     ``transient``: the result (and the index and level arrays) live in per-thread scratch buffers that
     the next transient call on this thread overwrites (the matmul's weight, used once and dropped);
@@ -138,8 +139,8 @@ def _native(packed: torch.Tensor, absmax: torch.Tensor, state: bnbF.QuantState, 
             transient: bool = False) -> torch.Tensor:
     """bitsandbytes' own CPU dequantization kernel, ``cdequantize_blockwise_cpu_<type>_<dtype>``, the
     one its ``dequantize_4bit`` op calls for these shapes, called directly so that a transient result
-    can go into the per-thread scratch buffer: a fresh output per call (and the op's dispatch) cost a
-    bf16 QLoRA step at d=256, 512 tokens 6% more time."""
+    can go into the per-thread scratch buffer: a fresh output per call (and the op's dispatch) cost
+    step time (``python benchmarks/run.py --quick --sections finetune``)."""
     shape = tuple(state.shape)
     out = _SCRATCH.get("weight", math.prod(shape), dtype).view(shape) if transient else torch.empty(shape, dtype=dtype)
     kernel = getattr(bnb_native, f"cdequantize_blockwise_cpu_{state.quant_type}_{_C_DTYPES[dtype]}")
@@ -156,7 +157,7 @@ _NATIVE_EXACT: dict[tuple, bool] = {}
 
 def _native_is_exact(packed: torch.Tensor, absmax: torch.Tensor, state: bnbF.QuantState,
                      dtype: torch.dtype) -> bool:
-    """Whether to use bitsandbytes' native CPU dequantization here: 4-7x faster than
+    """Whether to use bitsandbytes' native CPU dequantization here: several times faster than
     :func:`dequantize_cpu`, but wrong on some CPUs when a block spans two rows. It is only considered
     when every row is whole blocks (and not at the blocksizes bnb sends to its slow fallback), and only
     trusted for a (shape, blocksize, quant type, dtype) case after its output equalled the exact one,

@@ -28,6 +28,7 @@ import bitsandbytes.functional as bnbF
 import torch
 from bitsandbytes.utils import unpack_tensor_to_dict
 
+from cpm_live.errors import ConfigError, QuantFormatError
 from cpm_live.quant.dequant import dequantize_4bit
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -35,10 +36,6 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # quantize_4bit double-quantizes absmax with 8-bit blocks of 256 (fp32 nested absmax); fixed in bnb.
 NESTED_BLOCKSIZE = 256
 BLOB_PREFIX = "quant_state.bitsandbytes__"
-
-
-class QuantFormatError(ValueError):
-    """A 4-bit weight's tensors do not match the expected layout or settings."""
 
 
 @dataclass(frozen=True)
@@ -51,11 +48,11 @@ class QuantSettings:
 
     def __post_init__(self) -> None:
         if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+            raise ConfigError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
         if self.blocksize not in BLOCKSIZES:
-            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
+            raise ConfigError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
         if not isinstance(self.double_quant, bool):
-            raise ValueError(f"double_quant must be a bool, got {self.double_quant!r}")
+            raise ConfigError(f"double_quant must be a bool, got {self.double_quant!r}")
 
     @property
     def blob_suffix(self) -> str:
@@ -98,8 +95,8 @@ def quantized_bytes(shape: tuple[int, ...], settings: QuantSettings, blob_bytes:
 
 
 # Elements per part when one weight is quantized in parts: small enough that the kernel's fp32
-# temporaries stay in cache (a 42M-element weight quantizes 1.4x faster in parts of 1M than whole)
-# and that the parts of one weight keep every worker busy.
+# temporaries stay in cache (benchmarks/README.md has the timings of a whole 10B projection vs its
+# parts) and that the parts of one weight keep every worker busy.
 PART_ELEMENTS = 1 << 20
 
 
@@ -123,7 +120,7 @@ def join_absmax(parts: list[torch.Tensor], shape: torch.Size, dtype: torch.dtype
                 settings: QuantSettings) -> bnbF.QuantState:
     """The ``QuantState`` of a whole weight from the absmax of its parts in order (their packed bytes
     just concatenate): ``quantize_4bit``'s double quantization over the whole absmax, bit for bit
-    (tests/test_quant_format.py holds :func:`quantize` equal to ``quantize_4bit``)."""
+    (tests/unit/quant/test_format.py holds :func:`quantize` equal to ``quantize_4bit``)."""
     absmax = torch.cat(parts) if len(parts) > 1 else parts[0]
     code = bnbF.get_4bit_type(settings.quant_type, device=absmax.device)
     if not settings.double_quant:

@@ -12,8 +12,8 @@ dequantized weight columns instead; int32 products are scaled by ``SCA * SCB / 1
 result is cast to the input's dtype. Backward gives the input gradient only, ``grad @ deq(W)`` in the
 input's dtype (bnb's ``MatMul8bitLt`` does it in the fp16 of its output), and keeps nothing but the
 int8 weight and its scales. So an fp32 or bf16 model's gradients never pass through fp16, where small
-ones underflow and where a CPU without fp16 GEMMs computes ~20x slower (1.93 s vs 0.09 s for a
-512 -> 1280 projection's backward over 2048 tokens).
+ones underflow and where a CPU without fp16 GEMMs computes far slower (benchmarks/README.md, int8;
+``python benchmarks/run.py --quick --sections finetune``).
 """
 
 from __future__ import annotations

@@ -5,44 +5,39 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from cpm_live.checkpoint import CheckpointError
-from cpm_live.dataset.errors import DataFormatError
-from cpm_live.delta import AdapterError
-from cpm_live.engine import EngineError
 from cpm_live.engine.base import is_collective_timeout
-from cpm_live.models import ConfigError
-from cpm_live.tokenizers.bee import VocabError
-from cpm_live.training.args import build_parser, validate
-
-USER_ERRORS = (CheckpointError, ConfigError, DataFormatError, AdapterError, EngineError, VocabError,
-               FileNotFoundError)
+from cpm_live.errors import CPMLiveError, for_cli
+from cpm_live.training.args import FinetuneArgs, build_parser, check_writable
 
 
 def main(argv: Sequence[str] | None = None, qlora: bool = False) -> dict:
     parser = build_parser("Fine-tune CPM-Bee with QLoRA (4-bit base + LoRA)." if qlora else None)
     if qlora:
-        # The only differences from plain fine-tuning: a 4-bit base and LoRA on by default, and
-        # --train-iters ends training (the qlora PR's meaning; CPM-Bee's finetune only sized the schedule).
-        parser.set_defaults(int4=True, use_delta=True, stop_at_train_iters=True)
-    args = parser.parse_args(argv)
-    validate(args)
-    from cpm_live.training.loop import Trainer, TrainingError
+        # The only differences from plain fine-tuning: LoRA on by default, a 4-bit base unless the
+        # flags or the config choose one, and --train-iters ends training (the qlora PR's meaning;
+        # CPM-Bee's finetune only sized the schedule).
+        parser.set_defaults(use_delta=True, stop_at_train_iters=True)
+    namespace = parser.parse_args(argv)
+    from cpm_live.training.loop import Trainer
 
-    trainer = Trainer(args)
     try:
+        args = FinetuneArgs.from_args(namespace, default_quantization="int4" if qlora else None)
+        if args.saving.save:
+            check_writable(args.saving.save)
+        trainer = Trainer(args)
         try:
             return trainer.setup().train()
         finally:
             trainer.close()
-    except (*USER_ERRORS, TrainingError) as e:  # a bad file, flag or config: one line saying what to fix, no traceback
-        raise SystemExit(f"error: {e}") from e
+    except CPMLiveError as e:  # a bad file, flag or config: one line saying what to fix, no traceback
+        raise SystemExit(f"error: {for_cli(e, parser)}") from e
     except RuntimeError as e:
         if not is_collective_timeout(e):
             raise
         rank = os.environ.get("RANK", "0")
         reason = str(e).splitlines()[0].split("] ")[-1]  # gloo prefixes its source file and line
         raise SystemExit(f"error: rank {rank}: another rank did not answer within --dist-timeout "
-                         f"{args.dist_timeout:g} s ({reason}): it stopped, hangs or died; see its log") from e
+                         f"{namespace.dist_timeout:g} s ({reason}): it stopped, hangs or died; see its log") from e
 
 
 def qlora_main(argv: Sequence[str] | None = None) -> dict:

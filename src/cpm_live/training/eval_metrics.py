@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 
+from cpm_live.data.pack import open_record_source
 from cpm_live.evaluation import compute_metrics
 from cpm_live.generation import CPMBeeGreedy
-from cpm_live.training_tasks.bee.finetune import open_record_source
+from cpm_live.tokenizers import CPMBeeTokenizer
+from cpm_live.training.args import EvalArgs
 
 MAX_ANSWER_TOKENS = 32
 
@@ -30,14 +32,13 @@ def read_records(path: str, limit: int | None) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def generation_metrics(trainer, names: list[str]) -> dict[str, float]:
-    """Scores of greedy answers on the eval set, keyed like :func:`compute_metrics`."""
-    records = read_records(trainer.args.eval_dataset, trainer.args.max_eval_samples)
+def generation_metrics(model: torch.nn.Module, tokenizer: CPMBeeTokenizer, settings: EvalArgs) -> dict[str, float]:
+    """Scores of ``model``'s greedy answers on the eval set, keyed like :func:`compute_metrics`."""
+    records = read_records(settings.eval_dataset, settings.max_eval_samples)
     refs = [r["<ans>"] for r in records]
-    trainer.model.eval()
+    model.eval()
     try:
-        answered = CPMBeeGreedy(trainer.model, trainer.tokenizer).generate(
-            copy.deepcopy(records), max_length=MAX_ANSWER_TOKENS)
+        answered = CPMBeeGreedy(model, tokenizer).generate(copy.deepcopy(records), max_length=MAX_ANSWER_TOKENS)
     finally:
-        trainer.model.train()
-    return compute_metrics(names, [r["<ans>"] for r in answered], refs)
+        model.train()
+    return compute_metrics(list(settings.eval_metrics), [r["<ans>"] for r in answered], refs)

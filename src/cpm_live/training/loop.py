@@ -8,7 +8,6 @@ loads a compressed checkpoint or quantizes an fp one) -> LoRA injected, base fro
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import signal
@@ -18,26 +17,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cpm_live.checkpoint import build_model
+from cpm_live.checkpoint import resume
+from cpm_live.checkpoint.adapters import save_adapter, save_cpm_bee_delta
+from cpm_live.checkpoint.base_model import load_base
 from cpm_live.config import CPMBeeConfig
-from cpm_live.delta import (
-    add_lora,
-    lora_settings_from_args,
-    save_adapter,
-    save_cpm_bee_delta,
-    trainable_parameter_report,
-)
+from cpm_live.data.pack import FinetuneDataset
+from cpm_live.data.tensors import IGNORE_INDEX, LabelledInputs
 from cpm_live.engine import engine_from_args, format_summary, inspect_model
-from cpm_live.inputs import IGNORE_INDEX, LabelledInputs
-from cpm_live.model_dir import load_config
-from cpm_live.models import CPMBee
-from cpm_live.tokenizers import CPMBeeTokenizer, find_vocab
-from cpm_live.training import state as run_state  # resume directories; not cpm_live.checkpoint (weight files)
-from cpm_live.training.args import DEFAULT_TRAIN_ITERS, length_note
+from cpm_live.errors import TrainingError
+from cpm_live.lora import add_lora, trainable_parameter_report
+from cpm_live.tokenizers import CPMBeeTokenizer
+from cpm_live.training.args import FinetuneArgs
 from cpm_live.training.metrics import MetricsLogger
 from cpm_live.training.schedulers import LRSchedule
-from cpm_live.training.state import TrainingError
-from cpm_live.training_tasks.bee import FinetuneDataset
 
 DROPPED_WARN_SHARE = 0.1  # warn once more than this share of the records read is longer than --max-length
 
@@ -45,12 +37,13 @@ DROPPED_WARN_SHARE = 0.1  # warn once more than this share of the records read i
 class Trainer:
     """``Trainer(args).setup()`` builds everything in dependency order; then :meth:`train`."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: FinetuneArgs):
         self.args = args
+        self.lora = args.lora
         self._stop_requested = False
         self._saved_step: int | None = None
         self._last_batch: LabelledInputs | None = None
-        self._lock: run_state.SaveDirLock | None = None
+        self._lock: resume.SaveDirLock | None = None
         self._told_dropped = self._warned_share = False
 
     def close(self) -> None:
@@ -65,23 +58,22 @@ class Trainer:
         """Engine -> config (same on every rank) -> tokenizer -> model, LoRA, wrap -> optimizer and
         schedule -> data -> resume state -> metrics. Returns ``self``."""
         args = self.args
-        self.engine = engine_from_args(args, device=args.device)
+        self.engine = engine_from_args(args.engine)
         self._lock = self._lock_save_dir()
         self.config = self._load_config()
         self.tokenizer = self._load_tokenizer()
         self.model = self._build_model()
         self.optimizer = self.engine.optimizer([p for p in self.model.parameters() if p.requires_grad],
-                                               lr=args.lr, weight_decay=args.weight_decay)
-        train_iters = args.train_iters or DEFAULT_TRAIN_ITERS
+                                               lr=args.train.lr, weight_decay=args.train.weight_decay)
         # CPM-Bee: --epoch decides the length, --train-iters sizes the schedule; the qlora PR also stops there.
-        self.max_steps = train_iters if args.stop_at_train_iters else None
-        self.schedule = LRSchedule(self.optimizer, args.lr_decay_style, args.lr, args.warmup_iters,
-                                   args.lr_decay_iters or train_iters)
-        self.train_data = self._dataset(args.dataset, args.batch_size, args.drop_last)
+        self.max_steps = args.train.max_steps
+        self.schedule = LRSchedule(self.optimizer, args.train.lr_decay_style, args.train.lr, args.train.warmup_iters,
+                                   args.train.lr_decay_iters or args.train.schedule_iters)
+        self.train_data = self._dataset(args.train.dataset, args.train.batch_size, args.train.drop_last)
         self.step, self.epoch, self.best_eval, self.patience = 0, 0, math.inf, 0
         self._resume()
-        tb_dir = args.tensorboard or (os.path.join(args.save, "tensorboard") if args.save else None)
-        self.metrics = MetricsLogger(args.save, tb_dir, self.engine.is_main, resume_step=self.step)
+        tb_dir = args.train.tensorboard or (os.path.join(args.saving.save, "tensorboard") if args.saving.save else None)
+        self.metrics = MetricsLogger(args.saving.save, tb_dir, self.engine.is_main, resume_step=self.step)
         return self
 
     @property
@@ -89,32 +81,29 @@ class Trainer:
         return self.lora is not None
 
     # ---------------------------------------------------------------- setup
-    def _lock_save_dir(self) -> run_state.SaveDirLock | None:
+    def _lock_save_dir(self) -> resume.SaveDirLock | None:
         """Rank 0 takes the save-dir lock; every rank raises if it could not (no rank left waiting)."""
-        if not self.args.save:
+        if not self.args.saving.save:
             return None
         lock, error = None, None
         if self.engine.is_main:
-            os.makedirs(self.args.save, exist_ok=True)
+            os.makedirs(self.args.saving.save, exist_ok=True)
             try:
-                lock = run_state.SaveDirLock(self.args.save)
+                lock = resume.SaveDirLock(self.args.saving.save)
             except TrainingError as e:
                 error = e
         if self.engine.all_reduce_sum(float(error is not None)) > 0:
-            raise error or TrainingError(f"--save {self.args.save} is in use by another run (see rank 0)")
+            raise error or TrainingError(f"`save` {self.args.saving.save} is in use by another run (see rank 0)")
         return lock
 
     def _load_config(self) -> CPMBeeConfig:
-        args = self.args
-        int8 = bool(args.int8)  # --int8 also overrides the QLoRA entry point's default int4
-        config = load_config(args.model_config, args.load, int4=bool(args.int4) and not int8, int8=int8)
+        config = self.args.model.resolve_config()
         self.engine.check_consistent(config.to_dict(), "model config")
-        self.lora = lora_settings_from_args(args)
         if config.quantization is not None and not self.use_lora:
             kind = config.quantization.kind
             raise TrainingError(
                 f"{config.source} sets {kind} but LoRA is off: the quantized base is frozen, so nothing "
-                f"would train. Add --use-delta (QLoRA) or set \"{kind}\": false (full fine-tuning)."
+                f"would train. Add `use_delta` (QLoRA) or set \"{kind}\": false (full fine-tuning)."
             )
         if config.int4:
             # Chosen once, here, for this device; the saved model_config.cpm_live.json records it.
@@ -127,7 +116,7 @@ class Trainer:
         return config
 
     def _load_tokenizer(self) -> CPMBeeTokenizer:
-        tokenizer = CPMBeeTokenizer(find_vocab(self.args.vocab, self.args.load))
+        tokenizer = self.args.model.tokenizer()
         if tokenizer.vocab_size != self.config.vocab_size:
             self.engine.print_rank0(
                 f"warning: vocab has {tokenizer.vocab_size} tokens but {self.config.source} says "
@@ -137,60 +126,60 @@ class Trainer:
 
     def _build_model(self) -> torch.nn.Module:
         args, engine = self.args, self.engine
-        if args.load:
-            model = build_model(self.config, args.load)
-        else:
+        if not args.model.load:
             engine.print_rank0("warning: no --load given; training from random initialisation")
-            model = CPMBee(self.config)
+        model = load_base(args.model, self.config)
         if self.use_lora:
             add_lora(model, self.lora)
         engine.print_rank0(trainable_parameter_report(model))
-        return engine.wrap(model, blocks=model.encoder.layers, recompute=args.activation_checkpointing)
+        return engine.wrap(model, blocks=model.encoder.layers, recompute=args.train.activation_checkpointing)
 
     def _dataset(self, path: str, batch_size: int, drop_last: bool) -> FinetuneDataset:
-        return FinetuneDataset(path, batch_size, self.args.max_length, self.tokenizer, max_depth=8,
-                               task_name=self.args.task_name, drop_last=drop_last,
+        return FinetuneDataset(path, batch_size, self.args.train.max_length, self.tokenizer, max_depth=8,
+                               task_name=self.args.train.task_name, drop_last=drop_last,
                                rank=self.engine.rank, world_size=self.engine.world_size,
-                               seed=self.args.seed)
+                               seed=self.args.engine.seed)
 
     def _resume(self) -> None:
-        args = self.args
-        path = run_state.find_checkpoint(args.resume, args.save, warn=self.engine.print_rank0) if args.resume else None
-        run_state.check_history(path, args.save)
+        args, saving = self.args, self.args.saving
+        path = None
+        if saving.resume:
+            path = resume.find_checkpoint(saving.resume, saving.save, warn=self.engine.print_rank0)
+        resume.check_history(path, saving.save)
         self._resumed_from = path
         if path is None:
-            self.step = args.start_step
-            if args.resume == "auto":
-                self.engine.print_rank0(f"no checkpoint under {args.save}; starting from step {self.step}")
+            self.step = args.train.start_step
+            if args.saving.resume == "auto":
+                self.engine.print_rank0(f"no checkpoint under {args.saving.save}; starting from step {self.step}")
             return
-        saved = run_state.load_checkpoint(path, self.engine.rank)
-        run_state.compare_run(saved["trainer"].get("run"), self._run_settings(), path, self.engine.print_rank0)
+        saved = resume.load_checkpoint(path, self.engine.rank)
+        resume.compare_run(saved["trainer"].get("run"), self._run_settings(), path, self.engine.print_rank0)
         self.engine.load_state_dict(self.model, saved["trainable"], strict=False)
         self.engine.load_training_state(self.optimizer, saved["optimizer"])
         trainer = saved["trainer"]
         self.step, self.epoch = trainer["step"], trainer["epoch"]
         self.best_eval, self.patience = trainer["best_eval"], trainer["patience"]
         self.train_data.load_state_dict(trainer["data"])
-        run_state.set_rng_state(saved["rng"])
+        resume.set_rng_state(saved["rng"])
         self.engine.print_rank0(f"resumed from {path} at step {self.step}, epoch {self.epoch}")
 
     def _run_settings(self) -> dict[str, Any]:
-        """What a resume must continue with (compared by :func:`run_state.compare_run`)."""
+        """What a resume must continue with (compared by :func:`resume.compare_run`)."""
         args, lora = self.args, self.lora
         return {
             "model": {k: v for k, v in self.config.to_dict().items() if not k.startswith("int4_")},
             "int4": self.config.int4,
             "lora": None if lora is None else {"r": lora.r, "alpha": lora.alpha, "targets": sorted(lora.targets)},
-            "max_length": args.max_length,
-            "data": run_state.data_fingerprint(args.dataset),
-            "batch": {"batch_size": args.batch_size, "world_size": self.engine.world_size,
-                      "accumulation": args.gradient_accumulation_steps},
+            "max_length": args.train.max_length,
+            "data": resume.data_fingerprint(args.train.dataset),
+            "batch": {"batch_size": args.train.batch_size, "world_size": self.engine.world_size,
+                      "accumulation": args.train.gradient_accumulation_steps},
         }
 
     def _report_dropped(self) -> None:
         """Say at once when records are dropped for --max-length: the first (where, how long), and when
         more than DROPPED_WARN_SHARE of the records read so far are; the step log carries the count."""
-        data, max_length = self.train_data, self.args.max_length
+        data, max_length = self.train_data, self.args.train.max_length
         if data.first_skipped is not None and not self._told_dropped:
             where, length = data.first_skipped
             self.engine.print_rank0(f"warning: {where}: the record has at least {length} tokens, more than "
@@ -201,7 +190,7 @@ class Trainer:
         if share > DROPPED_WARN_SHARE and data.num_read >= 10 and not self._warned_share:
             self.engine.print_rank0(f"warning: {data.num_skipped} of the {data.num_read} records read so far "
                                     f"({share:.0%}) were longer than --max-length {max_length} and dropped: raise "
-                                    f"--max-length, or shorten the records of {self.args.dataset}")
+                                    f"--max-length, or shorten the records of {self.args.train.dataset}")
             self._warned_share = True
 
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
@@ -232,7 +221,7 @@ class Trainer:
     def _next_microbatches(self, it) -> list[dict[str, Any] | None]:
         """Up to ``accumulation`` micro-batches; an empty list at the end of the epoch."""
         out = []
-        for _ in range(self.args.gradient_accumulation_steps):
+        for _ in range(self.args.train.gradient_accumulation_steps):
             batch = next(it, StopIteration)
             if batch is StopIteration:
                 break
@@ -253,7 +242,7 @@ class Trainer:
         global_tokens = engine.all_reduce_sum(float(local_tokens))
         if global_tokens == 0:
             raise TrainingError(
-                f"step {self.step + 1}: no record in this step's batches of {self.args.dataset} has an answer "
+                f"step {self.step + 1}: no record in this step's batches of {self.args.train.dataset} has an answer "
                 "to learn (an '<ans>' field); check the data's keys (e.g. a misspelt \"<ans>\")"
             )
         lr = self.schedule.apply(self.step)
@@ -264,7 +253,7 @@ class Trainer:
             weight = engine.world_size / max(global_tokens, 1.0) if real else 0.0
             engine.backward(loss * weight)
             loss_sum += float(loss.detach()) if real else 0.0
-        grad_norm = engine.clip_grad_norm(self.args.clip_grad if self.args.clip_grad > 0 else math.inf)
+        grad_norm = engine.clip_grad_norm(self.args.train.clip_grad if self.args.train.clip_grad > 0 else math.inf)
         loss = engine.all_reduce_sum(loss_sum) / max(global_tokens, 1.0)
         self._check_finite(loss, grad_norm)
         stepped = engine.step(self.optimizer)
@@ -289,17 +278,17 @@ class Trainer:
         """
         if math.isfinite(loss) and (math.isfinite(grad_norm) or self.engine.loss_scale > 1.0):
             return
-        source = f"--load {self.args.load}" if self.args.load else "the model weights"
+        source = f"`load` {self.args.model.load}" if self.args.model.load else "the model weights"
         raise TrainingError(
             f"step {self.step + 1}: loss {loss} and grad_norm {grad_norm} are not finite; stopped before the "
-            f"update, nothing saved. Check {source} for NaN/inf values, lower --lr, or use fp32 (\"half\": false)"
+            f"update, nothing saved. Check {source} for NaN/inf values, lower `lr`, or use fp32 (\"half\": false)"
         )
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Token-weighted mean eval loss over the whole eval set, across ranks."""
         self.model.eval()
-        data = self._dataset(self.args.eval_dataset, self.args.batch_size, drop_last=False)
+        data = self._dataset(self.args.eval.eval_dataset, self.args.train.batch_size, drop_last=False)
         loss_sum, tokens = 0.0, 0
         for batch in data.epoch():
             tensors, real = self._filled(batch)
@@ -309,11 +298,11 @@ class Trainer:
         self.model.train()
         total_tokens = self.engine.all_reduce_sum(float(tokens))
         if total_tokens == 0:
-            raise TrainingError(f"{self.args.eval_dataset} has no record with an answer ('<ans>') to "
-                                "evaluate; fix its keys or drop --eval_dataset")
+            raise TrainingError(f"{self.args.eval.eval_dataset} has no record with an answer ('<ans>') to "
+                                "evaluate; fix its keys or drop `eval_dataset`")
         eval_loss = self.engine.all_reduce_sum(loss_sum) / total_tokens
         if not math.isfinite(eval_loss):
-            raise TrainingError(f"step {self.step}: eval loss on {self.args.eval_dataset} is {eval_loss}; "
+            raise TrainingError(f"step {self.step}: eval loss on {self.args.eval.eval_dataset} is {eval_loss}; "
                                 "the weights produce NaN/inf: nothing saved as best")
         return eval_loss
 
@@ -321,27 +310,27 @@ class Trainer:
     def save_weights(self, tag: str) -> None:
         """Best/last weights: a peft adapter dir for LoRA, a CPM-Bee-layout .pt for full fine-tuning."""
         args = self.args
-        if not args.save:
+        if not args.saving.save:
             return
         state = self.engine.state_dict(self.model, trainable_only=self.use_lora)
         if not self.engine.is_main:
             return
         if self.use_lora:
-            adapter = os.path.join(args.save, f"{args.save_name}-delta-{tag}")
-            with run_state.writing(adapter):
+            adapter = os.path.join(args.saving.save, f"{args.saving.save_name}-delta-{tag}")
+            with resume.writing(adapter):
                 save_adapter(state, self.lora, adapter, base_config=self.config)
-                if args.delta_format == "opendelta":
+                if args.saving.delta_format == "opendelta":
                     save_cpm_bee_delta(state, self.lora, adapter + ".pt")
         else:
-            run_state.save_weights_pt(state, os.path.join(args.save, f"{args.save_name}-{tag}.pt"))
+            resume.save_weights_pt(state, os.path.join(args.saving.save, f"{args.saving.save_name}-{tag}.pt"))
 
     def save_checkpoint(self) -> None:
         trainable = self.engine.state_dict(self.model, trainable_only=True)
         optimizer = self.engine.training_state(self.optimizer)
         trainer = {"step": self.step, "epoch": self.epoch, "best_eval": self.best_eval,
                    "patience": self.patience, "data": self.train_data.state_dict(), "run": self._run_settings()}
-        path = run_state.save_checkpoint(self.engine, self.args.save, self.step, trainable, optimizer, trainer,
-                                         keep=self.args.keep_checkpoints)
+        path = resume.save_checkpoint(self.engine, self.args.saving.save, self.step, trainable, optimizer, trainer,
+                                         keep=self.args.saving.keep_checkpoints)
         self._saved_step = self.step
         self.engine.print_rank0(f"saved checkpoint {path}")
 
@@ -357,22 +346,22 @@ class Trainer:
 
     def _train(self) -> dict[str, Any]:
         args, engine = self.args, self.engine
-        note = length_note(args)
+        note = args.train.length_note()
         if note:
             engine.print_rank0(note)
-        if args.save and engine.is_main:
-            os.makedirs(args.save, exist_ok=True)
+        if args.saving.save and engine.is_main:
+            os.makedirs(args.saving.save, exist_ok=True)
             # CPM-Bee's CPMBeeConfig.from_json_file reads model_config.json (it refuses unknown keys);
             # the int4 settings of this project go beside it in the full config.
-            self.config.to_json_file(os.path.join(args.save, "model_config.json"), original=True)
-            self.config.to_json_file(os.path.join(args.save, "model_config.cpm_live.json"))
+            self.config.to_json_file(os.path.join(args.saving.save, "model_config.json"), original=True)
+            self.config.to_json_file(os.path.join(args.saving.save, "model_config.cpm_live.json"))
         self.model.train()
         # A bar on a terminal; plain log lines (every --log-interval steps) in files and CI logs.
         self._bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                          disable=None if engine.is_main else True)
         stop_reason, first_epoch, resumed = None, True, self._resumed_from is not None
         while stop_reason is None:
-            if self.epoch >= args.epoch:
+            if self.epoch >= args.train.epoch:
                 stop_reason = "epochs done"
                 break
             batches, steps_before = self.train_data.epoch(), self.step
@@ -382,15 +371,15 @@ class Trainer:
                 self._report_dropped()
                 # Only the first epoch after a resume may be empty (the run stopped at an epoch's end).
                 if self.step == steps_before and not (resumed and first_epoch):
-                    raise TrainingError(f"{args.dataset} gave no training batch: is it empty, or is every "
-                                        f"record longer than --max-length {args.max_length} tokens?")
+                    raise TrainingError(f"{args.train.dataset} gave no training batch: is it empty, or is every "
+                                        f"record longer than `max_length` {args.train.max_length} tokens?")
                 first_epoch = False
                 self.epoch += 1
                 self.train_data.start_next_epoch()
         self._bar.close()
         if stop_reason != "SIGTERM":
             self.save_weights("last")
-            if args.save_iters and self._saved_step != self.step:
+            if args.saving.save_iters and self._saved_step != self.step:
                 self.save_checkpoint()
         self.metrics.close()
         # Every rank leaves together: a rank that tears its process group down while rank 0 is still
@@ -398,7 +387,7 @@ class Trainer:
         engine.barrier()
         dropped = self.train_data.num_skipped
         engine.print_rank0(f"training stopped at step {self.step} ({stop_reason})" + (
-            f"; {dropped} record(s) longer than --max-length {args.max_length} were dropped" if dropped else ""))
+            f"; {dropped} record(s) longer than --max-length {args.train.max_length} were dropped" if dropped else ""))
         return {"step": self.step, "stop_reason": stop_reason, "best_eval": self.best_eval}
 
     def _step_and_bookkeeping(self, micro: list[dict[str, Any] | None]) -> str | None:
@@ -414,22 +403,22 @@ class Trainer:
         self._bar.update(1)
         self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                               tok_s=f"{record['tokens_per_s']:.0f}", dropped=record["dropped_records"])
-        if self.step % args.log_interval == 0:
+        if self.step % args.train.log_interval == 0:
             self.metrics.log(record)
             if self._bar.disable:
                 engine.print_rank0(f"| epoch {self.epoch} | step {self.step} | loss {record['loss']:.4f} | "
                                    f"lr {record['lr']:.2e} | scale {record['loss_scale']:g} | "
                                    f"grad_norm {record['grad_norm']:.4f} | tokens/s {record['tokens_per_s']:.0f} | "
                                    f"peak {record['peak_memory_mb']:.0f} MiB | dropped {record['dropped_records']} |")
-        if args.inspect_iters and self.step % args.inspect_iters == 0:
+        if args.train.inspect_iters and self.step % args.train.inspect_iters == 0:
             engine.print_rank0(format_summary(inspect_model(self.model, engine=engine)))
-        if args.eval_dataset and self.step % args.eval_interval == 0 and self._evaluate_and_stop():
+        if args.eval.eval_dataset and self.step % args.eval.eval_interval == 0 and self._evaluate_and_stop():
             return "early stopping"
-        if args.save_iters and self.step % args.save_iters == 0:
+        if args.saving.save_iters and self.step % args.saving.save_iters == 0:
             self.save_checkpoint()
         # Every rank must agree to stop, or the others would wait in the next collective.
         if engine.all_reduce_sum(float(self._stop_requested)) > 0:
-            if args.save and self._saved_step != self.step:
+            if args.saving.save and self._saved_step != self.step:
                 self.save_checkpoint()
             return "SIGTERM"
         if self.max_steps is not None and self.step >= self.max_steps:
@@ -439,10 +428,10 @@ class Trainer:
     def _evaluate_and_stop(self) -> bool:
         eval_loss = self.evaluate()
         record: dict[str, Any] = {"step": self.step, "eval_loss": eval_loss}
-        if self.args.eval_metrics:
+        if self.args.eval.eval_metrics:
             from cpm_live.training.eval_metrics import generation_metrics
 
-            record.update(generation_metrics(self, self.args.eval_metrics.split(",")))
+            record.update(generation_metrics(self.model, self.tokenizer, self.args.eval))
         improved = eval_loss < self.best_eval
         if improved:
             self.best_eval, self.patience = eval_loss, 0
@@ -454,5 +443,5 @@ class Trainer:
         scores = "".join(f" {k} {v:.4f} |" for k, v in record.items() if k not in ("step", "eval_loss",
                                                                                   "best_eval_loss"))
         self.engine.print_rank0(f"| step {self.step} | eval loss {eval_loss:.4f} |{scores} best {self.best_eval:.4f} |"
-                                f" patience {self.patience}/{self.args.early_stop_patience} |")
-        return self.patience >= self.args.early_stop_patience
+                                f" patience {self.patience}/{self.args.eval.early_stop_patience} |")
+        return self.patience >= self.args.eval.early_stop_patience

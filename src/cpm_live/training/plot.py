@@ -17,11 +17,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from cpm_live.errors import CPMLiveError, PlotError, for_cli
 from cpm_live.utils import atomic_path
-
-
-class PlotError(ValueError):
-    pass
 
 
 def _read(path: str) -> list[dict[str, Any]]:
@@ -97,13 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if os.path.splitext(args.output)[1].lower() not in (".png", ".svg", ".pdf"):
         raise SystemExit(f"error: --output {args.output} must end in .png, .svg or .pdf")
     try:
         plot_metrics(args.metrics, args.output, args.title)
-    except PlotError as e:
-        raise SystemExit(f"error: {e}") from None
+    except CPMLiveError as e:
+        raise SystemExit(f"error: {for_cli(e, parser)}") from None
     print(f"wrote {args.output}")
     return 0
 

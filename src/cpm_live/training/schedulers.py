@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from cpm_live.errors import ConfigError
+
 DECAY_STYLES = ("constant", "linear", "cosine", "exponential", "noam")
 
 
@@ -18,7 +20,7 @@ class LRSchedule:
     def __init__(self, optimizer: torch.optim.Optimizer, style: str, lr: float, warmup_iter: int,
                  end_iter: int, gamma: float = 0.95):
         if style not in DECAY_STYLES:
-            raise ValueError(f"--lr-decay-style must be one of {DECAY_STYLES}, got {style!r}")
+            raise ConfigError(f"`lr_decay_style` must be one of {DECAY_STYLES}, got {style!r}")
         self.optimizer = optimizer
         self.style = style
         self.start_lr = lr

@@ -1,1 +1,2 @@
-"""Training tasks: how raw samples become model batches (CPM-Bee in `bee`)."""
+"""Compatibility re-export: CPM-Bee's ``finetune_cpm_bee.py`` imports ``FinetuneDataset`` from
+``cpm_live.training_tasks.bee``. The data path lives in :mod:`cpm_live.data`."""
