@@ -12,8 +12,10 @@ against transformers + peft + bitsandbytes at the same size, 512 to 4096 tokens)
 quantize_streaming (bytes/param and checkpoint sizes for NF4 and int8, the logits' error of both vs fp32,
 quantize_state_dict MB/s and peak memory), quantize_workers
 (quantize_state_dict at 1 vs all cores on a 1 GiB checkpoint of 10B shapes, same bytes), scaling (1 vs 2 ranks,
-FSDP2 on gloo), estimate_10b (CPM-Bee-10B QLoRA peak memory, analytic), on CUDA, measured_10b, and only
-when named, scale10b (CPM-Bee-10B end to end on CPU; also ``python benchmarks/scale_10b.py``).
+FSDP2 on gloo), estimate_10b (CPM-Bee-10B QLoRA peak memory, analytic), on CUDA, measured_10b, and only when
+named, quality (held-out perplexity and LoRA fine-tunes of a pretrained base in every format; also ``python
+benchmarks/quality.py``, which draws docs/quality.md's plot) and scale10b (CPM-Bee-10B end to end on CPU; also
+``python benchmarks/scale_10b.py``).
 Ratios are measured side by side (interleaved repetitions, medians); see bench_common.
 """
 
@@ -35,15 +37,18 @@ import bench_quantize
 import bench_scaling
 import chart
 import estimate_10b
+import quality
 import scale_10b
 import torch
 
 from cpm_live.utils import atomic_write_text
 
-SECTIONS = ("finetune", "profile", "layers", "peer", "compression", "quantize_streaming", "quantize_workers",
-            "scaling", "estimate_10b", "measured_10b", "scale10b")
-# scale10b writes a 19 GB checkpoint and runs for an hour or more: only when asked for by name.
-DEFAULT_SECTIONS = SECTIONS[:-1]
+SECTIONS = ("finetune", "profile", "layers", "peer", "compression", "quantize_streaming", "quantize_workers", "scaling",
+            "estimate_10b", "measured_10b", "quality", "scale10b")
+# Only when asked for by name: quality builds a base for most of an hour the first time and then fine-tunes
+# for half an hour; scale10b writes a 19 GB checkpoint and runs for an hour or more.
+ON_DEMAND = ("quality", "scale10b")
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s not in ON_DEMAND)
 
 # What each mode runs. --quick fits in a few minutes on 2 CPU cores; the full sweep takes much longer.
 PLANS: dict[str, dict[str, Any]] = {
@@ -144,6 +149,8 @@ def run_section(name: str, plan: dict[str, Any], args: argparse.Namespace, workd
         if device != "cuda" and config == estimate_10b.CONFIG_PATH:
             return {"skipped": "needs --device cuda (a CPM-Bee-10B step does not fit this machine's budget)"}
         return estimate_10b.run_measured_10b(p["tokens"], p["steps"], tuple(p["modes"]), config, device, log=log)
+    if name == "quality":
+        return quality.run_section(args.quick, os.path.join(workdir, "quality"), threads)
     if name == "scale10b":
         return scale_10b.run_scale(workdir, log=log)
     raise ValueError(f"unknown section {name!r}; choose from {SECTIONS}")
@@ -192,6 +199,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         e = results["estimate_10b"]
         out["estimate_10b_peak_gib"] = {"qlora": e["qlora"]["estimated_peak_gib"],
                                         "lora_bf16": e["lora_bf16"]["estimated_peak_gib"]}
+    if "quality" in results:
+        out["quality"] = quality.headline(results["quality"]["rows"])
     measured = results.get("measured_10b", {})
     if "peak_gib" in measured.get("qlora", {}):
         q = measured["qlora"]
@@ -217,8 +226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "timings swing with other load; ratios are what we compare)")
     parser.add_argument("--bf16", action="store_true", help="time bf16 LoRA on CPU even without native bf16")
     parser.add_argument("--sections", default=None,
-                        help="comma-separated subset of: " + ", ".join(SECTIONS) + " (default: all but scale10b; "
-                             "with --tiny: " + ", ".join(PLANS["tiny"]) + ")")
+                        help=f"comma-separated subset of: {', '.join(SECTIONS)} (default: all but "
+                             f"{' and '.join(ON_DEMAND)}; with --tiny: {', '.join(PLANS['tiny'])})")
     args = parser.parse_args(argv)
     default = PLANS["tiny"] if args.tiny else DEFAULT_SECTIONS
     args.sections = [s for s in (args.sections or ",".join(default)).split(",") if s]

@@ -101,21 +101,38 @@ def format_tasks(texts: Sequence[str], count: int, seed: int) -> list[dict[str, 
     return records
 
 
+class BuildInterrupted(CPMLiveError, RuntimeError):
+    """A resumable base build stopped on SIGTERM after saving a checkpoint; calling again continues it."""
+
+
 def train_base(config_path: str, vocab: str, dataset: str, out: str, steps: int, *, lr: float, batch_size: int,
-               max_length: int, warmup: int, seed: int, log_interval: int) -> str:
+               max_length: int, warmup: int, seed: int, log_interval: int, decay: str = "constant",
+               heldout: str | None = None, eval_interval: int = 0, save_iters: int = 0) -> str:
     """Full fine-tune of ``config_path``'s model from random weights on ``dataset`` with the training
     CLI; returns ``out/base.pt`` (fp32, the original CPM-Bee key layout). ``out/train`` keeps the run's
-    ``metrics.jsonl`` and is started afresh on every call."""
+    ``metrics.jsonl`` (with the loss on ``heldout`` every ``eval_interval`` steps when given).
+
+    ``save_iters = 0`` starts ``out/train`` afresh on every call. ``save_iters > 0`` makes the build
+    resumable: a checkpoint every ``save_iters`` steps, a call continues from the newest one, and a
+    SIGTERM saves and raises :class:`BuildInterrupted` (how a long build is split into sessions)."""
     from cpm_live.training.cli import main as finetune_main
 
     run_dir = os.path.join(out, "train")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    finetune_main(["--model-config", config_path, "--vocab", vocab, "--dataset", dataset, "--save", run_dir,
-                   "--save-name", "base", "--train-iters", str(steps), "--stop-at-train-iters", "--epoch", "1000",
-                   "--batch-size", str(batch_size), "--max-length", str(max_length), "--lr", str(lr),
-                   "--lr-decay-style", "constant", "--warmup-iters", str(warmup), "--weight-decay", "0.0",
-                   "--seed", str(seed), "--log-interval", str(log_interval), "--engine", "torch", "--device", "cpu",
-                   "--inspect-iters", "0", "--no-activation-checkpointing"])
+    if not save_iters:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    resume = ["--save-iters", str(save_iters), "--keep-checkpoints", "1", "--resume", "auto"] if save_iters else []
+    evaluation = ["--eval_dataset", heldout, "--eval-interval", str(eval_interval),
+                  "--early-stop-patience", str(steps)] if heldout else []
+    result = finetune_main(["--model-config", config_path, "--vocab", vocab, "--dataset", dataset, "--save", run_dir,
+                            "--save-name", "base", "--train-iters", str(steps), "--stop-at-train-iters",
+                            "--epoch", "1000", "--batch-size", str(batch_size), "--max-length", str(max_length),
+                            "--lr", str(lr), "--lr-decay-style", decay, "--warmup-iters", str(warmup),
+                            "--weight-decay", "0.0", "--seed", str(seed), "--log-interval", str(log_interval),
+                            "--engine", "torch", "--device", "cpu", "--inspect-iters", "0",
+                            "--no-activation-checkpointing", *resume, *evaluation])
+    if result["stop_reason"] == "SIGTERM":
+        raise BuildInterrupted(f"base build stopped at step {result['step']} of {steps}; its checkpoint is under "
+                               f"{run_dir}: run the same command again to continue")
     checkpoint = os.path.join(out, "base.pt")
     shutil.copyfile(os.path.join(run_dir, "base-last.pt"), checkpoint)
     return checkpoint
