@@ -24,6 +24,7 @@ This module only names the layout (files, config fields, keys);
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from typing import Any
 
@@ -41,6 +42,7 @@ WEIGHT_FILES = (
     ("pytorch_model.bin", False),
 )
 HF_PREFIX = "cpmbee."
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 LM_HEAD = "lm_head.weight"
 EMBEDDING = "input_embedding.weight"
 HF_TO_ORIGINAL = {"hidden_size": "dim_model", "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads"}
@@ -149,3 +151,8 @@ def hf_config(config: CPMBeeConfig) -> dict[str, Any]:
     out.update(distance_scale=DISTANCE_SCALE, torch_dtype=str(config.dtype).removeprefix("torch."),
                tie_word_embeddings=True)
     return out
+
+
+def is_export_file(name: str) -> bool:
+    """True for a file name that ``cpm-bee-export --format hf`` writes into its directory."""
+    return name in (CONFIG_FILE, VOCAB_FILE, WEIGHT_FILES[0][0], WEIGHT_FILES[1][0]) or bool(_SHARD.fullmatch(name))
