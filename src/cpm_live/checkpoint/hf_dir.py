@@ -28,7 +28,7 @@ import re
 import warnings
 from typing import Any
 
-from cpm_live.config import CPMBeeConfig
+from cpm_live.config import SIZE_LIMITS, CPMBeeConfig, check_size
 from cpm_live.errors import ConfigError, MissingFileError
 from cpm_live.utils import read_json_file
 
@@ -127,8 +127,10 @@ def config_values(path: str) -> dict[str, Any]:
     hf_style = any(name in raw for name in HF_TO_ORIGINAL)
     values = dict(HF_DEFAULTS) if hf_style else {}
     fields = set(CPMBeeConfig.__dataclass_fields__) - {"source"}
-    for name, value in raw.items():
-        name = HF_TO_ORIGINAL.get(name, name)
+    for key, value in raw.items():
+        name = HF_TO_ORIGINAL.get(key, key)
+        if name in SIZE_LIMITS and isinstance(value, int) and not isinstance(value, bool):
+            check_size(name, value, f" in {path}", key)  # named as the file spells it (hidden_size)
         if name in fields:
             values[name] = value
     return values
