@@ -50,15 +50,14 @@ class Inputs:
         self.inodes.setdefault((st.st_dev, st.st_ino), path)
 
     def which(self, path: str) -> str | None:
-        """The input that ``path`` (an existing file) is, or lies inside; None if it is none of them."""
+        """How ``path`` (an existing file) is an input (``is this run's input X``, by name, link or
+        inode, or ``is inside this run's input directory X``); None if it is none of them."""
         real = os.path.realpath(path)
         for directory in self.dirs:
             if _inside(real, directory):
-                return directory
-        if real in self.paths:
-            return real
-        st = os.stat(path)
-        return self.inodes.get((st.st_dev, st.st_ino))
+                return f"is inside this run's input directory {directory}"
+        source = real if real in self.paths else self.inodes.get(_identity(path))
+        return None if source is None else f"is this run's input {source}"
 
     def inside(self, directory: str) -> str | None:
         """An input that lies in ``directory`` (or is it), or None."""
@@ -100,10 +99,10 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
     ``setting`` names it in the message (``output_path`` reads ``--output-path`` on a command line)."""
     path = os.fspath(path)
     flag = f"`{setting}` {path}"
-    if suffixes is not None and not path.endswith(suffixes):
-        raise OutputError(f"{flag} must end in {' or '.join(suffixes)}")
     if os.path.isdir(path):
         raise OutputError(f"{flag} is a directory; name a file (e.g. {os.path.join(path, 'out')})")
+    if suffixes is not None and not path.endswith(suffixes):
+        raise OutputError(f"{flag} must end in {' or '.join(suffixes)}")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -111,10 +110,9 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
         raise OutputError(f"{flag}: {parent} is a file, not a directory; choose another path")
     if os.path.lexists(path):
         if os.path.exists(path):
-            source = Inputs(inputs).which(path)
-            if source is not None:
-                what = "is" if os.path.realpath(source) == os.path.realpath(path) else "is part of"
-                raise OutputError(f"{flag} {what} this run's input {source}; write to another path")
+            clash = Inputs(inputs).which(path)
+            if clash is not None:
+                raise OutputError(f"{flag} {clash}; write to another path")
         if not force:
             raise OutputError(f"{flag} already exists; pass `force` to replace it, or choose another path")
     return path
