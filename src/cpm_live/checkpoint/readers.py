@@ -82,7 +82,7 @@ class CheckpointReader:
                 if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
                     raise ValueError(f"tensor {key} has shape {str(shape)[:100]}, not a list of non-negative "
                                      f"integers")
-                if math.prod(shape) * 8 > size:  # 8: the widest dtype; Python ints do not overflow
+                if math.prod(shape) > size:  # an element takes a byte at least; Python ints do not overflow
                     raise ValueError(f"tensor {key} has shape {shape}, more elements than the {size}-byte file "
                                      f"can hold")
                 offsets = entry.get("data_offsets")
