@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -167,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(model_args, config, device)
     generate = _generate_fn(args, model, tokenizer)
 
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with reported_write(args.output), open(args.output, "w", encoding="utf-8") as out, \
             tqdm(total=len(records), desc="generate", unit="record") as bar:
         for start in range(0, len(records), args.batch_size):
