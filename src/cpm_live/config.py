@@ -105,6 +105,20 @@ class Int8Quantization:
 Quantization = Int4Quantization | Int8Quantization
 
 
+# Largest value of each size field: far above any real model (CPM-Bee 10B: 86,583 tokens, d 4096, ff
+# 10240, 48 layers), low enough that a hostile config cannot make a model (built on the meta device
+# first) or a loop over layers run for minutes.
+SIZE_LIMITS = {"vocab_size": 1 << 24, "dim_model": 1 << 17, "num_heads": 1 << 12, "dim_head": 1 << 12,
+               "dim_ff": 1 << 19, "num_layers": 1 << 12, "position_bias_num_buckets": 1 << 16,
+               "position_bias_num_segment_buckets": 1 << 16, "position_bias_max_distance": 1 << 24}
+
+
+def check_size(name: str, value: int, where: str = "", key: str | None = None) -> None:
+    """Refuse a size field ``name`` (spelled ``key`` in the file) outside ``1..SIZE_LIMITS[name]``."""
+    if not 1 <= value <= SIZE_LIMITS[name]:
+        raise ConfigError(f"config key {key or name!r}{where} must be in 1..{SIZE_LIMITS[name]}, got {value}")
+
+
 @dataclass
 class CPMBeeConfig:
     vocab_size: int = 30720
@@ -185,11 +199,8 @@ class CPMBeeConfig:
                 example = {bool: "true or false", int: "an integer", str: "a string"}.get(wanted, "a number")
                 raise ConfigError(f"config key {name!r}{where} must be {example} (JSON, unquoted where not a "
                                   f"string), got {value!r}")
-        for name in ("vocab_size", "dim_model", "num_heads", "dim_head", "dim_ff", "num_layers",
-                     "position_bias_num_buckets", "position_bias_num_segment_buckets",
-                     "position_bias_max_distance"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"config key {name!r}{where} must be >= 1, got {getattr(self, name)}")
+        for name in SIZE_LIMITS:
+            check_size(name, getattr(self, name), where)
         if not 0 < self.eps < 1:
             raise ConfigError(f"config key 'eps'{where} must be a small positive number (e.g. 1e-6), got {self.eps}")
         if not 0 <= self.dropout_p < 1:

@@ -78,6 +78,11 @@ class TrainingError(CPMLiveError, RuntimeError):
     message names the file or step and what to do."""
 
 
+class OutputError(CPMLiveError, ValueError):
+    """An output path would destroy something the user owns (an input, a directory, an existing file
+    without ``force``, a file behind a symlink); the message names the path and the fix."""
+
+
 class PlotError(CPMLiveError, ValueError):
     """A metrics file cannot be plotted; the message names the file."""
 

@@ -33,6 +33,7 @@ from rouge_score import rouge_scorer
 
 from cpm_live.data.jsonl import answered_records
 from cpm_live.errors import ConfigError, CPMLiveError, DataFormatError, for_cli
+from cpm_live.outputs import check_output_file, reported_write
 from cpm_live.utils import atomic_write_text, set_cpu_threads
 
 METRICS = ("accuracy", "rouge", "bleu")
@@ -160,6 +161,21 @@ def check_aligned(pred_jsonl: str, preds: list[tuple[str, dict]], ref_jsonl: str
             f"predictions must be one per reference, in the same order: regenerate {pred_jsonl} from {ref_jsonl}")
 
 
+def check_references(ref_jsonl: str, refs: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """Refuse an empty reference answer (an empty string, or an object without text): scoring against it
+    silently lowers every mean, and a file of them is the generation input passed as ``ref``."""
+    empty = [at for at, ref in refs if not any(isinstance(leaf, str) and leaf.strip() or
+                                               leaf is not None and not isinstance(leaf, (str, dict))
+                                               for _, leaf in _leaves(ref[ANSWER_KEY]))]
+    if len(empty) == len(refs) and refs:
+        raise DataFormatError(f"every reference {ANSWER_KEY!r} in {ref_jsonl} is empty (first: {empty[0]}): is it "
+                              f"the generation input? pass the file with the reference answers as `ref`")
+    if empty:
+        raise DataFormatError(f"{empty[0]}: the reference {ANSWER_KEY!r} is empty ({len(empty)} of {len(refs)} "
+                              f"are), which would lower every score: fill it in or drop the record from both "
+                              f"files")
+
+
 def _short(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -170,6 +186,7 @@ def evaluate_files(pred_jsonl: str, ref_jsonl: str, metrics: Sequence[str] = MET
     (checked to be its prediction: :func:`check_aligned`)."""
     preds, refs = list(answered_records(pred_jsonl, ANSWER_KEY)), list(answered_records(ref_jsonl, ANSWER_KEY))
     check_aligned(pred_jsonl, preds, ref_jsonl, refs)
+    check_references(ref_jsonl, refs)
     return compute_metrics(metrics, [r[ANSWER_KEY] for _, r in preds], [r[ANSWER_KEY] for _, r in refs])
 
 
@@ -180,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "order (fields other than <ans> must agree)")
     p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated, from {','.join(METRICS)}")
     p.add_argument("--output", default=None, help="also write the scores to this JSON file")
+    p.add_argument("--force", action="store_true", help="replace an existing --output")
     return p
 
 
@@ -189,11 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_cpu_threads()
     names = [name.strip() for name in args.metrics.split(",") if name.strip()]
     try:
+        if args.output is not None:
+            check_output_file(args.output, [args.pred, args.ref], force=args.force)
         scores = evaluate_files(args.pred, args.ref, names)
+        text = json.dumps(scores, indent=2) + "\n"
+        print(text, end="")
+        if args.output is not None:
+            with reported_write(args.output):
+                atomic_write_text(args.output, text)
     except CPMLiveError as e:
         raise SystemExit(f"error: {for_cli(e, parser)}") from None
-    text = json.dumps(scores, indent=2) + "\n"
-    print(text, end="")
-    if args.output is not None:
-        atomic_write_text(args.output, text)
     return 0

@@ -21,7 +21,7 @@ COMPATIBILITY = ["delta", "dataset", "training_tasks", "model_dir"]
 # on its own floor or above.
 FLOORS: list[list[str]] = [
     ["utils", "errors"],
-    ["config", "quant", "tokenizers"],
+    ["config", "quant", "tokenizers", "outputs"],
     ["layers", "data"],
     ["models", "engine", "evaluation"],
     ["lora"],

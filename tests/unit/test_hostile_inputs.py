@@ -39,7 +39,7 @@ def tiny_config(**overrides) -> CPMBeeConfig:
     ("int4_double_quant", 0, "'int4_double_quant' .* must be true or false"),
     ("dim_model", "128", "'dim_model' .* must be an integer.*got '128'"),
     ("num_layers", 2.0, "'num_layers' .* must be an integer"),
-    ("num_heads", 0, "'num_heads' .* must be >= 1"),
+    ("num_heads", 0, "'num_heads' .* must be in 1\\.\\."),
     ("eps", -1, "'eps' .* small positive number"),
     ("dropout_p", 1.5, "'dropout_p' .* in \\[0, 1\\)"),
     ("mask_modules", [["yes", "no"], [True, True]], "'mask_modules' .* pairs of true/false"),

@@ -271,6 +271,21 @@ def _read(path: str | os.PathLike,
     )
 
 
+def _compare_shape(path: str, shape: dict[str, int], config: CPMBeeConfig) -> None:
+    diffs = {k: (v, getattr(config, k, None)) for k, v in shape.items() if getattr(config, k, None) != v}
+    if diffs:
+        detail = ", ".join(f"{k}: adapter {a} vs model {m}" for k, (a, m) in sorted(diffs.items()))
+        raise AdapterError(f"adapter {path} was trained for another model shape ({detail})")
+
+
+def check_base_shape(path: str | os.PathLike, config: CPMBeeConfig) -> None:
+    """Refuse the adapter at ``path`` for a base of ``config``'s shape if it recorded another base shape
+    (peft directories written here do; an original delta file records none and is checked key by key)."""
+    _, _, shape, _ = _read(path)
+    if shape is not None:
+        _compare_shape(os.fspath(path), shape, config)
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[LoraSettings, dict[str, torch.Tensor]]:
     """Read an adapter without a model: its settings and its LoRA state dict (peft keys, fp32).
 
@@ -299,10 +314,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                                f"r={settings.r}: expected A [{settings.r}, dim_in], B [dim_out, {settings.r}]")
     config = getattr(model, "config", None)
     if shape is not None and isinstance(config, CPMBeeConfig):
-        diffs = {k: (v, getattr(config, k, None)) for k, v in shape.items() if getattr(config, k, None) != v}
-        if diffs:
-            detail = ", ".join(f"{k}: adapter {a} vs model {m}" for k, (a, m) in sorted(diffs.items()))
-            raise AdapterError(f"adapter {path} was trained for another model shape ({detail})")
+        _compare_shape(path, shape, config)
     if not lora_layers(model):
         add_lora(model, settings)
     else:

@@ -24,10 +24,11 @@ This module only names the layout (files, config fields, keys);
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from typing import Any
 
-from cpm_live.config import CPMBeeConfig
+from cpm_live.config import SIZE_LIMITS, CPMBeeConfig, check_size
 from cpm_live.errors import ConfigError, MissingFileError
 from cpm_live.utils import read_json_file
 
@@ -41,6 +42,7 @@ WEIGHT_FILES = (
     ("pytorch_model.bin", False),
 )
 HF_PREFIX = "cpmbee."
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 LM_HEAD = "lm_head.weight"
 EMBEDDING = "input_embedding.weight"
 HF_TO_ORIGINAL = {"hidden_size": "dim_model", "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads"}
@@ -125,8 +127,10 @@ def config_values(path: str) -> dict[str, Any]:
     hf_style = any(name in raw for name in HF_TO_ORIGINAL)
     values = dict(HF_DEFAULTS) if hf_style else {}
     fields = set(CPMBeeConfig.__dataclass_fields__) - {"source"}
-    for name, value in raw.items():
-        name = HF_TO_ORIGINAL.get(name, name)
+    for key, value in raw.items():
+        name = HF_TO_ORIGINAL.get(key, key)
+        if name in SIZE_LIMITS and isinstance(value, int) and not isinstance(value, bool):
+            check_size(name, value, f" in {path}", key)  # named as the file spells it (hidden_size)
         if name in fields:
             values[name] = value
     return values
@@ -149,3 +153,8 @@ def hf_config(config: CPMBeeConfig) -> dict[str, Any]:
     out.update(distance_scale=DISTANCE_SCALE, torch_dtype=str(config.dtype).removeprefix("torch."),
                tie_word_embeddings=True)
     return out
+
+
+def is_export_file(name: str) -> bool:
+    """True for a file name that ``cpm-bee-export --format hf`` writes into its directory."""
+    return name in (CONFIG_FILE, VOCAB_FILE, WEIGHT_FILES[0][0], WEIGHT_FILES[1][0]) or bool(_SHARD.fullmatch(name))

@@ -107,6 +107,13 @@ def _peek(reader: CheckpointReader, key: str) -> torch.Tensor:
     return torch.empty(reader.info(key)[0], dtype=reader.info(key)[1], device="meta")
 
 
+# Small float tensors that every token's computation reads: one NaN there turns every answer into
+# garbage (``<unk>``), so the loader checks them (a pass over the embedding and the quantization scales,
+# not over the dense weights).
+_FEEDS_EVERY_TOKEN = ("input_embedding.weight", "weight_absmax", "weight_nested_absmax", "weight_nested_offset",
+                      "SCB")
+
+
 def check_finite(path: str, key: str, tensor: torch.Tensor) -> None:
     """Refuse a floating-point tensor holding NaN or inf: a converted copy would keep them."""
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -158,6 +165,9 @@ def load_model_weights(model: nn.Module, config: CPMBeeConfig, path: str | os.Pa
             model.load_state_dict(state_dict, strict=True, assign=on_meta)
         except QuantFormatError as e:
             raise CheckpointError(f"{path}: {e} (model config: {where})") from None
+    for key, tensor in chain(model.named_parameters(), model.named_buffers()):
+        if key.endswith(_FEEDS_EVERY_TOKEN) and not tensor.is_meta:
+            check_finite(path, key, tensor)
     left = [k for k, v in chain(model.named_parameters(), model.named_buffers()) if v.is_meta]
     if left:
         raise CheckpointError(f"{left[:5]} are still on the meta device after loading {path}: they are not "

@@ -79,9 +79,16 @@ class CheckpointReader:
                 raise ValueError("__metadata__ must map strings to strings")
             for key, entry in header.items():
                 shape = entry.get("shape") if isinstance(entry, dict) else None
-                if not isinstance(shape, list) or not all(
-                        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-                    raise ValueError(f"tensor {key} has shape {shape!r}, not a list of non-negative integers")
+                if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+                    raise ValueError(f"tensor {key} has shape {str(shape)[:100]}, not a list of non-negative "
+                                     f"integers")
+                if math.prod(shape) > size:  # an element takes a byte at least; Python ints do not overflow
+                    raise ValueError(f"tensor {key} has shape {shape}, more elements than the {size}-byte file "
+                                     f"can hold")
+                offsets = entry.get("data_offsets")
+                if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)):
+                    raise ValueError(f"tensor {key} has data_offsets {str(offsets)[:100]}, not two non-negative "
+                                     f"integers")
             self._start = 8 + header_len
             self._infos: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
             self._offsets: dict[str, tuple[int, int]] = {}
@@ -94,6 +101,10 @@ class CheckpointReader:
                 self._infos[key], self._offsets[key], end = (shape, dtype), (begin, stop), stop
             if self._start + end != size:
                 raise ValueError(f"tensors need {self._start + end} bytes but the file has {size}")
+        except RecursionError:
+            self._file.close()
+            raise CheckpointError(f"cannot read {self.path}: its header is nested too deep to be a safetensors "
+                                  f"header; the file is damaged or not safetensors: re-create it") from None
         except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
             self._file.close()
             raise CheckpointError(
@@ -342,6 +353,11 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
         return reader
     reader.close()
     return ModelDirReader(path, files=[path])
+
+
+def _is_size(value: object) -> bool:
+    """A JSON integer in [0, 2**63) (not a bool, not a float such as 4.0 or 1e30): what torch can index."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 def is_safetensors(path: str) -> bool:

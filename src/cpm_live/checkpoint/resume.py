@@ -27,7 +27,7 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cpm_live.checkpoint.safe_load import RefusedPickle, safe_torch_load
-from cpm_live.errors import CheckpointError, MissingFileError, TrainingError
+from cpm_live.errors import CheckpointError, MissingFileError, OutputError, TrainingError
+from cpm_live.outputs import open_no_follow
 from cpm_live.utils import atomic_path, atomic_write_text
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -193,11 +194,20 @@ def find_checkpoint(resume: str, save_dir: str | None, warn: Callable[[str], Non
     return newest
 
 
-def check_history(resume_path: str | None, save_dir: str | None) -> None:
-    """Refuse to start where this run would destroy or fork an earlier run's checkpoint history."""
+def check_history(resume_path: str | None, save_dir: str | None, outputs: Sequence[str] = ()) -> None:
+    """Refuse to start where this run would destroy or fork an earlier run's checkpoint history, or (a
+    run that does not resume) replace ``outputs``, the files it writes under ``save_dir``, of an earlier
+    run."""
     if not save_dir:
         return
     found = complete_checkpoints(save_dir)
+    earlier = [name for name in outputs if os.path.lexists(os.path.join(save_dir, name))]
+    if not found and earlier:
+        raise TrainingError(
+            f"`save` {save_dir} already holds {os.path.join(save_dir, earlier[0])} of an earlier run (and no "
+            f"checkpoint to continue it from), which this run would replace; choose another `save` directory, "
+            f"or move that run's files away"
+        )
     if not found:
         return
     newest_step, newest = found[-1]
@@ -241,7 +251,9 @@ def compare_run(saved: dict[str, Any] | None, current: dict[str, Any], path: str
     """
     if not saved:
         return
-    changed = {k: (saved.get(k), v) for k, v in current.items() if k != "batch" and saved.get(k) != v}
+    old, new = _flat(saved), _flat(current)
+    # A setting the checkpoint did not record (an older version wrote it) cannot be compared.
+    changed = {k: (old[k], new.get(k)) for k in old if old[k] != new.get(k)}
     if changed:
         detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items())
         raise TrainingError(f"cannot resume {path} with other settings ({detail}); use the checkpoint's "
@@ -250,6 +262,19 @@ def compare_run(saved: dict[str, Any] | None, current: dict[str, Any], path: str
         old, new = saved.get("batch") or {}, current["batch"]
         warn(f"warning: resuming {path} with another batch geometry (checkpoint {old}, now {new}): global "
              f"batch {_global(old)} -> {_global(new)} rows per step; the loss curve will not continue exactly")
+
+
+def _flat(run: dict[str, Any]) -> dict[str, Any]:
+    """The run settings by the names a user sets them: config keys as they are (``int4_quant_type``),
+    LoRA settings as ``lora_r`` ...; the batch geometry (only warned about) left out."""
+    flat: dict[str, Any] = {}
+    for key, value in run.items():
+        if key in ("model", "lora") and isinstance(value, dict):
+            flat.update(value if key == "model" else {f"lora_{k}": v for k, v in value.items()})
+        elif key != "batch":
+            flat[key] = value
+    flat.setdefault("lora", "on" if isinstance(run.get("lora"), dict) else None)
+    return flat
 
 
 def _global(batch: dict[str, int]) -> int | None:
@@ -267,7 +292,10 @@ class SaveDirLock:
 
     def __init__(self, save_dir: str):
         self.path = os.path.join(save_dir, LOCK_FILE)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = open_no_follow(self.path)
+        except OutputError as e:
+            raise TrainingError(f"`save` {save_dir}: {e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

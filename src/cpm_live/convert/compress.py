@@ -44,6 +44,7 @@ from cpm_live.checkpoint import CheckpointError, CheckpointReader, check_finite,
 from cpm_live.checkpoint.writer import DTYPES, SafetensorsWriter
 from cpm_live.config import CPMBeeConfig
 from cpm_live.models import quantized_weight_keys
+from cpm_live.outputs import check_output_file, reported_write
 from cpm_live.quant import format as qformat
 from cpm_live.quant import int8 as qint8
 from cpm_live.utils import atomic_path
@@ -204,17 +205,6 @@ def split(path: str, key: str, tensor: torch.Tensor, quantize: bool, settings: q
     return jobs, join
 
 
-def check_output_path(input_path: str, output_path: str, force: bool, suffixes: tuple[str, ...] | None) -> None:
-    """Refuse overwriting the input, or an existing file without ``force``; ``suffixes`` (if given) are required."""
-    if suffixes is not None and not output_path.endswith(suffixes):
-        raise CheckpointError(f"output path {output_path} must end in {' or '.join(suffixes)}")
-    if os.path.exists(output_path):
-        if os.path.exists(input_path) and os.path.samefile(input_path, output_path):
-            raise CheckpointError(f"output path {output_path} is the input checkpoint; choose another path")
-        if not force:
-            raise CheckpointError(f"{output_path} already exists; pass `force` to overwrite it")
-
-
 def quantize_state_dict(input_path: str | os.PathLike, output_path: str | os.PathLike,
                         quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64,
                         device: str | torch.device | None = None, force: bool = False,
@@ -234,7 +224,7 @@ def quantize_state_dict(input_path: str | os.PathLike, output_path: str | os.Pat
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise CheckpointError(f"workers must be a positive integer, got {workers!r}; pass `workers` 1 or more")
     workers = 1 if device.type == "cuda" else workers or default_workers()
-    check_output_path(input_path, output_path, force, None)
+    check_output_file(output_path, [input_path], force=force, setting="output_path")
     start = time.perf_counter()
     with open_checkpoint(input_path) as reader:
         if reader.origin == "qlora-pr" and not int8:
@@ -256,7 +246,7 @@ def quantize_state_dict(input_path: str | os.PathLike, output_path: str | os.Pat
         metadata = (qint8.checkpoint_metadata(int8_threshold, input_path, originals) if int8 else
                     qformat.checkpoint_metadata(settings, compute_dtype, input_path, originals))
         input_bytes = sum(reader.nbytes(k) for k in reader.keys())
-        with atomic_path(output_path) as tmp:
+        with reported_write(output_path), atomic_path(output_path) as tmp:
             writer = SafetensorsWriter(tmp, fixed, tails, metadata)
             try:
                 threads = 1 if device.type == "cpu" else torch.get_num_threads()
@@ -292,7 +282,7 @@ def convert_compressed(reader: CheckpointReader, output_path: str, settings: qfo
     fixed = {k: reader.info(k) for k in reader.keys() if marker not in k}
     tails = [k for k in reader.keys() if marker in k]
     input_bytes = sum(reader.nbytes(k) for k in reader.keys())
-    with atomic_path(output_path) as tmp:
+    with reported_write(output_path), atomic_path(output_path) as tmp:
         writer = SafetensorsWriter(tmp, fixed, tails, metadata)
         try:
             for key, tensor in tqdm(reader.iter_tensors(), total=len(reader.keys()), desc="convert",

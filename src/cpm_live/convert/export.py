@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,13 +43,15 @@ from cpm_live.checkpoint import (
 )
 from cpm_live.checkpoint.base_model import ModelArgs, add_model_args, find_vocab, stored_config
 from cpm_live.checkpoint.writer import SafetensorsWriter
-from cpm_live.convert.compress import check_output_path, quantize_state_dict
+from cpm_live.convert.compress import quantize_state_dict
 from cpm_live.data.tensors import CPMBeeInputs
 from cpm_live.errors import CPMLiveError, for_cli
 from cpm_live.lora.merge import MergeError, merge_in_fp32
 from cpm_live.models import CPMBee, CPMBeeConfig
+from cpm_live.outputs import check_output_dir, check_output_file, reported_write
 from cpm_live.quant import format as qformat
 from cpm_live.quant import int8 as qint8
+from cpm_live.tokenizers import check_vocab_fits
 from cpm_live.utils import atomic_path, set_cpu_threads
 
 DENSE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -111,13 +113,14 @@ def merge(key: str, tensor: torch.Tensor, delta_fn: DeltaFn | None) -> tuple[tor
 def export_checkpoint(config: CPMBeeConfig, load_path: str | os.PathLike, output_path: str | os.PathLike,
                       dtype: str = "fp16", delta_fn: DeltaFn | None = None, force: bool = False,
                       progress: bool = True, fmt: str = "original", vocab: str | None = None,
-                      max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> ExportSummary:
+                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, inputs: Sequence[str] = ()) -> ExportSummary:
     """Export ``load_path`` (dense, int4 or int8, checked against ``config``) to ``output_path`` in ``dtype``.
 
     ``delta_fn`` (dense dtypes only) is asked for every key and its delta added to the dense weight in
     fp32 before the cast. It is refused for int4/int8 output: that would silently re-quantize the merged
     weights; use :func:`merge_adapter`, which reports the drift. ``fmt="hf"`` writes a Hugging Face
-    model directory (dense dtypes only) with ``vocab`` copied into it.
+    model directory (dense dtypes only) with ``vocab`` copied into it. ``inputs``: other files the run
+    reads (an adapter), which the output may not be either.
     """
     load_path, output_path = os.fspath(load_path), os.fspath(output_path)
     if dtype not in (*DENSE_DTYPES, *QUANT_DTYPES):
@@ -130,11 +133,11 @@ def export_checkpoint(config: CPMBeeConfig, load_path: str | os.PathLike, output
                                   "`dtype` fp16, bf16 or fp32")
         if vocab is None:
             raise CheckpointError("`fmt` hf needs the vocab for the directory's vocab.txt: pass `vocab`")
-        if os.path.exists(output_path) and not force:
-            raise CheckpointError(f"{output_path} already exists; pass `force` to replace it")
+        check_vocab_fits(vocab, config.vocab_size)
+        check_output_dir(output_path, [load_path, vocab, *inputs], force=force, own=hf_dir.is_export_file)
     else:
         suffixes = (".safetensors",) if dtype in QUANT_DTYPES else (".pt", ".safetensors")
-        check_output_path(load_path, output_path, force, suffixes)
+        check_output_file(output_path, [load_path, *inputs], force=force, suffixes=suffixes)
     expected = expected_shapes(config)
     with open_checkpoint(load_path) as reader:
         stored = stored_config(config, reader)
@@ -142,8 +145,9 @@ def export_checkpoint(config: CPMBeeConfig, load_path: str | os.PathLike, output
             model = CPMBee(stored)
         check_checkpoint(reader, model, stored)  # the loader's checks, before reading any weight
         if fmt == "hf":
-            return _export_hf_dir(reader, expected, output_path, DENSE_DTYPES[dtype], delta_fn, progress,
-                                  config, vocab, max_shard_bytes)
+            with reported_write(output_path):
+                return _export_hf_dir(reader, expected, output_path, DENSE_DTYPES[dtype], delta_fn, progress,
+                                      config, vocab, max_shard_bytes)
         if dtype in QUANT_DTYPES:
             if delta_fn is not None:
                 raise CheckpointError(f"merging a delta into an {dtype} export would re-quantize the merged "
@@ -215,10 +219,8 @@ def _export_hf_dir(reader: CheckpointReader, expected: dict[str, tuple[int, ...]
         _write_json(os.path.join(tmp, hf_dir.WEIGHT_FILES[0][0]), index)
         _write_json(os.path.join(tmp, hf_dir.CONFIG_FILE), hf_dir.hf_config(hf_config))
         shutil.copyfile(vocab, os.path.join(tmp, hf_dir.VOCAB_FILE))
-        if os.path.isdir(output_dir):
+        if os.path.isdir(output_dir):  # an earlier export, replaced with `force` (check_output_dir)
             shutil.rmtree(output_dir)
-        elif os.path.exists(output_dir):
-            os.remove(output_dir)
         os.replace(tmp, output_dir)
     finally:
         if os.path.exists(tmp):
@@ -235,7 +237,7 @@ def _write_json(path: str, value: dict) -> None:
 def _export_dense(reader: CheckpointReader, expected: dict[str, tuple[int, ...]], output_path: str,
                   dtype: torch.dtype, delta_fn: DeltaFn | None, progress: bool) -> ExportSummary:
     merged: list[str] = []
-    with atomic_path(output_path) as tmp:
+    with reported_write(output_path), atomic_path(output_path) as tmp:
         as_pt = output_path.endswith(".pt")
         state: OrderedDict[str, torch.Tensor] = OrderedDict()
         name = str(dtype).removeprefix("torch.")
@@ -271,16 +273,18 @@ def merge_adapter(config: CPMBeeConfig, load_path: str, adapter_path: str, outpu
     logits drift against the merged fp32 model is printed: re-quantizing moves every merged weight to
     the nearest 4-bit/int8 level, which is a second rounding the adapter was not trained with.
     """
-    from cpm_live.checkpoint.adapters import LoraDelta, read_adapter
+    from cpm_live.checkpoint.adapters import LoraDelta, check_base_shape, read_adapter
 
     settings, state = read_adapter(adapter_path)
+    check_base_shape(adapter_path, config)
     delta = LoraDelta(state, settings, source=adapter_path)
     if dtype not in QUANT_DTYPES or fmt == "hf":
         summary = export_checkpoint(config, load_path, output_path, dtype, delta_fn=delta, force=force,
-                                    progress=progress, fmt=fmt, vocab=vocab, max_shard_bytes=max_shard_bytes)
+                                    progress=progress, fmt=fmt, vocab=vocab, max_shard_bytes=max_shard_bytes,
+                                    inputs=[adapter_path])
         _check_merged(summary, delta, adapter_path)
         return summary
-    check_output_path(load_path, output_path, force, (".safetensors",))
+    check_output_file(output_path, [load_path, adapter_path], force=force, suffixes=(".safetensors",))
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(output_path))) as tmp:
         dense = os.path.join(tmp, "merged-fp32.safetensors")
         dense_config = config.with_quantization(None).with_dtype(torch.float32)

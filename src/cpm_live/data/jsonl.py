@@ -4,12 +4,41 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import jsonlines
 
 from cpm_live.errors import DataFormatError, MissingFileError
 from cpm_live.utils import JSON_TOO_DEEP
+
+# Longest line read (bytes): far above any real record (a training row holds at most a few thousand
+# tokens), far below what would exhaust memory; a longer line (a whole JSON array on one line, a binary
+# file) is refused before it is read whole.
+MAX_LINE_BYTES = 64 << 20
+
+
+def read_line(fp: BinaryIO, where: str) -> bytes:
+    """The next line of ``fp`` (``b""`` at the end), refused with ``where`` (``file:line``) past
+    :data:`MAX_LINE_BYTES`."""
+    line = fp.readline(MAX_LINE_BYTES + 1)
+    if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+        raise DataFormatError(f"{where}: the line is longer than {MAX_LINE_BYTES >> 20} MiB; a .jsonl file holds "
+                              f"one JSON object per line (is it a JSON array, or not JSON lines at all?)")
+    return line
+
+
+def count_lines(path: str) -> int:
+    """Non-blank lines of ``path``, read in blocks (a huge line is never held whole)."""
+    count, blank = 0, True
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            pieces = block.split(b"\n")
+            for i, piece in enumerate(pieces):
+                blank = blank and not piece.strip()
+                if i < len(pieces) - 1:  # the piece ends a line
+                    count += not blank
+                    blank = True
+    return count + (not blank)
 
 
 class JsonlDataset:
@@ -39,7 +68,7 @@ class JsonlDataset:
             raise EOFError("End of dataset")
         line = b""
         while not line.strip():
-            line = self._fp.readline()
+            line = read_line(self._fp, f"{self._path}:{self._lineno + 1}")
             if not line:
                 self._exhausted = True
                 raise EOFError("End of dataset")
@@ -66,8 +95,7 @@ class JsonlDataset:
     def __len__(self) -> int:
         """Number of non-blank lines (counted once)."""
         if self._nlines is None:
-            with open(self._path, "rb") as f:
-                self._nlines = sum(1 for line in f if line.strip())
+            self._nlines = count_lines(self._path)
         return self._nlines
 
     def state_dict(self) -> dict[str, Any]:

@@ -77,6 +77,12 @@ def convert_folder(input_dir: str, output_path: str, output_name: str, seed: int
     if not names:
         raise DataFormatError(f"--input {input_dir} contains no files")
     stems = [os.path.splitext(name)[0] for name in names]
+    for i, stem in enumerate(stems):
+        if stem in stems[:i]:
+            raise DataFormatError(f"--input {input_dir} holds {names[stems.index(stem)]} and {names[i]}, which would "
+                                  f"both become the dataset {stem}: rename or move one of them")
+    if os.path.lexists(output_path) and not os.path.isdir(output_path):
+        raise DataFormatError(f"--output_path {output_path} exists and is not a folder; choose another path")
     for stem in stems:
         out_dir = os.path.join(output_path, stem)
         if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):

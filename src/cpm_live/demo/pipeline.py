@@ -69,11 +69,11 @@ def _generate_and_score(out: str, name: str, int4_config: str, int4_ckpt: str, v
     eval_file = demo_data_file("eval.jsonl")
     predictions = os.path.join(out, f"predictions-{name}.jsonl")
     generate_main(["--model-config", int4_config, "--load", int4_ckpt, "--vocab", vocab, "--input", eval_file,
-                   "--output", predictions, "--beam-size", "3", "--max-length", "8", "--batch-size", "16",
+                   "--output", predictions, "--force", "--beam-size", "3", "--max-length", "8", "--batch-size", "16",
                    "--device", "cpu"] + (["--delta", delta] if delta else []))
     scores_file = os.path.join(out, f"scores-{name}.json")
     evaluate_main(["--pred", predictions, "--ref", eval_file, "--metrics", "accuracy,rouge,bleu",
-                   "--output", scores_file])
+                   "--output", scores_file, "--force"])
     with open(scores_file, encoding="utf-8") as f:
         return json.load(f), predictions
 
@@ -160,7 +160,7 @@ def run_demo(out: str, base_steps: int, qlora_steps: int, seed: int = 1234) -> d
     adapter = os.path.join(qlora_dir, "demo-delta-best")
     qlora_scores, qlora_predictions = _generate_and_score(out, "qlora", int4_config, int4_ckpt, vocab, adapter)
     loss_plot = os.path.join(out, "loss.png")
-    plot_main([metrics_file, "-o", loss_plot, "--title", f"demo QLoRA run: {TASK}"])
+    plot_main([metrics_file, "-o", loss_plot, "--force", "--title", f"demo QLoRA run: {TASK}"])
 
     summary_file = os.path.join(out, "summary.json")
     summary = {"task": TASK, "eval_records": len(_eval_records()),

@@ -19,8 +19,10 @@ a bad one, or a prompt longer than ``--max-prompt-length`` tokens (default: the 
 
 Output is streamed: one line per input record, in input order, written and flushed as soon as its
 batch is done, so a crash loses at most the batch in progress (the file then holds the first
-records; a rerun rewrites it from the start). ``--device cpu`` runs a ``"half": true`` config in fp32
-as the original did.
+records). ``--output`` may not be one of the inputs, and an existing file is replaced only with
+``--force`` (checked before the model loads). ``--device cpu`` runs a ``"half": true`` config in
+fp32 as the original did.
+
 
 At the end one line on stderr gives prompt tokens/s (prefill) and decode tokens/s apart, and the
 peak memory; ``--stats run.json`` also writes them as JSON (atomically; never over an input or the
@@ -41,14 +43,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cpm_live.checkpoint.base_model import ModelArgs, add_model_args, load_base
+from cpm_live.checkpoint.base_model import ModelArgs, add_model_args, find_vocab, load_base
 from cpm_live.data.jsonl import answered_records
-from cpm_live.errors import CPMLiveError, DataFormatError, SampleTooLong, for_cli
+from cpm_live.errors import CPMLiveError, DataFormatError, OutputError, SampleTooLong, for_cli
 from cpm_live.generation.bee import CPMBeeBeamSearch, CPMBeeGeneration, CPMBeeGreedy, CPMBeeSampling
 from cpm_live.generation.prompt import build_prompt
 from cpm_live.generation.stats import GenerationStats
 from cpm_live.models import CPMBee, CPMBeeConfig
-from cpm_live.tokenizers import CPMBeeTokenizer
+from cpm_live.outputs import check_output_file, reported_write
+from cpm_live.tokenizers import CPMBeeTokenizer, check_vocab_fits
 from cpm_live.utils import atomic_write_text, set_cpu_threads
 
 
@@ -87,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, load_required=True, adapter=True)
     p.add_argument("--input", required=True, help="jsonl, one CPM-Bee sample with an <ans> key per line")
     p.add_argument("--output", required=True, help="jsonl to write, the input records with <ans> filled in")
+    p.add_argument("--force", action="store_true", help="replace an existing --output")
     p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="records decoded together")
     p.add_argument("--device", type=device_name, default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -123,6 +127,12 @@ def _check_prompts(tokenizer: CPMBeeTokenizer, records: list[tuple[str, dict[str
     """Tokenize every record now, so a bad or too long one fails before the (slow) model load; a prompt's
     attention grows with the square of its length, so an unbounded one could ask for terabytes."""
     for location, record in records:
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataFormatError(f"{location}: the record holds a lone surrogate ({e.object[e.start]!r}, a "
+                                  f"\\ud800-\\udfff escape without its pair), which is not text: fix the "
+                                  f"escape") from None
         try:
             build_prompt(tokenizer, record, max_length)
         except SampleTooLong as e:
@@ -165,13 +175,15 @@ def run(args: argparse.Namespace) -> tuple[int, GenerationStats, torch.device]:
     records = read_records(args.input)
     config = model_args.resolve_config()
     tokenizer = model_args.tokenizer()
+    if tokenizer.vocab_size < config.vocab_size:
+        check_vocab_fits(find_vocab(model_args.vocab, model_args.load), config.vocab_size)
     _check_prompts(tokenizer, records, args.max_prompt_length or config.position_bias_max_distance)
     model = load_model(model_args, config, device)
     generator, generate = _generator(args, model, tokenizer)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as out, tqdm(total=len(records), desc="generate",
-                                                                unit="record") as bar:
+    with reported_write(args.output), open(args.output, "w", encoding="utf-8") as out, \
+            tqdm(total=len(records), desc="generate", unit="record") as bar:
         for start in range(0, len(records), args.batch_size):
             batch = [record for _, record in records[start:start + args.batch_size]]
             for record in generate(batch):
@@ -185,11 +197,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     set_cpu_threads()
-    if os.path.exists(args.output) and os.path.exists(args.input) \
-            and os.path.samefile(args.input, args.output):
-        parser.error(f"--output {args.output} is the input file; write the answers to another file")
-    if args.stats is not None:
-        _check_stats_path(parser, args)
     if args.device and args.device.startswith("cuda"):
         index = torch.device(args.device).index or 0
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
@@ -199,6 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("warning: --use-bminf/--memory-limit are accepted for CPM-Bee's scripts but BMInf is not used; the "
               "model runs with plain torch (use an int4 checkpoint to save memory)", file=sys.stderr)
     try:
+        inputs = [args.input, args.load, args.delta, args.vocab, args.model_config]
+        check_output_file(args.output, inputs, force=args.force)
+        if args.stats is not None:
+            if os.path.realpath(args.stats) == os.path.realpath(args.output):
+                raise OutputError(f"`stats` {args.stats} is also `output`; write the stats to another file")
+            check_output_file(args.stats, [*inputs, args.output, _vocab_beside(args.load)], force=args.force,
+                              setting="stats")
         count, stats, device = run(args)
     except CPMLiveError as e:
         raise SystemExit(f"error: {for_cli(e, parser)}") from None
@@ -206,25 +220,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(stats.summary_line(device), file=sys.stderr)
     if args.stats is not None:
         report = {"records": count, **stats.report(device)}
-        atomic_write_text(args.stats, json.dumps(report, indent=1) + "\n")
+        try:
+            with reported_write(args.stats):
+                atomic_write_text(args.stats, json.dumps(report, indent=1) + "\n")
+        except CPMLiveError as e:
+            raise SystemExit(f"error: {for_cli(e, parser)}") from None
     return 0
 
 
-def _check_stats_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``--stats`` is a new or replaceable file: not a directory, not the output, not any input (the
-    named ones, the ``vocab.txt`` found beside ``--load``, any file of a ``--load``/``--delta`` directory)."""
-    stats = os.path.realpath(args.stats)
-    if os.path.isdir(stats):
-        parser.error(f"--stats {args.stats} is a directory; give a file name such as {args.stats}/stats.json")
-    load_dir = args.load if os.path.isdir(args.load) else os.path.dirname(os.path.abspath(args.load))
-    named = {f"--{flag.replace('_', '-')}": getattr(args, flag)
-             for flag in ("input", "output", "load", "model_config", "delta", "vocab")}
-    named["the vocab beside --load"] = os.path.join(load_dir, "vocab.txt")
-    for name, path in named.items():
-        if path is None:
-            continue
-        inside = os.path.isdir(path) and os.path.exists(stats) and \
-            os.path.commonpath([stats, os.path.realpath(path)]) == os.path.realpath(path)
-        if inside or os.path.realpath(path) == stats:
-            parser.error(f"--stats {args.stats} is {'a file of ' if inside else ''}{name}; write the stats "
-                         f"to another file")
+def _vocab_beside(load: str) -> str:
+    """The ``vocab.txt`` a ``--load`` file is read with when ``--vocab`` is not given (an input too)."""
+    return os.path.join(load if os.path.isdir(load) else os.path.dirname(os.path.abspath(load)), "vocab.txt")

@@ -346,6 +346,16 @@ _TINY_EN_PIECES = (
 )
 
 
+def check_vocab_fits(vocab_file: str | os.PathLike, vocab_size: int) -> None:
+    """Refuse a vocab with fewer entries than the model has token ids (lines missing, or another
+    model's vocab): the ids past its end would decode to nothing."""
+    entries = len(load_vocab(vocab_file))
+    if entries < vocab_size:
+        raise VocabError(f"vocab file {os.fspath(vocab_file)} has {entries} entries but the model has "
+                         f"vocab_size {vocab_size}: lines are missing, or it is another model's vocab; pass "
+                         f"the model's own vocab.txt")
+
+
 def build_tiny_vocab(path: str | os.PathLike, extra_words: Iterable[str] = ()) -> str:
     """Write a small valid CPM-Bee vocab (specials at the real ids 0..10, ASCII, common CJK, `<eod>`).
 

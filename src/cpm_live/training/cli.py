@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from collections.abc import Sequence
 
 from cpm_live.engine.base import is_collective_timeout
@@ -20,7 +22,7 @@ def main(argv: Sequence[str] | None = None, qlora: bool = False) -> dict:
         parser.set_defaults(use_delta=True, stop_at_train_iters=True)
     namespace = parser.parse_args(argv)
     set_cpu_threads()
-    from cpm_live.training.loop import Trainer
+    from cpm_live.training.loop import STOP_SIGNAL_NAMES, Trainer
 
     try:
         args = FinetuneArgs.from_args(namespace, default_quantization="int4" if qlora else None)
@@ -28,9 +30,12 @@ def main(argv: Sequence[str] | None = None, qlora: bool = False) -> dict:
             check_writable(args.saving.save)
         trainer = Trainer(args)
         try:
-            return trainer.setup().train()
+            result = trainer.setup().train()
         finally:
             trainer.close()
+    except KeyboardInterrupt:  # Ctrl-C before the loop catches it (while loading): nothing to save yet
+        print("error: interrupted (SIGINT) before training started; nothing was saved", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     except CPMLiveError as e:  # a bad file, flag or config: one line saying what to fix, no traceback
         raise SystemExit(f"error: {for_cli(e, parser)}") from e
     except RuntimeError as e:
@@ -40,6 +45,10 @@ def main(argv: Sequence[str] | None = None, qlora: bool = False) -> dict:
         reason = str(e).splitlines()[0].split("] ")[-1]  # gloo prefixes its source file and line
         raise SystemExit(f"error: rank {rank}: another rank did not answer within --dist-timeout "
                          f"{namespace.dist_timeout:g} s ({reason}): it stopped, hangs or died; see its log") from e
+    if result["stop_reason"] in STOP_SIGNAL_NAMES:
+        # Saved, but not done: a scheduler must not read this as success (128 + the signal, as a shell does).
+        raise SystemExit(128 + signal.Signals[result["stop_reason"]].value)
+    return result
 
 
 def qlora_main(argv: Sequence[str] | None = None) -> dict:

@@ -32,6 +32,10 @@ from cpm_live.training.metrics import MetricsLogger
 from cpm_live.training.progress import RunOutcome, StepProgress, eval_bar, summary, timestamp
 from cpm_live.training.schedulers import LRSchedule
 
+# Signals that stop a run at the next step boundary, after a checkpoint (Ctrl-C is SIGINT, a scheduler's
+# stop SIGTERM); a second one kills at once.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNAL_NAMES = {s.name for s in STOP_SIGNALS}
 DROPPED_WARN_SHARE = 0.1  # warn once more than this share of the records read is longer than --max-length
 
 
@@ -41,7 +45,7 @@ class Trainer:
     def __init__(self, args: FinetuneArgs):
         self.args = args
         self.lora = args.lora
-        self._stop_requested = False
+        self._stop_requested: str | None = None  # the name of the signal that asked the run to stop
         self._saved_step: int | None = None
         self._last_checkpoint: str | None = None
         self.best_step: int | None = None
@@ -155,7 +159,7 @@ class Trainer:
         path = None
         if saving.resume:
             path = resume.find_checkpoint(saving.resume, saving.save, warn=self.engine.print_rank0)
-        resume.check_history(path, saving.save)
+        resume.check_history(path, saving.save, self._run_outputs())
         self._resumed_from = path
         if path is None:
             self.step = args.train.start_step
@@ -175,13 +179,24 @@ class Trainer:
         resume.set_rng_state(saved["rng"])
         self.engine.print_rank0(f"resumed from {path} at step {self.step}, epoch {self.epoch}")
 
+    def _run_outputs(self) -> list[str]:
+        """Files a run writes under ``--save`` besides its checkpoints (see :meth:`save_weights`)."""
+        name = self.args.saving.save_name
+        return ["metrics.jsonl", *(f"{name}-delta-{tag}{ext}" for tag in ("best", "last") for ext in ("", ".pt")),
+                f"{name}-best.pt", f"{name}-last.pt"]
+
     def _run_settings(self) -> dict[str, Any]:
-        """What a resume must continue with (compared by :func:`resume.compare_run`)."""
-        args, lora = self.args, self.lora
+        """What a resume must continue with (compared by :func:`resume.compare_run`): every setting that
+        changes the base (its config, and the quantization settings that apply to it) or the adapter.
+        The int4 compute dtype is left out: it changes how the same weights are multiplied, not them."""
+        args, lora, config = self.args, self.lora, self.config
+        model = {k: v for k, v in config.to_dict().items()
+                 if k != "int4_compute_dtype" and (config.int4 or not k.startswith("int4_"))
+                 and (config.int8 or k != "int8_threshold")}
         return {
-            "model": {k: v for k, v in self.config.to_dict().items() if not k.startswith("int4_")},
-            "int4": self.config.int4,
-            "lora": None if lora is None else {"r": lora.r, "alpha": lora.alpha, "targets": sorted(lora.targets)},
+            "model": model,
+            "lora": None if lora is None else {"r": lora.r, "alpha": lora.alpha, "targets": sorted(lora.targets),
+                                               "dropout": lora.dropout},
             "max_length": args.train.max_length,
             "data": resume.data_fingerprint(args.train.dataset),
             "batch": {"batch_size": args.train.batch_size, "world_size": self.engine.world_size,
@@ -205,11 +220,11 @@ class Trainer:
                                     f"--max-length, or shorten the records of {self.args.train.dataset}")
             self._warned_share = True
 
-    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
-        if self._stop_requested:  # a second SIGTERM: the run is stuck before a step boundary; die now
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-        self._stop_requested = True
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if self._stop_requested:  # a second signal: the run is stuck before a step boundary; die now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        self._stop_requested = signal.Signals(signum).name
 
     # ---------------------------------------------------------------- steps
     def _filled(self, batch: dict[str, Any] | None) -> tuple[LabelledInputs, bool]:
@@ -360,12 +375,13 @@ class Trainer:
     # ---------------------------------------------------------------- loop
     def train(self) -> dict[str, Any]:
         """Run for --epoch epochs (or to --train-iters with --stop-at-train-iters), until early stopping or
-        SIGTERM; SIGTERM is only caught meanwhile."""
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        SIGTERM/SIGINT (caught only meanwhile: then ``stop_reason`` is the signal's name)."""
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
         try:
             return self._train()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def _train(self) -> dict[str, Any]:
         args, engine = self.args, self.engine
@@ -399,7 +415,7 @@ class Trainer:
                 self.epoch += 1
                 self.train_data.start_next_epoch()
         self._progress.close()
-        if stop_reason != "SIGTERM":
+        if stop_reason not in STOP_SIGNAL_NAMES:
             self.save_weights(self._final_weights())
             if args.saving.save_iters and self._saved_step != self.step:
                 self.save_checkpoint()
@@ -408,7 +424,11 @@ class Trainer:
         # writing the final weights was seen to abort at exit (SIGABRT in gloo, once in five CI runs).
         engine.barrier()
         dropped = self.train_data.num_skipped
-        engine.print_rank0(f"training stopped at step {self.step} ({stop_reason})" + (
+        saved = ""
+        if stop_reason in STOP_SIGNAL_NAMES:
+            saved = ("; checkpoint saved, continue with --resume auto" if args.saving.save
+                     else "; nothing saved (no --save)")
+        engine.print_rank0(f"training stopped at step {self.step} ({stop_reason}){saved}" + (
             f"; {dropped} record(s) longer than --max-length {args.train.max_length} were dropped" if dropped else ""))
         engine.print_rank0(summary(self._outcome(stop_reason)))
         return {"step": self.step, "stop_reason": stop_reason, "best_eval": self.best_eval}
@@ -460,10 +480,10 @@ class Trainer:
         if args.saving.save_iters and self.step % args.saving.save_iters == 0:
             self.save_checkpoint()
         # Every rank must agree to stop, or the others would wait in the next collective.
-        if engine.all_reduce_sum(float(self._stop_requested)) > 0:
+        if engine.all_reduce_sum(float(self._stop_requested is not None)) > 0:
             if args.saving.save and self._saved_step != self.step:
                 self.save_checkpoint()
-            return "SIGTERM"
+            return self._stop_requested or "SIGTERM"  # a rank without the signal stops with the others
         if self.max_steps is not None and self.step >= self.max_steps:
             return "train-iters reached"
         return None

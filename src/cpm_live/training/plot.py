@@ -17,7 +17,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from cpm_live.data.jsonl import read_line
 from cpm_live.errors import CPMLiveError, PlotError, for_cli
+from cpm_live.outputs import check_output_file
 from cpm_live.utils import atomic_path
 
 
@@ -27,14 +29,17 @@ def _read(path: str) -> list[dict[str, Any]]:
     if not os.path.isfile(path):
         raise PlotError(f"{path} does not exist; pass a run's metrics.jsonl (written under --save) or its directory")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        number = 0
+        while line := read_line(f, f"{path}:{number + 1}"):
+            number += 1
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PlotError(f"{path}:{number}: not JSON ({e.msg}); is this a metrics.jsonl?") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+                raise PlotError(f"{path}:{number}: not JSON ({reason}); is this a metrics.jsonl?") from None
             if isinstance(record, dict) and "step" in record:
                 records.append(record)
     if not any("loss" in r or "eval_loss" in r for r in records):
@@ -90,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("metrics", nargs="+", help="a run's metrics.jsonl, or the run directory holding it")
     p.add_argument("-o", "--output", default="loss.png", help="image to write (.png, .svg or .pdf)")
     p.add_argument("--title", default=None, help="figure title (default: the metrics path)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output")
     return p
 
 
@@ -99,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.path.splitext(args.output)[1].lower() not in (".png", ".svg", ".pdf"):
         raise SystemExit(f"error: --output {args.output} must end in .png, .svg or .pdf")
     try:
+        check_output_file(args.output, args.metrics, force=args.force)
         plot_metrics(args.metrics, args.output, args.title)
     except CPMLiveError as e:
         raise SystemExit(f"error: {for_cli(e, parser)}") from None

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from cpm_live.checkpoint import CheckpointError
 from cpm_live.convert.cli import main
 from cpm_live.convert.compress import is_quant_target, quantize_state_dict
+from cpm_live.errors import OutputError
 from cpm_live.quant import format as qformat
 from cpm_live.quant import int8 as qint8
 
@@ -210,7 +211,7 @@ def test_bad_inputs_raise_clear_errors(checkpoint, tmp_path):
     run(path)
     with pytest.raises(CheckpointError, match="already int4-compressed"):
         run(out, tmp_path / "twice.safetensors")
-    with pytest.raises(CheckpointError, match="is the input checkpoint"):
+    with pytest.raises(OutputError, match="is this run's input"):
         quantize_state_dict(out, out, force=True, progress=False)
     with pytest.raises(SystemExit):
         main(["--input-path", str(path), "--output-path", str(out), "--quant-type", "int8"])

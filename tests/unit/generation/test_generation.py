@@ -17,6 +17,7 @@ from cpm_live.checkpoint import build_model
 from cpm_live.checkpoint.adapters import save_adapter
 from cpm_live.convert.compress import quantize_state_dict
 from cpm_live.data.encode import convert_data_to_id
+from cpm_live.errors import DataFormatError
 from cpm_live.evaluation import compute_metrics
 from cpm_live.generation import (
     CPMBeeBeamSearch,
@@ -493,8 +494,11 @@ def test_cli_output_scores_against_its_input(tmp_path, checkpoint):
     inp = write_jsonl(tmp_path / "in.jsonl", [OPTION_SAMPLE, NESTED_SAMPLE, TWO_ANSWER_SAMPLE])
     out = tmp_path / "out.jsonl"
     assert generation_main(cli_args(checkpoint, inp, out, "--greedy")) == 0
-    assert set(evaluate_files(str(out), str(inp), ["accuracy", "rouge"])) == {"accuracy", "rouge-1", "rouge-2",
+    assert set(evaluate_files(str(out), str(out), ["accuracy", "rouge"])) == {"accuracy", "rouge-1", "rouge-2",
                                                                             "rouge-l"}
+    # The generation input is not a reference file: two of its answers are empty.
+    with pytest.raises(DataFormatError, match=r"in.jsonl:2: the reference '<ans>' is empty \(2 of 3"):
+        evaluate_files(str(out), str(inp), ["accuracy"])
 
 
 def test_cli_keeps_finished_records_when_a_later_batch_fails(tmp_path, checkpoint, monkeypatch):
