@@ -42,7 +42,7 @@ def test_a_sigterm_ends_a_session_and_the_next_call_finishes_the_build(tiny, tmp
     proc.wait(timeout=120)
     text = log.read_text()
     assert proc.returncode == 3, text[-3000:]
-    assert "interrupted: base build stopped at step" in text and "run the same command again" in text
+    assert "interrupted: base build stopped before step" in text and "run the same command again" in text
     assert not (out / "base.pt").exists()
     stopped_at = max(r["step"] for r in read_metrics(str(metrics)))
     assert 3 <= stopped_at < STEPS

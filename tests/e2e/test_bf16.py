@@ -20,8 +20,9 @@ def test_bf16_qlora_trains_resumes_and_records_the_compute_dtype(tiny, tmp_path,
     assert f"int4 compute dtype: auto -> {expected} on cpu (model dtype bfloat16)" in capsys.readouterr().out
     saved = json.loads((tmp_path / "a" / "model_config.cpm_live.json").read_text())
     assert (saved["precision"], saved["int4_compute_dtype"]) == ("bf16", expected)
-    finetune(base_args(tiny, tmp_path / "b", 3, *flags))
-    resumed = finetune(base_args(tiny, tmp_path / "b", 6, *flags, "--resume", "auto"))
+    finetune(base_args(tiny, tmp_path / "b", 3, *flags, "--save-iters", "3"))
+    assert (tmp_path / "b" / "checkpoints" / "step-00000003").is_dir()  # the second run resumes from it
+    resumed = finetune(base_args(tiny, tmp_path / "b", 6, *flags, "--save-iters", "3", "--resume", "auto"))
     assert resumed["step"] == straight["step"] == 6
     a, b = ([json.loads(line)["loss"] for line in (tmp_path / run_dir / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)] for run_dir in ("a", "b"))

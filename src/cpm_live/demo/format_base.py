@@ -35,6 +35,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -123,16 +124,19 @@ def train_base(config_path: str, vocab: str, dataset: str, out: str, steps: int,
     resume = ["--save-iters", str(save_iters), "--keep-checkpoints", "1", "--resume", "auto"] if save_iters else []
     evaluation = ["--eval_dataset", heldout, "--eval-interval", str(eval_interval),
                   "--early-stop-patience", str(steps)] if heldout else []
-    result = finetune_main(["--model-config", config_path, "--vocab", vocab, "--dataset", dataset, "--save", run_dir,
-                            "--save-name", "base", "--train-iters", str(steps), "--stop-at-train-iters",
-                            "--epoch", "1000", "--batch-size", str(batch_size), "--max-length", str(max_length),
-                            "--lr", str(lr), "--lr-decay-style", decay, "--warmup-iters", str(warmup),
-                            "--weight-decay", "0.0", "--seed", str(seed), "--log-interval", str(log_interval),
-                            "--engine", "torch", "--device", "cpu", "--inspect-iters", "0",
-                            "--no-activation-checkpointing", *resume, *evaluation])
-    if result["stop_reason"] == "SIGTERM":
-        raise BuildInterrupted(f"base build stopped at step {result['step']} of {steps}; its checkpoint is under "
-                               f"{run_dir}: run the same command again to continue")
+    try:
+        finetune_main(["--model-config", config_path, "--vocab", vocab, "--dataset", dataset, "--save", run_dir,
+                      "--save-name", "base", "--train-iters", str(steps), "--stop-at-train-iters",
+                      "--epoch", "1000", "--batch-size", str(batch_size), "--max-length", str(max_length),
+                      "--lr", str(lr), "--lr-decay-style", decay, "--warmup-iters", str(warmup),
+                      "--weight-decay", "0.0", "--seed", str(seed), "--log-interval", str(log_interval),
+                      "--engine", "torch", "--device", "cpu", "--inspect-iters", "0",
+                      "--no-activation-checkpointing", *resume, *evaluation])
+    except SystemExit as e:  # a run stopped by SIGTERM/SIGINT saved its checkpoint and exits 128 + signal
+        if e.code not in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+            raise
+        raise BuildInterrupted(f"base build stopped before step {steps}; its checkpoint is under {run_dir}: run "
+                               f"the same command again to continue") from None
     checkpoint = os.path.join(out, "base.pt")
     shutil.copyfile(os.path.join(run_dir, "base-last.pt"), checkpoint)
     return checkpoint
