@@ -86,6 +86,9 @@ class Trainer:
         self.train_data = self._dataset(args.train.dataset, args.train.batch_size, args.train.drop_last)
         self.step, self.epoch, self.best_eval, self.patience = 0, 0, math.inf, 0
         self._resume()
+        # Every rank has checked --save's history (resume.check_history) before rank 0 writes metrics.jsonl
+        # there: a slower rank would otherwise take it for an earlier run's.
+        self.engine.barrier()
         tb_dir = args.train.tensorboard or (os.path.join(args.saving.save, "tensorboard") if args.saving.save else None)
         self.metrics = MetricsLogger(args.saving.save, tb_dir, self.engine.is_main, resume_step=self.step)
         return self
