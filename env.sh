@@ -9,7 +9,7 @@ fi
 # Reinstall when a dependency is missing or a console script names a module that moved (setup.py changed).
 if ! python -c "
 import importlib.metadata, importlib.util
-import cpm_live, torch, bitsandbytes, peft, pytest
+import cpm_live, torch, bitsandbytes, peft, pytest, xdist
 assert all(importlib.util.find_spec(e.module) for e in importlib.metadata.entry_points(group='console_scripts')
            if e.module.startswith('cpm_live.'))" >/dev/null 2>&1; then
     python -m pip install -q --upgrade pip

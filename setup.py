@@ -32,7 +32,7 @@ setup(
         "matplotlib>=3.7,<4",
     ],
     extras_require={
-        "test": ["pytest>=7,<10", "ruff>=0.5"],
+        "test": ["pytest>=7,<10", "pytest-xdist>=3.5,<4", "ruff>=0.5"],
         "gpu": ["bmtrain>=1.0.1,<1.1"],
         # The side-by-side benchmark's peer (benchmarks/bench_peer.py): a Llama loaded in 4-bit by
         # transformers, with peft's LoRA (peft and bitsandbytes are required anyway).
