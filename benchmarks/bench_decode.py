@@ -78,7 +78,7 @@ def _empty(config):
     from cpm_live.models import CPMBee
 
     with torch.device("meta"):
-        model = CPMBee(config)
+        model = CPMBee(config.resolve_compute_dtype("cpu"))
     return model.to_empty(device="cpu").eval()
 
 

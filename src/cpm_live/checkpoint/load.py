@@ -123,7 +123,11 @@ def check_finite(path: str, key: str, tensor: torch.Tensor) -> None:
 
 def build_model(config: CPMBeeConfig, path: str | os.PathLike, device: torch.device | str = "cpu") -> CPMBee:
     """``CPMBee(config)`` with the weights of ``path``: built on the meta device, then filled by
-    :func:`load_model_weights`, so no memory goes to (and no 4-bit quantization to) a random init."""
+    :func:`load_model_weights`, so no memory goes to (and no 4-bit quantization to) a random init.
+
+    An ``auto`` int4 compute dtype is chosen for ``device`` first: under the meta device it would be
+    chosen for meta (fp32), and a bf16-capable CPU would then decode in fp32."""
+    config = config.resolve_compute_dtype(device)
     with torch.device("meta"):
         model = CPMBee(config)
     load_model_weights(model, config, path, device=device)

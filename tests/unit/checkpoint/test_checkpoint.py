@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from cpm_live.checkpoint import (
     CheckpointError,
     CheckpointReader,
+    build_model,
     load_model_weights,
     read_metadata,
     read_state_dict,
@@ -185,3 +186,20 @@ def test_meta_model_gets_the_tensors_assigned(dense, tmp_path):
         assert all(torch.equal(loaded[k], v) for k, v in reference.state_dict().items())
         assert model.input_embedding.weight.dtype == torch.float32 and model.input_embedding.weight.requires_grad
         assert not model.encoder.layers[0].ffn.ffn.w_out.weight.requires_grad
+
+
+def test_build_model_chooses_auto_compute_dtype_for_its_device_not_meta(dense, tmp_path, monkeypatch):
+    """``build_model`` builds on the meta device; an ``auto`` compute dtype must still follow the target
+    device (a bf16-capable CPU decodes in bf16), so the model is never left at meta's fp32."""
+    import cpm_live.config as config_module
+
+    config, _, path = dense
+    config4 = dataclasses.replace(config, int4=True, int4_compute_dtype="auto")
+    compressed = tmp_path / "int4.safetensors"
+    quantize_state_dict(path, compressed, device="cpu", progress=False)
+    for cpu_has_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(config_module, "native_bf16",
+                            lambda device, *_, has=cpu_has_bf16: has and torch.device(device).type == "cpu")
+        model = build_model(config4, compressed)
+        layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+        assert layers and all(layer.compute_dtype == expected for layer in layers)
