@@ -343,7 +343,7 @@ def job_rows(spec: dict[str, Any]) -> dict[str, Any]:
             results.append({"kernel": name, "dtype": str(dtype).removeprefix("torch."), "dim_out": dim_out,
                             "dim_in": dim_in, "rows": by_rows,
                             "first_rows_where_dequantize_is_faster": min(slower) if slower else None})
-    return {"results": results, "max_rows": gemv.MAX_ROWS}
+    return {"results": results, "max_rows": dict(gemv.MAX_ROWS)}
 
 
 def run_rows(shapes: tuple[tuple[int, int], ...], rows: tuple[int, ...], reps: int, threads: int) -> dict[str, Any]:

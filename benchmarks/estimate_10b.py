@@ -16,8 +16,8 @@ keeps only its input until backward recomputes it, so:
 
 Backward transients of a block are taken as two copies of its largest saved tensor plus the largest
 dequantized weight. The loss never holds the (T, V) logits: it takes a chunk of rows at a time
-(``layers.projection_loss``), so its working set is one chunk's fp32 logits and their copy in the
-activation dtype. This is an estimate with its assumptions in the JSON; ``--device cuda`` measures
+(``layers.projection_loss``), so its working set is one chunk's logits in the activation dtype,
+which its gradient overwrites (the fp32 softmax is formed a few rows at a time). This is an estimate with its assumptions in the JSON; ``--device cuda`` measures
 the real step.
 """
 
@@ -146,8 +146,8 @@ def estimate(mode: str, tokens: int = 2048, dtype: torch.dtype = torch.bfloat16,
         "saved_outside_blocks": saved["outside_blocks"],
     }
     block_phase = saved["per_block_max"] + 2 * saved["largest_in_block"] + largest_weight
-    # The loss: one chunk of fp32 logits and its copy in the activation dtype for the gradient matmuls.
-    loss_phase = CHUNK_LOGITS * (4 + act_bytes)
+    # The loss: one chunk of logits in the activation dtype, overwritten by their gradient.
+    loss_phase = CHUNK_LOGITS * act_bytes
     resident = sum(parts.values())
     peak = resident + max(block_phase, loss_phase)
     return {

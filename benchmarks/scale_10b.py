@@ -174,6 +174,8 @@ def job_decode(spec: dict[str, Any]) -> dict[str, Any]:
     return {"prompt_tokens": stats.prompt_tokens, "prompt_seconds": stats.prompt_seconds,
             "prompt_tokens_per_s": stats.prompt_tokens_per_s, "step_seconds": seconds, "pairs": pairs,
             "decode_seconds_per_token": per_token,
+            # the first kernel step also derives every projection's kernel layout (bnb_avx512bf16, once)
+            "first_int4_step_seconds": seconds["int4"][0],
             "decode_tokens_per_s": {name: 1 / s for name, s in per_token.items()},
             "decode_speedup": bc.paired_ratio(seconds["int4_dequantize"][:pairs], seconds["int4"][:pairs]),
             "logits_seconds_per_token": bc.median(logits["logits"]), "peak_rss_bytes": bc.rss_bytes()[1],

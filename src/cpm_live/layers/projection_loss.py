@@ -16,10 +16,58 @@ from __future__ import annotations
 
 import torch
 
-# Logits of one chunk: 256 MiB in fp32, 2048 rows of a 32k vocabulary. Each chunk's two matmuls read
+# Logits of one chunk: 128 MiB in bf16, 2048 rows of a 32k vocabulary. Each chunk's two matmuls read
 # (and the BLAS packs) the whole (V, d) weight again: in 16 chunks of 131 rows they took 6.7 s of a
 # 2048-token step at d=1024, the same products in one call 4.5 s (1 CPU thread, torch.profiler).
 CHUNK_LOGITS = 2**26
+# Rows whose softmax is formed at a time, in fp32, within a chunk's logits (which stay in the compute
+# dtype): 32 rows of a 32k vocabulary are 4 MiB, so the fp32 rows stay in cache and are rounded back
+# over the chunk's own logits, where converting the whole chunk to fp32 and its gradient back cost
+# 1.05 s of a 12 s bf16 step at d=1024, 2048 tokens (mostly page faults of two fresh 256 MiB tensors).
+SOFTMAX_ROWS = 32
+# Chunks are whole multiples of this many rows, the remainder (under 16 rows) a chunk of its own: the
+# CPU BLAS took 3-8% longer for 2047 rows than for 2048 or 2040 (bf16, 1 thread), and a 2048-token
+# row has 2047 labelled tokens.
+ROW_MULTIPLE = 16
+
+
+def _chunks(n: int, rows: int) -> list[slice]:
+    """Slices covering ``range(n)``: chunks of ``rows`` rows, the last split into its whole multiple
+    of :data:`ROW_MULTIPLE` rows and the remainder."""
+    rows = max(ROW_MULTIPLE, rows // ROW_MULTIPLE * ROW_MULTIPLE)
+    bounds = list(range(0, n, rows))
+    tail = bounds[-1] + (n - bounds[-1]) // ROW_MULTIPLE * ROW_MULTIPLE if bounds else 0
+    if bounds and bounds[-1] < tail < n:
+        bounds.append(tail)
+    return [slice(start, end) for start, end in zip(bounds, [*bounds[1:], n])]
+
+
+def _rows_of_loss(logits_v: torch.Tensor, logits_x: torch.Tensor, t: torch.Tensor, vocab: int,
+                  grad_total: torch.Tensor | None, want_grad: bool) -> torch.Tensor:
+    """Loss sum of rows with logits ``[logits_v ; logits_x]`` (any float dtype) and targets ``t``; with
+    ``want_grad``, overwrites the logits with ``d loss / d logits`` (times ``grad_total`` when given),
+    computed in fp32 and rounded once into the logits' dtype."""
+    in_vocab = t < vocab
+    t_v, t_x = t.clamp(max=vocab - 1), (t - vocab).clamp(min=0)  # the target's column in either part
+    lv, lx = logits_v.float(), logits_x.float()  # the logits themselves when already fp32
+    picked = torch.where(in_vocab, lv.gather(1, t_v[:, None])[:, 0], lx.gather(1, t_x[:, None])[:, 0])
+    # log-sum-exp with exp(logits - max) written over the logits (torch.logsumexp would allocate a copy)
+    top = torch.maximum(lv.amax(dim=-1), lx.amax(dim=-1))[:, None]  # (r, 1)
+    exp_v, exp_x = lv.sub_(top).exp_(), lx.sub_(top).exp_()
+    exp_sum = exp_v.sum(dim=-1, keepdim=True) + exp_x.sum(dim=-1, keepdim=True)  # (r, 1)
+    total = (top + exp_sum.log()).sum() - picked.sum()
+    if want_grad:
+        # d loss / d logits = softmax - one_hot(target), times grad_total; formed in place.
+        weight_of_row = exp_sum.reciprocal() if grad_total is None else grad_total / exp_sum
+        one = torch.ones_like(top) if grad_total is None else grad_total.expand_as(top)
+        probs_v, probs_x = exp_v.mul_(weight_of_row), exp_x.mul_(weight_of_row)
+        # Minus one at each row's target, in whichever part it lies (no boolean indexing: no device sync).
+        probs_v.scatter_add_(1, t_v[:, None], -one * in_vocab[:, None])
+        probs_x.scatter_add_(1, t_x[:, None], -one * ~in_vocab[:, None])
+        if probs_v is not logits_v:  # what autograd hands the matmul's backward: rounded once, after scaling
+            logits_v.copy_(probs_v)
+            logits_x.copy_(probs_x)
+    return total
 
 
 def _sum_chunks(a: torch.Tensor, weight: torch.Tensor, c: torch.Tensor, ext: torch.Tensor, targets: torch.Tensor,
@@ -36,30 +84,13 @@ def _sum_chunks(a: torch.Tensor, weight: torch.Tensor, c: torch.Tensor, ext: tor
         torch.zeros_like(ext, dtype=torch.float32) if need[3] else None,
     ]
     total = torch.zeros((), dtype=torch.float32, device=a.device)
-    for start in range(0, n, rows):
-        part = slice(start, min(n, start + rows))
+    for part in _chunks(n, rows):
         a_c, c_c, t = a[part], c[part], targets[part]
-        in_vocab = t < vocab
-        t_v, t_x = t.clamp(max=vocab - 1), (t - vocab).clamp(min=0)  # the target's column in either part
-        logits_v = (a_c @ weight.t()).float()  # (r, V)
-        logits_x = (c_c @ ext.t()).float()  # (r, X)
-        picked = torch.where(in_vocab, logits_v.gather(1, t_v[:, None])[:, 0], logits_x.gather(1, t_x[:, None])[:, 0])
-        # log-sum-exp with exp(logits - max) written over the logits (torch.logsumexp would allocate a copy)
-        top = torch.maximum(logits_v.amax(dim=-1), logits_x.amax(dim=-1))[:, None]  # (r, 1)
-        exp_v, exp_x = logits_v.sub_(top).exp_(), logits_x.sub_(top).exp_()
-        exp_sum = exp_v.sum(dim=-1, keepdim=True) + exp_x.sum(dim=-1, keepdim=True)  # (r, 1)
-        total += (top + exp_sum.log()).sum() - picked.sum()
-        if not any(need):
-            continue
-        # d loss / d logits = softmax - one_hot(target), times grad_total; formed in place.
-        weight_of_row = exp_sum.reciprocal() if grad_total is None else grad_total / exp_sum
-        one = torch.ones_like(top) if grad_total is None else grad_total.expand_as(top)
-        probs_v, probs_x = exp_v.mul_(weight_of_row), exp_x.mul_(weight_of_row)
-        # Minus one at each row's target, in whichever part it lies (no boolean indexing: no device sync).
-        probs_v.scatter_add_(1, t_v[:, None], -one * in_vocab[:, None])
-        probs_x.scatter_add_(1, t_x[:, None], -one * ~in_vocab[:, None])
-        for i, (probs, table, inp) in ((0, (probs_v, weight, a_c)), (2, (probs_x, ext, c_c))):
-            d = probs.to(a.dtype)  # what autograd hands the matmul's backward: rounded once, after scaling
+        logits_v, logits_x = a_c @ weight.t(), c_c @ ext.t()  # (r, V), (r, X) in the compute dtype
+        for sub in range(0, logits_v.size(0), SOFTMAX_ROWS):
+            block = slice(sub, sub + SOFTMAX_ROWS)
+            total += _rows_of_loss(logits_v[block], logits_x[block], t[block], vocab, grad_total, any(need))
+        for i, (d, table, inp) in ((0, (logits_v, weight, a_c)), (2, (logits_x, ext, c_c))):
             if grads[i] is not None:
                 torch.mm(d, table, out=grads[i][part])
             if grads[i + 1] is not None:

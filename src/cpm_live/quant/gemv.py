@@ -3,13 +3,14 @@
 Decoding one token reads every weight once, so a 4-bit model should be bound by reading a quarter of
 a bf16 model's bytes; dequantizing each weight first (the training path, :mod:`cpm_live.quant.dequant`)
 instead writes and reads the whole dense weight per call. Here, on CPU, without autograd and for at
-most :data:`MAX_ROWS` rows (decoding, beam search, small batches; a longer prompt is faster through
+most :data:`MAX_ROWS` rows for its kernel (decoding, beam search, small batches; a longer prompt is faster through
 the dequantize-then-matmul path, which it keeps), one of two kernels reads the packed weight directly:
 
 - ``bnb_avx512bf16``: bitsandbytes' own CPU kernel (``gemv_4bit_inference_cpu_<type>_bf16``), for a
   bf16 compute dtype on CPUs with AVX512-BF16. It reads a tiled layout, which is derived from the
-  stored one at first use and cached beside the layer (never saved; the checkpoint keeps
-  bitsandbytes' own layout). Its inputs, levels and absmax are rounded to bf16.
+  stored one at first use (:func:`tile_for_bnb`) and cached beside the layer: never saved (the
+  checkpoint keeps bitsandbytes' own layout), but it doubles the memory of the 4-bit weights while
+  the model decodes. Its inputs, levels and absmax are rounded to bf16.
 - ``avx2``: this package's kernel (``gemv_4bit.c``, AVX2 + FMA), for every other dtype on x86 CPUs
   with AVX2: it reads the stored layout as is, computes in fp32 and differs from the exact product
   only by rounding order.
@@ -38,9 +39,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from cpm_live.quant import dequant, native
 
-# Rows up to which a kernel beats dequantize-then-matmul (the prompt of a generation has more).
-# Measured by ``python benchmarks/bench_decode.py --sections rows`` (benchmarks/README.md).
-MAX_ROWS = 32
+# Rows up to which each kernel beats dequantize-then-matmul (a generation's prompt has more), measured
+# by ``python benchmarks/bench_decode.py --sections rows`` at 10B shapes on both CPU kinds at hand
+# (benchmarks/README.md). bnb_avx512bf16 (Intel AVX512-BF16): wins to 32 rows, ties at 64. avx2: on an
+# AMD AVX2 CPU it still won at 32 rows (0.66-0.82x) but on the Intel one it lost from 24 (1.1-1.7x),
+# so 16, where it wins on both.
+MAX_ROWS = {"avx2": 16, "bnb_avx512bf16": 32}
 
 # Largest error allowed against the exact product, as a fraction of sum_k |x_k| |w_k| per output.
 # avx2: fp32 with blocked sums, a few dozen roundings at most (~3e-6), so 1e-5. bnb_avx512bf16: x,
@@ -102,26 +106,44 @@ def _avx2(x: torch.Tensor, packed: torch.Tensor, state: bnbF.QuantState) -> torc
 # packed weight -> (what it was derived from, bnb's tiled weight [N, K/2], bf16 absmax [K/blocksize, N])
 _BNB_LAYOUT = WeakIdKeyDictionary()  # keyed by identity: tensors compare elementwise
 
+# Output rows per tile of bitsandbytes' CPU layout (``block_n`` of its converter).
+BNB_TILE_ROWS = 32
+
 
 def _stamp(*tensors: torch.Tensor | None) -> tuple:
     """Identity and in-place version of each tensor: changes whenever any of them is replaced or written."""
     return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
 
 
-def _bnb_layout(packed: torch.Tensor, state: bnbF.QuantState) -> tuple[torch.Tensor, torch.Tensor]:
-    """bitsandbytes' tiled CPU layout of ``packed``, derived once and cached per layer weight.
+def tile_for_bnb(packed: torch.Tensor, dim_out: int, dim_in: int) -> torch.Tensor:
+    """bitsandbytes' tiled CPU layout ``[dim_out, dim_in / 2]`` of a weight stored in its plain layout.
 
-    Its own converter (``_convert_weight_packed_for_cpu``) is given the exact fp32 absmax, so it does
-    not undo the double quantization with its own kernel; it returns the bf16 absmax transposed."""
+    Stored: byte ``(n, k/2)`` holds codes ``(n, k)`` (high nibble) and ``(n, k+1)`` (low). Tiled: per
+    32 output rows and per pair of inputs ``(k, k+1)``, 32 bytes ``(row r, input k+j)`` at ``2r + j``
+    for ``r < 16``, each holding row ``r``'s code (low nibble) and row ``r + 16``'s (high). This is
+    what ``_convert_weight_packed_for_cpu`` computes, in two passes over bytes instead of through int32
+    (at 10B it took 26 s of the first decoded token; this takes about 2 s)."""
+    halves = packed.view(torch.uint8).reshape(dim_out // BNB_TILE_ROWS, 2, BNB_TILE_ROWS // 2, dim_in // 2)
+    low_rows, high_rows = halves[:, 0], halves[:, 1]  # [tiles, 16, K/2]: rows r and r + 16 of each tile
+    tiled = torch.empty(dim_out // BNB_TILE_ROWS, dim_in // 2, BNB_TILE_ROWS // 2, 2, dtype=torch.uint8)
+    by_row = tiled.permute(0, 2, 1, 3)  # [tiles, 16, K/2, 2]: write each row's pair in place
+    torch.bitwise_or(high_rows & 0xF0, low_rows >> 4, out=by_row[..., 0])  # input k
+    torch.bitwise_or(high_rows << 4, low_rows & 0x0F, out=by_row[..., 1])  # input k + 1
+    return tiled.view(dim_out, dim_in // 2)
+
+
+def _bnb_layout(packed: torch.Tensor, state: bnbF.QuantState) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' tiled CPU layout of ``packed`` and its absmax (exact, then bf16, ``[K/blocksize, N]``),
+    derived once and cached per layer weight."""
     stamp = _stamp(packed, state.absmax, state.state2.absmax if state.nested else None)
     cached = _BNB_LAYOUT.get(packed)
     if cached is not None and cached[0] == stamp:
         return cached[1], cached[2]
-    plain = bnbF.QuantState(absmax=dequant.absmax_of(state), shape=state.shape, code=state.code,
-                            blocksize=state.blocksize, quant_type=state.quant_type, dtype=torch.bfloat16)
-    tiled, tiled_state = bnbF._convert_weight_packed_for_cpu(packed.detach().view(torch.uint8), plain)
-    _BNB_LAYOUT[packed] = (stamp, tiled, tiled_state.absmax)
-    return tiled, tiled_state.absmax
+    dim_out, dim_in = state.shape
+    tiled = tile_for_bnb(packed.detach(), dim_out, dim_in)
+    absmax = dequant.absmax_of(state).reshape(dim_out, dim_in // state.blocksize).T.to(torch.bfloat16).contiguous()
+    _BNB_LAYOUT[packed] = (stamp, tiled, absmax)
+    return tiled, absmax
 
 
 def _bnb_avx512bf16(x: torch.Tensor, packed: torch.Tensor, state: bnbF.QuantState) -> torch.Tensor:
@@ -142,8 +164,8 @@ def bnb_kernel_available() -> bool:
     """bitsandbytes' AVX512-BF16 kernel runs on this CPU, in a release whose tiled layout and call this
     module follows (0.49 added it; read in 0.50's ``csrc/cpu_ops.cpp``, unchanged since 0.49)."""
     release = tuple(int(part) for part in bnb.__version__.split(".")[:2] if part.isdigit())
-    return bool(bnbF.has_avx512bf16()) and release >= (0, 49) and hasattr(bnbF, "_convert_weight_packed_for_cpu") \
-        and all(hasattr(bnb_native, f"gemv_4bit_inference_cpu_{t}_bf16") for t in ("nf4", "fp4"))
+    return bool(bnbF.has_avx512bf16()) and release >= (0, 49) and all(
+        hasattr(bnb_native, f"gemv_4bit_inference_cpu_{t}_bf16") for t in ("nf4", "fp4"))
 
 
 Kernel = Callable[[torch.Tensor, torch.Tensor, bnbF.QuantState], torch.Tensor]
@@ -205,10 +227,8 @@ def matmul_4bit_inference(x: torch.Tensor, packed: torch.Tensor, state: bnbF.Qua
         raise RuntimeError("matmul_4bit_inference runs without autograd; use dequant.matmul_4bit to train")
     dim_in = x.shape[-1]
     rows = math.prod(x.shape[:-1])
-    name = None
-    if _ENABLED and packed.device.type == "cpu" and 0 < rows <= MAX_ROWS:
-        name = kernel_for(x.dtype, state)
-    if name is None or not _passes_check(name, packed, state):
+    name = kernel_for(x.dtype, state) if _ENABLED and packed.device.type == "cpu" and rows > 0 else None
+    if name is None or rows > MAX_ROWS[name] or not _passes_check(name, packed, state):
         return dequant.matmul_4bit(x, packed, state)
     with torch.profiler.record_function(PROFILER_LABEL):
         out = KERNELS[name](x.reshape(rows, dim_in), packed, state)

@@ -29,10 +29,11 @@ def _loss_and_grads(fn, tensors, dtype):
     return loss.detach(), [t.grad for t in inputs]
 
 
-@pytest.mark.parametrize("chunk", [2**22, 64], ids=["one-chunk", "many-chunks"])
-def test_fp32_loss_and_gradients_equal_log_softmax_over_the_concatenation(monkeypatch, chunk):
-    monkeypatch.setattr(projection_loss, "CHUNK_LOGITS", chunk)  # 64 logits: one row per chunk here
-    tensors = _case(n=13, vocab=40, ext=3, dim=8, seed=0)
+@pytest.mark.parametrize("chunk,softmax_rows", [(2**22, 32), (64, 5)], ids=["one-chunk", "many-chunks"])
+def test_fp32_loss_and_gradients_equal_log_softmax_over_the_concatenation(monkeypatch, chunk, softmax_rows):
+    monkeypatch.setattr(projection_loss, "CHUNK_LOGITS", chunk)  # 64 logits: chunks of 16 rows here
+    monkeypatch.setattr(projection_loss, "SOFTMAX_ROWS", softmax_rows)  # blocks that straddle no chunk
+    tensors = _case(n=45, vocab=40, ext=3, dim=8, seed=0)
     loss, grads = _loss_and_grads(projection_cross_entropy, tensors, torch.float32)
     expected, expected_grads = _loss_and_grads(_reference, tensors, torch.float32)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
@@ -85,3 +86,12 @@ def test_no_rows_give_zero_and_a_gradient_path():
     loss = projection_cross_entropy(a, weight, torch.zeros(0, 4), torch.randn(1, 4), torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert float(loss.detach()) == 0.0 and a.grad.shape == (0, 4) and torch.equal(weight.grad, torch.zeros(10, 4))
+
+
+@pytest.mark.parametrize("n,rows", [(2047, 2097), (2048, 2097), (4095, 2097), (5, 2097), (17, 16), (40, 7), (0, 9)])
+def test_chunks_cover_every_row_once_in_whole_multiples_of_16(n, rows):
+    chunks = projection_loss._chunks(n, rows)
+    assert [i for part in chunks for i in range(n)[part]] == list(range(n))
+    assert all(part.stop - part.start <= max(16, rows) for part in chunks)
+    assert all((part.stop - part.start) % 16 == 0 for part in chunks[:-1])
+    assert sum((part.stop - part.start) % 16 != 0 for part in chunks) <= 1

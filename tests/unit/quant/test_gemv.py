@@ -14,6 +14,7 @@ import subprocess
 import sys
 import warnings
 
+import bitsandbytes.functional as bnbF
 import pytest
 import torch
 
@@ -81,7 +82,7 @@ def test_inference_matches_the_reference(shape, quant_type, double_quant, blocks
     lin = layer(shape, quant_type, double_quant, blocksize, dtype)
     packed, state = lin.weight, lin.quant_state()
     g = torch.Generator().manual_seed(1)
-    for rows in (1, 2, 3, 4, 5, 11, gemv.MAX_ROWS):
+    for rows in (1, 2, 3, 4, 5, 11, 16, 32):
         x = torch.randn(rows, shape[1], generator=g).to(dtype)
         with torch.no_grad():
             y = gemv.matmul_4bit_inference(x, packed, state)
@@ -104,7 +105,9 @@ def test_few_rows_without_autograd_never_dequantize():
     with torch.no_grad():
         lin(torch.randn(1, 256))  # the first call of a shape also checks the kernel against a dequantization
         assert paths(lambda: lin(torch.randn(2, 3, 256))) == {KERNEL}
-        long_prompt = torch.randn(1, gemv.MAX_ROWS + 1, 256)
+        most = gemv.MAX_ROWS[gemv.kernel_for(torch.float32, lin.quant_state())]
+        assert paths(lambda: lin(torch.randn(1, most, 256))) == {KERNEL}
+        long_prompt = torch.randn(1, most + 1, 256)
         assert paths(lambda: lin(long_prompt)) == {DENSE}
         with gemv.kernels_enabled(False):
             assert paths(lambda: lin(torch.randn(1, 256))) == {DENSE}
@@ -190,6 +193,19 @@ def test_bnb_tiled_layout_holds_the_same_codes_and_absmax(double_quant):
         (again.reshape(n // 32, k // 2, 32) & 0xF).reshape(n // 32, k // 2, 16, 2).permute(0, 2, 1, 3)
         .reshape(n // 32, 16, k)[0, 0], unpack_codes(lin.weight, (n, k))[0])
 
+
+
+@pytest.mark.skipif(not hasattr(bnbF, "_convert_weight_packed_for_cpu"), reason="no CPU converter in bitsandbytes")
+@pytest.mark.parametrize("shape", [(32, 64), (96, 256), (320, 128)])
+def test_tile_for_bnb_matches_bitsandbytes_own_converter(shape):
+    """Our byte-wise tiling gives exactly the weight bitsandbytes' ``_convert_weight_packed_for_cpu``
+    builds (through int32) from the same stored weight."""
+    lin = layer(shape, double_quant=False, blocksize=64)
+    state = lin.quant_state()
+    plain = bnbF.QuantState(absmax=state.absmax.clone(), shape=state.shape, code=state.code,
+                            blocksize=state.blocksize, quant_type=state.quant_type, dtype=torch.bfloat16)
+    theirs, _ = bnbF._convert_weight_packed_for_cpu(lin.weight.detach().clone().view(torch.uint8), plain)
+    assert torch.equal(gemv.tile_for_bnb(lin.weight.detach(), *shape), theirs)
 
 BUILD_PROBE = """
 import warnings, torch
