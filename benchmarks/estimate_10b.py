@@ -17,8 +17,8 @@ keeps only its input until backward recomputes it, so:
 Backward transients of a block are taken as two copies of its largest saved tensor plus the largest
 dequantized weight. The loss never holds the (T, V) logits: it takes a chunk of rows at a time
 (``layers.projection_loss``), so its working set is one chunk's logits in the activation dtype,
-which its gradient overwrites (the fp32 softmax is formed a few rows at a time). This is an estimate with its assumptions in the JSON; ``--device cuda`` measures
-the real step.
+which its gradient overwrites (the fp32 softmax is formed a few rows at a time). This is an
+estimate with its assumptions in the JSON; ``--device cuda`` measures the real step.
 """
 
 from __future__ import annotations
