@@ -305,9 +305,9 @@ def job_agree(spec: dict[str, Any]) -> dict[str, Any]:
     """:func:`compare_greedy` on a saved model (``cpm-bee-generate``'s loading) and a jsonl of samples."""
     from cpm_live.checkpoint import build_model
     from cpm_live.checkpoint.adapters import load_adapter
+    from cpm_live.checkpoint.base_model import find_vocab
     from cpm_live.data.jsonl import answered_records
     from cpm_live.model_dir import load_config
-    from cpm_live.checkpoint.base_model import find_vocab
     from cpm_live.tokenizers import CPMBeeTokenizer
 
     model = build_model(load_config(spec["model_config"], spec["load"]), spec["load"], device=torch.device("cpu"))
