@@ -104,6 +104,20 @@ def test_generate_and_evaluate_never_write_over_an_input(files, tmp_path):
     assert digest(files / "model.pt") | digest(ref) | digest(data) == before
 
 
+def test_generate_never_writes_over_the_vocab_found_beside_load(files, tmp_path):
+    """Without --vocab, the vocab.txt beside --load is read: neither --output nor --stats may replace it."""
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"input": "a", "<ans>": ""}) + "\n")
+    before = digest(files / "vocab.txt")
+    flags = ["--model-config", str(files / "config.json"), "--load", str(files / "model.pt"), "--input", str(data)]
+    with pytest.raises(SystemExit, match=r"error: --output .*vocab\.txt is this run's input"):
+        generate_main([*flags, "--output", str(files / "vocab.txt"), "--force"])
+    with pytest.raises(SystemExit, match=r"error: --stats .*vocab\.txt is this run's input"):
+        generate_main([*flags, "--output", str(tmp_path / "out.jsonl"), "--stats", str(files / "vocab.txt"),
+                       "--force"])
+    assert digest(files / "vocab.txt") == before
+
+
 def test_quantize_refuses_a_file_inside_its_input_directory(files):
     shard = next(p for p in (files / "hf").iterdir() if p.suffix == ".safetensors")
     before = digest(files / "hf")

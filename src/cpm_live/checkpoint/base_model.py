@@ -176,6 +176,12 @@ def load_config(model_config: str | os.PathLike | None, load: str | os.PathLike 
     return config
 
 
+def vocab_beside(checkpoint: str | os.PathLike) -> str:
+    """The ``vocab.txt`` that goes with ``checkpoint``: beside the file, or inside it if a folder."""
+    ckpt = os.fspath(checkpoint)
+    return os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt)), "vocab.txt")
+
+
 def find_vocab(vocab: str | os.PathLike | None, checkpoint: str | os.PathLike | None) -> str:
     """The vocab to use: `vocab` if given, else `vocab.txt` beside `checkpoint` (inside it if a folder).
 
@@ -191,14 +197,12 @@ def find_vocab(vocab: str | os.PathLike | None, checkpoint: str | os.PathLike | 
             warnings.warn(f"--vocab {path} differs from {beside}; using --vocab {path}", UserWarning, stacklevel=2)
         return path
     if checkpoint is not None:
-        ckpt = os.fspath(checkpoint)
-        folder = ckpt if os.path.isdir(ckpt) else os.path.dirname(os.path.abspath(ckpt))
-        path = os.path.join(folder, "vocab.txt")
+        path = vocab_beside(checkpoint)
         if os.path.isfile(path):
             return path
         raise MissingFileError(
             f"no vocab: {path} does not exist; pass --vocab PATH (the CPM-Bee vocabs/bee.txt) "
-            f"or copy the vocab beside the checkpoint {ckpt} as vocab.txt"
+            f"or copy the vocab beside the checkpoint {os.fspath(checkpoint)} as vocab.txt"
         )
     raise MissingFileError(
         "no vocab: pass --vocab PATH (the CPM-Bee vocabs/bee.txt) or a checkpoint with vocab.txt beside it"

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cpm_live.checkpoint.base_model import ModelArgs, add_model_args, find_vocab, load_base
+from cpm_live.checkpoint.base_model import ModelArgs, add_model_args, find_vocab, load_base, vocab_beside
 from cpm_live.data.jsonl import answered_records
 from cpm_live.errors import CPMLiveError, DataFormatError, OutputError, SampleTooLong, for_cli
 from cpm_live.generation.bee import CPMBeeBeamSearch, CPMBeeGeneration, CPMBeeGreedy, CPMBeeSampling
@@ -206,13 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("warning: --use-bminf/--memory-limit are accepted for CPM-Bee's scripts but BMInf is not used; the "
               "model runs with plain torch (use an int4 checkpoint to save memory)", file=sys.stderr)
     try:
-        inputs = [args.input, args.load, args.delta, args.vocab, args.model_config]
+        # Without --vocab the vocab.txt beside --load is read: an input like the named ones.
+        inputs = [args.input, args.load, args.delta, args.vocab or vocab_beside(args.load), args.model_config]
         check_output_file(args.output, inputs, force=args.force)
         if args.stats is not None:
             if os.path.realpath(args.stats) == os.path.realpath(args.output):
                 raise OutputError(f"`stats` {args.stats} is also `output`; write the stats to another file")
-            check_output_file(args.stats, [*inputs, args.output, _vocab_beside(args.load)], force=args.force,
-                              setting="stats")
+            check_output_file(args.stats, [*inputs, args.output], force=args.force, setting="stats")
         count, stats, device = run(args)
     except CPMLiveError as e:
         raise SystemExit(f"error: {for_cli(e, parser)}") from None
@@ -227,7 +227,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"error: {for_cli(e, parser)}") from None
     return 0
 
-
-def _vocab_beside(load: str) -> str:
-    """The ``vocab.txt`` a ``--load`` file is read with when ``--vocab`` is not given (an input too)."""
-    return os.path.join(load if os.path.isdir(load) else os.path.dirname(os.path.abspath(load)), "vocab.txt")
