@@ -43,11 +43,9 @@ class Inputs:
                 self._add(path)
 
     def _add(self, path: str) -> None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return
-        self.inodes.setdefault((st.st_dev, st.st_ino), path)
+        identity = _identity(path)
+        if identity is not None:
+            self.inodes.setdefault(identity, path)
 
     def which(self, path: str) -> str | None:
         """How ``path`` (an existing file) is an input (``is this run's input X``, by name, link or
@@ -84,6 +82,14 @@ def _inside(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
+def _nearest_existing(path: str) -> str:
+    """``path``'s nearest ancestor that exists (where a new file there would be created)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent
+
+
 def _files_under(directory: str) -> list[str]:
     found: list[str] = []
     for root, _, names in os.walk(directory):
@@ -103,9 +109,7 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
         raise OutputError(f"{flag} is a directory; name a file (e.g. {os.path.join(path, 'out')})")
     if suffixes is not None and not path.endswith(suffixes):
         raise OutputError(f"{flag} must end in {' or '.join(suffixes)}")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = _nearest_existing(path)
     if not os.path.isdir(parent):
         raise OutputError(f"{flag}: {parent} is a file, not a directory; choose another path")
     if os.path.lexists(path):
@@ -158,10 +162,7 @@ def open_no_follow(path: str, flags: int = os.O_RDWR | os.O_CREAT, mode: int = 0
 
 def free_mib(path: str) -> float:
     """Free space, in MiB, of the file system that holds ``path`` (or its nearest existing parent)."""
-    where = os.path.dirname(os.path.abspath(path))
-    while not os.path.isdir(where):
-        where = os.path.dirname(where)
-    return shutil.disk_usage(where).free / 2**20
+    return shutil.disk_usage(_nearest_existing(path)).free / 2**20  # statvfs: a file there will do
 
 
 @contextlib.contextmanager
