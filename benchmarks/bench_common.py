@@ -42,6 +42,18 @@ ROW_LEN = 512
 MIB = 2**20
 
 
+def check_out(parser, out: str, inputs) -> None:
+    """``--out`` is the benchmark's declared result file, replaced on every run, but never one of its
+    ``inputs`` (by path, link or inode, or a file inside an input directory) nor a directory."""
+    from cpm_live.errors import OutputError
+    from cpm_live.outputs import check_output_file
+
+    try:
+        check_output_file(out, inputs, force=True, setting="--out")
+    except OutputError as e:
+        parser.error(str(e))
+
+
 def quiet() -> None:
     """Silence peft's harmless layer-type notice (bnb's kernels-community notice: ``cpm_live.__init__``)."""
     warnings.filterwarnings("ignore", message=".*Unsupported layer type.*")

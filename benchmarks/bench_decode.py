@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"unknown section(s) in {args.sections!r}; choose from rows, decode, agree")
     if "agree" in sections and not (args.load and args.data):
         parser.error("the agree section needs --load and --data")
+    bc.check_out(parser, args.out, [args.model_config, args.load, args.delta, args.vocab, args.data])
     bc.quiet()
     results: dict[str, Any] = {"meta": {
         "command": " ".join(["python", "benchmarks/bench_decode.py", *(argv if argv is not None else sys.argv[1:])]),

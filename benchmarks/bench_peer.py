@@ -268,8 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if bool(args.config) == bool(args.combine):
         parser.error("give either --config (measure) or --combine (merge parts), not both or neither")
-    if os.path.abspath(args.out) in {os.path.abspath(p) for p in args.combine}:
-        parser.error(f"--out {args.out} is one of the --combine inputs; write the combined file elsewhere")
+    bc.check_out(parser, args.out, args.combine)
     command = " ".join(["python", "benchmarks/bench_peer.py", *(argv if argv is not None else sys.argv[1:])])
     if args.combine:
         parts = []

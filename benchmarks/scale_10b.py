@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pairs", type=int, default=5,
                         help="decode: pairs of greedy steps, one with the kernels and one without (default 5)")
     args = parser.parse_args(argv)
+    bc.check_out(parser, args.out, [args.config])
     bc.quiet()
     meta = {"command": " ".join(["python", "benchmarks/scale_10b.py", *(argv if argv is not None else sys.argv[1:])]),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": bc.environment("cpu", 1),

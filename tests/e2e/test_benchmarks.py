@@ -260,3 +260,22 @@ def test_main_writes_json_and_png(tmp_path):
 def test_main_rejects_unknown_section(tmp_path):
     with pytest.raises(SystemExit):
         run.main(["--sections", "nope", "--out", str(tmp_path / "r.json")])
+
+
+def test_benchmark_results_never_replace_an_input_or_a_directory(tmp_path):
+    """``--out`` is replaced on every run, but never when it is one of the run's inputs or a directory."""
+    data = tmp_path / "eval.jsonl"
+    data.write_text('{"input": "a", "<ans>": "b"}\n')
+    part = tmp_path / "part.json"
+    part.write_text("{}")
+    before = data.read_bytes(), part.read_bytes()
+    runs = [lambda: bench_decode.main(["--sections", "agree", "--load", str(data), "--data", str(data),
+                                       "--out", str(data)]),
+            lambda: bench_peer.main(["--combine", str(part), "--out", str(part)]),
+            lambda: scale_10b.main(["--stages", "decode", "--config", str(data), "--out", str(data)])]
+    for run_it in runs:
+        with pytest.raises(SystemExit, match="2"):
+            run_it()
+    with pytest.raises(SystemExit):
+        bench_decode.main(["--sections", "rows", "--out", str(tmp_path)])
+    assert (data.read_bytes(), part.read_bytes()) == before
